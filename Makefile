@@ -1,0 +1,25 @@
+# One entry point for set-up, tests and the demo. The venv is created on first use;
+# torch is pinned to the CPU wheel this machine carries (any other spec pulls a CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  ?=
+
+.PHONY: test demo bench torture clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py $(if $(MODEL),--model $(MODEL))
+
+clean-venv:
+	rm -rf $(VENV)

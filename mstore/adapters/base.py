@@ -1,0 +1,156 @@
+"""What an architecture family provides to the rest of mstore, and how adapters are found.
+
+An adapter turns a manifest into a runnable torch module (without allocating random
+weights first), gives its tokenizer, and turns a trained module back into tensors and files
+for a new manifest. The training loop, `generate` and `export` only talk to this interface.
+
+Adapters are found through the Python entry-point group `mstore.adapters` (name = the
+manifest's `architecture`), so the built-in ones register exactly like an outside package.
+See docs/adapters.md.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ..errors import UnknownAdapter
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..manifest import Manifest
+    from ..store import Store
+
+ENTRY_POINT_GROUP = "mstore.adapters"
+
+
+class Tokenizer(abc.ABC):
+    """The slice of a tokenizer that mstore uses."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return []
+
+    def apply_chat_template(self, prompt: str) -> str:
+        """The prompt wrapped as a single user turn; plain text if the model has no template."""
+        return prompt
+
+
+@dataclass
+class Checkpoint:
+    """A module turned back into what a manifest holds (see `Adapter.save_checkpoint`)."""
+
+    tensors: dict[str, "torch.Tensor"]  # checkpoint layout names -> tensors (ties omitted)
+    config: bytes  # config.json
+    files: dict[str, bytes] = field(default_factory=dict)  # new or changed files only
+    tied_weights: dict[str, str] = field(default_factory=dict)
+
+
+class Adapter(abc.ABC):
+    """One architecture family. Instances are bound to one manifest."""
+
+    #: manifest `architecture` values this adapter serves
+    architectures: tuple[str, ...] = ()
+
+    def __init__(self, store: "Store", manifest: "Manifest", commit: str | None = None):
+        self.store = store
+        self.manifest = manifest
+        self.commit = commit
+
+    # -- model ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """The architecture's own config (config.json as a dict)."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, device: str = "cpu", dtype: "torch.dtype | None" = None,
+                        verify: bool = False) -> "torch.nn.Module":
+        """Build the module on the meta device and attach the tensors from the objects.
+
+        With dtype None (the model's own) on CPU, tensors are the mmapped objects: no copy.
+        """
+
+    @abc.abstractmethod
+    def forward(self, model: "torch.nn.Module", input_ids: "torch.Tensor",
+                labels: "torch.Tensor | None" = None) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        """(logits, loss) for a batch of token ids; loss is next-token cross-entropy."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self, model: "torch.nn.Module") -> Checkpoint:
+        """The module's tensors in the checkpoint layout the manifest uses."""
+
+    def tied_weights(self) -> dict[str, str]:
+        return dict(self.manifest.tied_weights)
+
+    # -- tokenizer ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def tokenizer(self) -> Tokenizer: ...
+
+    # -- generation ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def generate_stream(self, model: "torch.nn.Module", input_ids: "torch.Tensor",
+                        max_new_tokens: int, temperature: float, top_k: int | None,
+                        top_p: float | None, generator: "torch.Generator | None",
+                        eos_token_ids: list[int]) -> Iterator[int]:
+        """Yield new token ids one at a time (so the CLI can stream them)."""
+
+    # -- export ---------------------------------------------------------------------------
+    def export_files(self) -> dict[str, bytes]:
+        """Extra files an exported folder needs beside config.json and the weights."""
+        return {}
+
+    # -- helpers for subclasses -----------------------------------------------------------
+    @contextlib.contextmanager
+    def materialised_files(self) -> Iterator[Path]:
+        """A temp folder where config.json and the file objects appear under their names.
+
+        Symlinks to the objects, not copies: libraries that want a folder (transformers'
+        AutoTokenizer, AutoConfig) get one for free.
+        """
+        objects = self.store.objects
+        with tempfile.TemporaryDirectory(prefix="mstore-files-") as tmp:
+            root = Path(tmp)
+            for name, oid in {**self.manifest.files, "config.json": self.manifest.config}.items():
+                if "/" in name or name.startswith("."):
+                    continue
+                path = objects.path(oid)
+                if not path.is_file():
+                    from ..errors import ObjectMissing
+
+                    raise ObjectMissing(oid, f"file object ({name})")
+                os.symlink(path.resolve(), root / name)
+            yield root
+
+
+def installed_adapters() -> dict[str, Any]:
+    """architecture -> entry point, from the `mstore.adapters` group."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def adapter_class(architecture: str) -> type[Adapter]:
+    eps = installed_adapters()
+    if architecture not in eps:
+        raise UnknownAdapter(architecture, sorted(eps))
+    return eps[architecture].load()
+
+
+def adapter_for(store: "Store", commit: str) -> Adapter:
+    manifest = store.read_manifest(commit)
+    return adapter_class(manifest.architecture)(store, manifest, commit)

@@ -1,0 +1,357 @@
+"""The `mstore` command line: parses arguments, calls the library, prints the result.
+
+Kept thin and torch-free: only `generate`, `train` and `export` import torch, inside their
+own functions. Errors become one `error: ...` line on stderr and a non-zero exit, in one
+place (`MStoreGroup.invoke`), so CliRunner tests see exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .errors import MStoreError
+from .units import fmt_bytes, fmt_count
+
+DEBUG_ENV = "MSTORE_DEBUG"
+
+
+class MStoreGroup(TyperGroup):
+    """Turns every failure into one line on stderr; `--debug` (or MSTORE_DEBUG=1) re-raises."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place errors become messages
+            if os.environ.get(DEBUG_ENV):
+                raise
+            if type(e).__name__ in ("Exit", "Abort", "UsageError", "BadParameter",
+                                    "NoSuchOption", "MissingParameter", "BadArgumentUsage"):
+                raise
+            typer.echo(f"error: {error_message(e)}", err=True)
+            raise typer.Exit(getattr(e, "exit_code", 1) if isinstance(e, MStoreError) else 1)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130)
+
+
+def error_message(e: BaseException) -> str:
+    if isinstance(e, MStoreError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"
+
+
+app = typer.Typer(
+    cls=MStoreGroup, no_args_is_help=True, add_completion=False,
+    help="A Git-style, content-addressed store for model weights.",
+    pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    store: Annotated[Optional[Path], typer.Option(
+        "--store", help="Store folder (default: $MSTORE_HOME, else ./models).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+):
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    ctx.obj = store
+
+
+def _store(ctx: typer.Context):
+    from .store import Store
+
+    return Store(ctx.obj)
+
+
+def _json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+NameArg = Annotated[str, typer.Argument(help="Model name, commit id or unique prefix (>= 7).")]
+
+
+# -- init / import ---------------------------------------------------------------------
+@app.command()
+def init(ctx: typer.Context):
+    """Create the store (harmless if it exists)."""
+    store = _store(ctx)
+    created = store.init()
+    typer.echo(f"{'initialised' if created else 'already initialised'} store at {store.root}")
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Hub repo id, Hub URL or local folder.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Ref name.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision.")] = None,
+    accept_license: Annotated[bool, typer.Option("--accept-license",
+                                                 help="Acknowledge the model's license.")] = False,
+    max_size: Annotated[Optional[str], typer.Option(
+        "--max-size", help="Refuse models larger than this (e.g. 10GB).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Import a model from the Hugging Face Hub or a local folder."""
+    from .importer import import_model
+    from .units import parse_size
+
+    limit = None
+    if max_size is not None:
+        try:
+            limit = parse_size(max_size)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--max-size")
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    confirm = (lambda q: typer.confirm(q, default=False, err=True)) if interactive else None
+    result = import_model(
+        _store(ctx), source, name=name, revision=revision, accept_license=accept_license,
+        max_size=limit, confirm=confirm, echo=lambda s: typer.echo(s, err=True),
+        quiet=as_json or not sys.stderr.isatty(),
+    )
+    if as_json:
+        return _json(result.to_json())
+    if result.already:
+        typer.echo(f"already imported: identical content is held by {result.name} "
+                   f"({result.commit[:12]}); nothing added")
+        return
+    typer.echo(f"imported {result.name}  commit {result.commit[:12]}")
+    typer.echo(f"  {fmt_count(result.parameters)} parameters, "
+               f"{fmt_bytes(result.bytes_written)} written, "
+               f"{fmt_bytes(result.bytes_present)} already present")
+
+
+# -- read commands ---------------------------------------------------------------------
+def _list(ctx: typer.Context, as_json: bool):
+    from .report import list_rows
+
+    rows = list_rows(_store(ctx))
+    if as_json:
+        return _json(rows)
+    if not rows:
+        typer.echo("no models (try `mstore import`)")
+        return
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "LICENSE")]
+    for r in rows:
+        table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
+                      fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
+                      r.get("fine_tuned_from") or "-", r.get("license") or "unknown"))
+    _print_table(table)
+
+
+def _print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonOpt = False):
+    """List models: name, commit, architecture, parameters, size, parent, license."""
+    _list(ctx, as_json)
+
+
+@app.command("ls", hidden=True)
+def ls(ctx: typer.Context, as_json: JsonOpt = False):
+    """Alias of list."""
+    _list(ctx, as_json)
+
+
+def _show(ctx: typer.Context, name: str, as_json: bool, tensors: bool):
+    from .report import show
+
+    doc = show(_store(ctx), name)
+    if as_json:
+        return _json(doc)
+    from .render import render_show
+
+    typer.echo(render_show(doc, tensors))
+
+
+TensorsOpt = Annotated[bool, typer.Option("--tensors", help="List every tensor.")]
+
+
+@app.command()
+def show(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False,
+         tensors: TensorsOpt = False):
+    """Show a model's manifest in full."""
+    _show(ctx, name, as_json, tensors)
+
+
+@app.command("info", hidden=True)
+def info(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False,
+         tensors: TensorsOpt = False):
+    """Alias of show."""
+    _show(ctx, name, as_json, tensors)
+
+
+@app.command()
+def log(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Argument(help="Model (omit with --all).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every model's history.")] = False,
+    graph: Annotated[bool, typer.Option("--graph", help="Draw the family tree.")] = False,
+    as_json: JsonOpt = False,
+):
+    """A model's lineage, newest first, like `git log`."""
+    from . import report
+    from .render import render_graph, render_log
+
+    store = _store(ctx)
+    if all_ or name is None:
+        if not all_:
+            raise typer.BadParameter("name a model, or pass --all", param_hint="NAME")
+        entries = report.all_commits_graph(store)
+    else:
+        entries = report.log_entries(store, store.resolve(name).commit)
+    if as_json:
+        return _json(entries)
+    typer.echo(render_graph(entries) if graph else render_log(entries))
+
+
+@app.command()
+def tag(ctx: typer.Context, name: NameArg,
+        new: Annotated[str, typer.Argument(help="New ref name.")]):
+    """Add a second ref to the same commit."""
+    commit = _store(ctx).tag(name, new)
+    typer.echo(f"tagged {new} -> {commit[:12]}")
+
+
+def _rm(ctx: typer.Context, name: str):
+    commit = _store(ctx).remove(name)
+    typer.echo(f"removed {name} (was {commit[:12]}); its objects stay until `mstore gc`")
+
+
+@app.command()
+def rm(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Ref to remove.")]):
+    """Remove a ref; objects stay until gc."""
+    _rm(ctx, name)
+
+
+@app.command("delete", hidden=True)
+def delete(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Ref to remove.")]):
+    """Alias of rm."""
+    _rm(ctx, name)
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go.")] = False,
+    grace: Annotated[str, typer.Option("--grace", help="Keep unreachable objects younger "
+                                       "than this (e.g. 1h, 30m, 0).")] = "1h",
+    as_json: JsonOpt = False,
+):
+    """Delete objects no ref can reach."""
+    from .gc import collect
+    from .units import parse_duration
+
+    try:
+        seconds = parse_duration(grace)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--grace")
+    store = _store(ctx)
+    if not store.exists():
+        if as_json:
+            return _json({"dry_run": dry_run, "objects_deleted": 0, "bytes_freed": 0})
+        typer.echo("nothing to collect (no store)")
+        return
+    p = collect(store, grace=seconds, dry_run=dry_run)
+    if as_json:
+        return _json(p.to_json(dry_run))
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
+               f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
+               f"{p.kept_young} younger than {grace}")
+
+
+@app.command()
+def fsck(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    subset: Annotated[Optional[str], typer.Option(
+        "--read-data-subset", help="Re-hash only slice n of t (e.g. 1/5).")] = None,
+):
+    """Re-hash every object and check every ref; exit 1 on any problem."""
+    from .fsck import check, to_json
+
+    part = None
+    if subset:
+        try:
+            n, t = (int(x) for x in subset.split("/"))
+            if not 1 <= n <= t:
+                raise ValueError
+            part = (n, t)
+        except ValueError:
+            raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
+    findings = check(_store(ctx), part)
+    errors = [f for f in findings if f.error]
+    if as_json:
+        _json(to_json(findings))
+    else:
+        for f in findings:
+            typer.echo(("error " if f.error else "info  ") + f.line())
+        typer.echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def du(ctx: typer.Context, as_json: JsonOpt = False):
+    """Logical bytes (sum over refs) against physical bytes on disk."""
+    from .report import du as du_report
+
+    doc = du_report(_store(ctx))
+    if as_json:
+        return _json(doc)
+    table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
+    for m in doc["models"]:
+        new = m.get("new_vs_parent_bytes")
+        table.append((m["name"], fmt_bytes(m["logical_bytes"]), fmt_bytes(m["unique_bytes"]),
+                      "-" if new is None else fmt_bytes(new)))
+    if len(table) > 1:
+        _print_table(table)
+    ratio = doc["dedup_ratio"]
+    typer.echo(f"logical {fmt_bytes(doc['logical_bytes'])}, physical "
+               f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
+               + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
+
+
+@app.command()
+def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
+    """Tensors added, removed, changed (relative L2) and shared between two models."""
+    from .report import diff as diff_report
+
+    doc = diff_report(_store(ctx), a, b)
+    if as_json:
+        return _json(doc)
+    for n in doc["added"]:
+        typer.echo(f"+ {n}")
+    for n in doc["removed"]:
+        typer.echo(f"- {n}")
+    for c in doc["changed"]:
+        rel = c["relative_l2"]
+        typer.echo(f"~ {c['name']}  " + (c.get("note") or
+                                         ("rel L2 n/a" if rel is None else f"rel L2 {rel:.3g}")))
+    typer.echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
+               f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
+               f"({fmt_bytes(doc['shared_bytes'])})"
+               + ("; config differs" if doc["config_changed"] else ""))
+
+
+def main() -> None:
+    app(prog_name="mstore")

@@ -1,0 +1,231 @@
+"""Every error a user can meet, as a typed exception that carries its fields.
+
+The CLI turns these into one `error: ...` line (see `cli.main`); library callers can catch
+them by type. Anything else that escapes is a bug and is shown as such.
+"""
+
+from __future__ import annotations
+
+from .units import fmt_bytes
+
+
+class MStoreError(Exception):
+    """Base class: `str(err)` is the one-line message shown to the user."""
+
+    exit_code = 1
+
+
+class StoreNotFound(MStoreError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"no store at {path} (run `mstore init` or set --store / MSTORE_HOME)")
+
+
+class StoreFormatError(MStoreError):
+    def __init__(self, path: str, found: object, supported: int):
+        self.path, self.found, self.supported = path, found, supported
+        super().__init__(
+            f"store at {path} has format {found!r}; this mstore reads format {supported} "
+            "(upgrade mstore)"
+        )
+
+
+class UnknownModel(MStoreError):
+    def __init__(self, name: str, suggestion: str | None = None):
+        self.name = name
+        hint = f" (did you mean {suggestion!r}?)" if suggestion else " (see `mstore list`)"
+        super().__init__(f"unknown model {name!r}{hint}")
+
+
+class AmbiguousRef(MStoreError):
+    def __init__(self, prefix: str, matches: list[str]):
+        self.prefix, self.matches = prefix, matches
+        shown = ", ".join(m[:12] for m in matches[:5])
+        super().__init__(f"commit prefix {prefix!r} is ambiguous: {shown}")
+
+
+class BadName(MStoreError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(
+            f"bad model name {name!r}: use 1-128 characters of a-z 0-9 . _ - "
+            "starting with a letter or digit (lowercase, no '/' or '..')"
+        )
+
+
+class NameTaken(MStoreError):
+    def __init__(self, name: str, suggestion: str | None = None):
+        self.name, self.suggestion = name, suggestion
+        hint = f"; next free name: {suggestion}" if suggestion else ""
+        super().__init__(f"model name {name!r} is already taken{hint}")
+
+
+class RefChanged(MStoreError):
+    """Compare-and-swap lost: someone else moved the ref between our read and our write."""
+
+    def __init__(self, name: str, expected: str | None, found: str | None):
+        self.name, self.expected, self.found = name, expected, found
+        super().__init__(
+            f"ref {name!r} changed while we worked (expected {_short(expected)}, "
+            f"found {_short(found)}); nothing was written, try again"
+        )
+
+
+class RegistryCorrupt(MStoreError):
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"registry {path} is damaged ({reason}); it was not modified. "
+            "Fix it by hand or restore it; `mstore fsck` lists the manifests that remain"
+        )
+
+
+class ObjectMissing(MStoreError):
+    def __init__(self, oid: str, what: str = "object"):
+        self.oid, self.what = oid, what
+        super().__init__(f"{what} {oid} is missing from the store (run `mstore fsck`)")
+
+
+class ObjectCorrupt(MStoreError):
+    def __init__(self, oid: str, reason: str, what: str = "object"):
+        self.oid, self.reason, self.what = oid, reason, what
+        super().__init__(f"corrupt {what} {oid}: {reason} (run `mstore fsck`; re-import to repair)")
+
+
+class BadObjectId(MStoreError):
+    def __init__(self, oid: str):
+        self.oid = oid
+        super().__init__(f"not an object id: {oid!r} (expected 64 lowercase hex characters)")
+
+
+class InvalidSafetensors(MStoreError):
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"invalid safetensors file {path}: {reason}")
+
+
+class StoreBusy(MStoreError):
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+    def __init__(self, holder: str, waited: float):
+        self.holder, self.waited = holder, waited
+        super().__init__(f"store is busy: {holder} (waited {waited:.0f}s; try again later)")
+
+
+class ImportRefused(MStoreError):
+    """The source can be read but mstore will not import it (format, architecture, size)."""
+
+
+class UnsupportedArchitecture(ImportRefused):
+    def __init__(self, model_type: str | None, supported: list[str], remote_code: bool = False):
+        self.model_type, self.supported = model_type, supported
+        why = " and needs trust_remote_code, which mstore never uses" if remote_code else ""
+        super().__init__(
+            f"unsupported architecture {model_type!r}{why}; supported: {', '.join(supported)}"
+        )
+
+
+class PickleOnly(ImportRefused):
+    def __init__(self, source: str, files: list[str]):
+        self.source, self.files = source, files
+        super().__init__(
+            f"{source} has only pickled weights ({', '.join(files[:3])}); mstore imports "
+            "safetensors only (pickles can run code when loaded)"
+        )
+
+
+class TooLarge(ImportRefused):
+    def __init__(self, what: str, need: int, limit: int):
+        self.need, self.limit = need, limit
+        super().__init__(f"{what}: needs {fmt_bytes(need)}, limit is {fmt_bytes(limit)}")
+
+
+class LicenseNotAccepted(MStoreError):
+    def __init__(self, license: str):
+        self.license = license
+        super().__init__(
+            f"license {license!r} not accepted: pass --accept-license (or answer yes at a "
+            "terminal prompt); nothing was written"
+        )
+
+
+class HubError(MStoreError):
+    """Anything the Hub (or the way to it) answered instead of the model."""
+
+
+class RepoNotFound(HubError):
+    def __init__(self, repo_id: str, revision: str | None = None):
+        self.repo_id, self.revision = repo_id, revision
+        super().__init__(
+            f"repository {repo_id!r} not found on the Hub (check the id; private repos need HF_TOKEN)"
+        )
+
+
+class RevisionNotFound(HubError):
+    def __init__(self, repo_id: str, revision: str):
+        self.repo_id, self.revision = repo_id, revision
+        super().__init__(f"revision {revision!r} not found in {repo_id!r}")
+
+
+class GatedRepo(HubError):
+    def __init__(self, repo_id: str):
+        self.repo_id = repo_id
+        super().__init__(
+            f"{repo_id!r} is gated: accept its terms on the Hub, then set HF_TOKEN "
+            "(or `hf auth login`) with a token that has access"
+        )
+
+
+class HubOffline(HubError):
+    def __init__(self, repo_id: str, detail: str):
+        self.repo_id = repo_id
+        super().__init__(f"cannot reach the Hub for {repo_id!r} ({detail})")
+
+
+class DownloadFailed(HubError):
+    def __init__(self, repo_id: str, detail: str):
+        self.repo_id = repo_id
+        super().__init__(
+            f"download of {repo_id!r} was cut off ({detail}); run the same import again to resume"
+        )
+
+
+class SourceNotFound(MStoreError):
+    def __init__(self, source: str):
+        self.source = source
+        super().__init__(
+            f"{source!r} is neither a local model folder nor a Hub repo id like 'Qwen/Qwen2.5-0.5B'"
+        )
+
+
+class BadSource(MStoreError):
+    """A local folder or download that is not a usable Hugging Face model folder."""
+
+
+class ConfigError(MStoreError):
+    """A training config that cannot be used; the message names the key."""
+
+
+class DatasetError(MStoreError):
+    pass
+
+
+class UnknownAdapter(MStoreError):
+    def __init__(self, architecture: str, installed: list[str]):
+        self.architecture, self.installed = architecture, installed
+        super().__init__(
+            f"no adapter for architecture {architecture!r}; installed adapters: "
+            f"{', '.join(installed) or 'none'}"
+        )
+
+
+class ExportError(MStoreError):
+    pass
+
+
+class Interrupted(MStoreError):
+    exit_code = 130
+
+
+def _short(oid: str | None) -> str:
+    return oid[:12] if oid else "nothing"

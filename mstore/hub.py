@@ -1,0 +1,207 @@
+"""The Hugging Face Hub side of import, through the real huggingface_hub client.
+
+Everything goes through `HfApi.model_info`, `hf_hub_download` and `snapshot_download`, so
+HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and the HF cache behave as users of `hf` expect.
+huggingface_hub is imported lazily: it costs ~0.15 s and only import needs it.
+
+A snapshot already complete in the HF cache is read from there (no second copy); otherwise
+it is downloaded into the store's tmp/ (same filesystem as objects/), in a folder named by
+repo and commit so that an interrupted download resumes on retry, and removed once converted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import (
+    BadSource, DownloadFailed, GatedRepo, HubError, HubOffline, RepoNotFound, RevisionNotFound,
+)
+
+HUB_URL_RE = re.compile(
+    r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/\s]+/[^/\s]+?)(?:/tree/([^/\s]+))?/?$"
+)
+REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# Files an import keeps besides the weights: config, tokenizer, chat template, card, license.
+KEEP_PATTERNS = ["*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "README.md", "LICENSE*"]
+WEIGHT_PATTERNS = ["*.safetensors"]
+
+
+@dataclass
+class HubSpec:
+    repo_id: str
+    revision: str | None
+
+
+def parse_hub_source(source: str, revision: str | None) -> HubSpec | None:
+    """A Hub URL (`/tree/REV` honoured) or a repo id; None if it is neither."""
+    m = HUB_URL_RE.match(source.strip())
+    if m:
+        return HubSpec(m.group(1), revision or m.group(2))
+    if REPO_ID_RE.fullmatch(source) and "/" in source:
+        return HubSpec(source, revision)
+    return None
+
+
+@dataclass
+class RemoteInfo:
+    repo_id: str
+    sha: str
+    files: dict[str, int]  # rfilename -> size (bytes)
+    lfs_sha256: dict[str, str]
+    license: str | None
+    gated: bool
+    offline: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _hub():
+    import huggingface_hub
+
+    return huggingface_hub
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None, downloading: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub's and httpx's exceptions into mstore's, one message each."""
+    from huggingface_hub import errors as e
+
+    try:
+        yield
+    except e.GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise GatedRepo(repo_id) from None
+    except e.RepositoryNotFoundError:
+        raise RepoNotFound(repo_id, revision) from None
+    except e.RevisionNotFoundError:
+        raise RevisionNotFound(repo_id, revision or "main") from None
+    except e.OfflineModeIsEnabled:
+        raise HubOffline(repo_id, "HF_HUB_OFFLINE is set and it is not in the HF cache") from None
+    except e.LocalEntryNotFoundError as err:
+        if downloading:
+            raise DownloadFailed(repo_id, _first_line(err)) from None
+        raise HubOffline(repo_id, "no connection and not in the HF cache") from None
+    except e.EntryNotFoundError as err:
+        raise DownloadFailed(repo_id, f"a file went missing on the Hub: {_first_line(err)}") \
+            from None
+    except e.HfHubHTTPError as err:
+        raise HubError(f"the Hub refused {repo_id!r}: {_first_line(err)}") from None
+    except Exception as err:  # httpx errors are not OSErrors; name them by module
+        if type(err).__module__.split(".")[0].startswith(("httpx", "httpcore")):
+            if downloading:
+                raise DownloadFailed(repo_id, f"{type(err).__name__}: {_first_line(err)}") \
+                    from None
+            raise HubOffline(repo_id, f"{type(err).__name__}: {_first_line(err)}") from None
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def remote_info(spec: HubSpec) -> RemoteInfo:
+    """Files, sizes, commit and license of a Hub repo, before anything is downloaded."""
+    hf = _hub()
+    with hub_errors(spec.repo_id, spec.revision):
+        info = hf.HfApi().model_info(spec.repo_id, revision=spec.revision, files_metadata=True)
+    files, lfs = {}, {}
+    for s in info.siblings or []:
+        files[s.rfilename] = s.size or 0
+        if s.lfs is not None:
+            lfs[s.rfilename] = s.lfs.sha256
+    license = None
+    if info.card_data is not None:
+        license = getattr(info.card_data, "license", None)
+        if license == "other":
+            license = getattr(info.card_data, "license_name", None) or "other"
+    return RemoteInfo(spec.repo_id, info.sha, files, lfs, license, bool(info.gated))
+
+
+def fetch_file(repo_id: str, filename: str, revision: str) -> Path:
+    """One small file (config.json, LICENSE) into the HF cache, where `hf` would put it."""
+    hf = _hub()
+    with hub_errors(repo_id, revision):
+        return Path(hf.hf_hub_download(repo_id, filename, revision=revision))
+
+
+def cached_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path | None:
+    """The snapshot folder if every wanted file is already in the HF cache, else None."""
+    hf = _hub()
+    try:
+        path = hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                    local_files_only=True)
+    except Exception:
+        return None
+    return Path(path)
+
+
+def download_snapshot(repo_id: str, sha: str, patterns: list[str], dest: Path,
+                      quiet: bool) -> Path:
+    """Download into `dest` (the store's tmp/), resuming whatever an earlier try left there."""
+    hf = _hub()
+    if quiet:
+        hf.utils.disable_progress_bars()
+    with hub_errors(repo_id, sha, downloading=True):
+        return Path(hf.snapshot_download(repo_id, revision=sha, allow_patterns=patterns,
+                                         local_dir=dest))
+
+
+def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
+    """Sizes and LFS sha256s as the Hub announced them: a corrupted transfer is refused."""
+    for name in names:
+        path = folder / name
+        if name in info.files and info.files[name] and path.stat().st_size != info.files[name]:
+            raise DownloadFailed(info.repo_id, f"{name} has {path.stat().st_size} bytes, the Hub "
+                                 f"announced {info.files[name]}")
+        want = info.lfs_sha256.get(name)
+        if want and _sha256(path) != want:
+            os.unlink(path)  # so that a retry downloads it again
+            raise DownloadFailed(info.repo_id, f"{name} does not match the Hub's sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def card_license(folder: Path) -> str | None:
+    """License from a model card's YAML front matter, else a LICENSE file's presence."""
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        m = re.match(r"---\s*\n(.*?)\n---", text, re.S)
+        if m:
+            import yaml
+
+            try:
+                meta = yaml.safe_load(m.group(1)) or {}
+            except yaml.YAMLError:
+                meta = {}
+            if isinstance(meta, dict) and meta.get("license"):
+                lic = str(meta["license"])
+                return str(meta.get("license_name") or lic) if lic == "other" else lic
+    for f in sorted(folder.glob("LICENSE*")):
+        first = f.read_text(errors="replace").strip().splitlines()
+        return f"see {f.name}: {first[0][:60]}" if first else f"see {f.name}"
+    return None
+
+
+def validate_repo_path(name: str) -> None:
+    """Repo file names come from the network: refuse `..`, absolute paths and the like."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or "\x00" in name:
+        raise BadSource(f"refusing repo file name {name!r} (absolute or outside the repo)")

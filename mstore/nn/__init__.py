@@ -1,0 +1,1 @@
+"""Small neural-network building blocks that belong to mstore itself."""

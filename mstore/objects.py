@@ -1,0 +1,307 @@
+"""The content-addressed object store: `objects/ab/cdef...`, named by blake3 of the bytes.
+
+Three kinds of object share one namespace: single-tensor safetensors files, raw files
+(config.json, tokenizer.json, ...) and manifests (canonical JSON). The store does not care
+which is which; manifests say what their objects are.
+
+Writes hash first and skip the write on a hit (refreshing the mtime, so a gc running
+beside us keeps it), so re-importing identical content costs a read, not a copy.
+Bulk writes go through an `ObjectBatch`: objects are written unsynced into tmp/, made
+durable with one filesystem sync, and only then renamed into objects/; a second sync makes
+the renames durable before the caller writes the manifest that names them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import blake3
+
+from . import fsio
+from .errors import BadObjectId, InvalidSafetensors, ObjectCorrupt, ObjectMissing
+from .safetensors_io import Header, header_length, object_header, parse_header
+
+OID_RE = re.compile(r"[0-9a-f]{64}")
+OBJECT_MODE = 0o444  # immutable once written
+CHUNK = 8 * 1024 * 1024
+
+
+def is_oid(text: str) -> bool:
+    return bool(OID_RE.fullmatch(text))
+
+
+def hasher():
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
+def hash_bytes(data) -> str:
+    return hasher().update(data).hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """blake3 of a file, streamed through mmap (never the whole file in memory at once)."""
+    h = hasher()
+    if os.path.getsize(path):
+        h.update_mmap(str(path))
+    return h.hexdigest()
+
+
+@dataclass
+class PutResult:
+    oid: str
+    size: int
+    new: bool  # False: the object was already present (dedup hit)
+
+
+@dataclass
+class _Pending:
+    tmp: Path
+    final: Path
+    size: int
+
+
+class ObjectStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.objects_dir = self.root / "objects"
+        self.tmp_dir = self.root / "tmp"
+
+    # -- naming -------------------------------------------------------------------------
+    def path(self, oid: str) -> Path:
+        """The one id-to-path function; it refuses anything but 64 lowercase hex."""
+        if not is_oid(oid):
+            raise BadObjectId(oid)
+        return self.objects_dir / oid[:2] / oid[2:]
+
+    def exists(self, oid: str) -> bool:
+        return self.path(oid).is_file()
+
+    def size(self, oid: str) -> int:
+        try:
+            return self.path(oid).stat().st_size
+        except FileNotFoundError:
+            raise ObjectMissing(oid) from None
+
+    def iter_objects(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every object on disk with its stat (one scandir per fan-out folder)."""
+        if not self.objects_dir.is_dir():
+            return
+        for fan in os.scandir(self.objects_dir):
+            if not (fan.is_dir() and len(fan.name) == 2):
+                continue
+            for entry in os.scandir(fan.path):
+                oid = fan.name + entry.name
+                if is_oid(oid) and entry.is_file(follow_symlinks=False):
+                    yield oid, entry.stat(follow_symlinks=False)
+
+    # -- reading ------------------------------------------------------------------------
+    def read_bytes(self, oid: str, verify: bool = True) -> bytes:
+        try:
+            data = self.path(oid).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(oid) from None
+        if verify and hash_bytes(data) != oid:
+            raise ObjectCorrupt(oid, "content does not match its name")
+        return data
+
+    def verify(self, oid: str) -> str | None:
+        """Re-hash one object; returns a problem description or None."""
+        try:
+            got = hash_file(self.path(oid))
+        except FileNotFoundError:
+            return "missing"
+        return None if got == oid else f"content hashes to {got[:12]}"
+
+    def tensor_header(self, oid: str) -> Header:
+        """Header of a tensor object, checked against the file size (catches truncation)."""
+        path = self.path(oid)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = header_length(f.read(8), size, oid)
+                header = parse_header(struct.pack("<Q", n) + f.read(n), size, oid)
+        except FileNotFoundError:
+            raise ObjectMissing(oid, "tensor object") from None
+        except InvalidSafetensors as e:
+            raise ObjectCorrupt(oid, e.reason, "tensor object") from None
+        if len(header.tensors) != 1:
+            raise ObjectCorrupt(oid, f"holds {len(header.tensors)} tensors, not 1", "tensor object")
+        (info,) = header.tensors.values()
+        if info.end != size:
+            raise ObjectCorrupt(oid, f"size {size} != {info.end} (truncated?)", "tensor object")
+        return header
+
+    # -- writing ------------------------------------------------------------------------
+    def ensure_dirs(self) -> None:
+        fsio.makedirs(self.objects_dir)
+        fsio.makedirs(self.tmp_dir)
+
+    def _hit(self, oid: str) -> bool:
+        """True if the object is present; refreshes its mtime for gc's grace period."""
+        path = self.path(oid)
+        try:
+            fsio.touch(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def put_bytes(self, data: bytes) -> PutResult:
+        """Write one small object durably right away (manifests, single files)."""
+        oid = hash_bytes(data)
+        if self._hit(oid):
+            return PutResult(oid, len(data), False)
+        self.ensure_dirs()
+        with fsio.open_tmp(self.tmp_dir, "obj") as (tmp, f):
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._publish(tmp, oid)
+        return PutResult(oid, len(data), True)
+
+    def _publish(self, tmp: Path, oid: str, sync: bool = True) -> None:
+        final = self.path(oid)
+        if not final.parent.is_dir():
+            final.parent.mkdir(mode=fsio.DIR_MODE, exist_ok=True)
+        os.chmod(tmp, OBJECT_MODE)
+        if sync:
+            fsio.publish(tmp, final)
+        elif final.exists():
+            fsio.unlink(tmp, missing_ok=True)
+        else:
+            os.replace(tmp, final)
+
+    def batch(self) -> "ObjectBatch":
+        return ObjectBatch(self)
+
+
+@dataclass
+class ObjectBatch:
+    """Many objects made durable together: write all, sync once, rename all, sync once.
+
+    Use as a context manager; objects become visible only at `commit()` (called on a clean
+    exit). On an exception every temp file is removed and nothing is published.
+    """
+
+    store: ObjectStore
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    written: int = 0  # bytes newly written
+    reused: int = 0  # bytes already present
+
+    def __enter__(self) -> "ObjectBatch":
+        self.store.ensure_dirs()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _record(self, oid: str, size: int) -> PutResult | None:
+        if oid in self.pending:
+            self.reused += size
+            return PutResult(oid, size, False)
+        if self.store._hit(oid):
+            self.reused += size
+            return PutResult(oid, size, False)
+        return None
+
+    def put_bytes(self, data: bytes) -> PutResult:
+        oid = hash_bytes(data)
+        hit = self._record(oid, len(data))
+        if hit:
+            return hit
+        with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            f.write(data)
+        return self._stage(oid, tmp, len(data))
+
+    def put_file(self, path: Path) -> PutResult:
+        """A file object, hashed through mmap and copied by the kernel."""
+        oid, size = hash_file(path), os.path.getsize(path)
+        hit = self._record(oid, size)
+        if hit:
+            return hit
+        with open(path, "rb") as src, fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            _copy_range(src.fileno(), f.fileno(), 0, size)
+        return self._stage(oid, tmp, size)
+
+    def put_tensor(self, dtype: str, shape, src_fd: int, src_map: mmap.mmap | memoryview,
+                   start: int, end: int) -> PutResult:
+        """A tensor object from bytes [start, end) of an open safetensors file.
+
+        `src_map` is the file mmapped (for hashing); the copy itself goes file-to-file
+        through copy_file_range, so the bytes never pass through Python.
+        """
+        header = object_header(dtype, shape, end - start)
+        h = hasher()
+        h.update(header)
+        h.update(memoryview(src_map)[start:end])
+        oid = h.hexdigest()
+        size = len(header) + end - start
+        hit = self._record(oid, size)
+        if hit:
+            return hit
+        with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            f.write(header)
+            f.flush()
+            _copy_range(src_fd, f.fileno(), start, end - start)
+        return self._stage(oid, tmp, size)
+
+    def put_tensor_bytes(self, dtype: str, shape, data) -> PutResult:
+        """A tensor object from an in-memory buffer (training results, tests)."""
+        buf = memoryview(data).cast("B")
+        header = object_header(dtype, shape, buf.nbytes)
+        oid = hasher().update(header).update(buf).hexdigest()
+        size = len(header) + buf.nbytes
+        hit = self._record(oid, size)
+        if hit:
+            return hit
+        with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            f.write(header)
+            f.write(buf)
+        return self._stage(oid, tmp, size)
+
+    def _stage(self, oid: str, tmp: Path, size: int) -> PutResult:
+        self.pending[oid] = _Pending(tmp, self.store.path(oid), size)
+        self.written += size
+        return PutResult(oid, size, True)
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        fsio.sync_filesystem(self.store.tmp_dir)  # object bytes durable before any rename
+        for oid, p in self.pending.items():
+            self.store._publish(p.tmp, oid, sync=False)
+        fsio.sync_filesystem(self.store.objects_dir)  # renames durable before the manifest
+        self.pending.clear()
+
+    def abort(self) -> None:
+        for p in self.pending.values():
+            fsio.unlink(p.tmp, missing_ok=True)
+        self.pending.clear()
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes at `offset` of src to the current end of dst, in the kernel."""
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < count:
+        n = min(CHUNK * 16, count - done)
+        copied = 0
+        if use_cfr:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
+            except OSError:
+                use_cfr = False
+        if not use_cfr:
+            copied = os.write(dst_fd, os.pread(src_fd, min(n, CHUNK), offset + done))
+        if copied == 0:
+            raise OSError(f"source ended {count - done} bytes early")
+        done += copied
+

@@ -1,0 +1,161 @@
+"""What the read commands compute: list rows, log entries, du and diff. No torch here.
+
+Each function returns plain data (what `--json` prints); the CLI only formats it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import ObjectCorrupt, ObjectMissing
+from .manifest import Manifest
+from .store import Store
+
+
+def list_rows(store: Store) -> list[dict[str, Any]]:
+    rows = []
+    for name, e in sorted(store.refs().items()):
+        rows.append({**e, "short_commit": e["commit"][:12]})
+    return rows
+
+
+def weights_present(store: Store, m: Manifest) -> bool:
+    return all(store.objects.exists(o) for o in m.object_ids())
+
+
+def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
+    """The lineage of `commit`, newest first, as `mstore log --json` prints it."""
+    names = store.names_by_commit()
+    out = []
+    for oid, m in store.lineage(commit):
+        if m is None:
+            out.append({"commit": oid, "names": names.get(oid, []), "parent": None,
+                        "created_at": None, "message": "(manifest missing)", "training": None,
+                        "weights_present": False, "missing": True})
+            break
+        out.append({
+            "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
+            "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
+            "model_id": m.model_id, "source": m.source, "license": m.license,
+            "training": m.training, "weights_present": weights_present(store, m),
+        })
+    return out
+
+
+def all_commits_graph(store: Store) -> list[dict[str, Any]]:
+    """Every commit reachable from any ref, newest first, each with its parent (log --all)."""
+    names = store.names_by_commit()
+    seen: dict[str, dict[str, Any]] = {}
+    for entry in store.refs().values():
+        for oid, m in store.lineage(entry["commit"]):
+            if oid in seen:
+                break
+            seen[oid] = {
+                "commit": oid, "names": sorted(names.get(oid, [])),
+                "parent": m.parent if m else None,
+                "created_at": m.created_at if m else "", "message": m.message if m else
+                "(manifest missing)", "training": m.training if m else None,
+                "weights_present": bool(m) and weights_present(store, m),
+            }
+    return sorted(seen.values(), key=lambda e: (e["created_at"] or "", e["commit"]), reverse=True)
+
+
+def du(store: Store) -> dict[str, Any]:
+    """Logical bytes (every ref counted in full) against physical bytes on disk."""
+    sizes = {oid: st.st_size for oid, st in store.objects.iter_objects()}
+    refs = store.refs()
+    per_ref: dict[str, set[str]] = {}
+    parents: dict[str, set[str]] = {}
+    for name, e in refs.items():
+        try:
+            m = store.read_manifest(e["commit"])
+        except (ObjectMissing, ObjectCorrupt):
+            per_ref[name] = set()
+            continue
+        per_ref[name] = m.object_ids()
+        if m.parent:
+            try:
+                parents[name] = store.read_manifest(m.parent).object_ids()
+            except (ObjectMissing, ObjectCorrupt):
+                parents[name] = set()
+    users: dict[str, int] = {}
+    for oids in per_ref.values():
+        for o in oids:
+            users[o] = users.get(o, 0) + 1
+    models = []
+    for name in sorted(per_ref):
+        oids = per_ref[name]
+        row = {
+            "name": name,
+            "logical_bytes": sum(sizes.get(o, 0) for o in oids),
+            "unique_bytes": sum(sizes.get(o, 0) for o in oids if users[o] == 1),
+            "objects": len(oids),
+        }
+        if name in parents:
+            new = oids - parents[name]
+            row["new_vs_parent_bytes"] = sum(sizes.get(o, 0) for o in new)
+            row["shared_with_parent"] = len(oids & parents[name])
+        models.append(row)
+    logical = sum(r["logical_bytes"] for r in models)
+    physical = sum(sizes.values())
+    return {"models": models, "logical_bytes": logical, "physical_bytes": physical,
+            "objects": len(sizes),
+            "dedup_ratio": round(logical / physical, 3) if physical else None}
+
+
+def diff(store: Store, a: str, b: str) -> dict[str, Any]:
+    """Tensors added, removed, changed (with relative L2 change) and shared from a to b."""
+    ra, rb = store.resolve(a), store.resolve(b)
+    ma, mb = store.read_manifest(ra.commit), store.read_manifest(rb.commit)
+    ta, tb = ma.tensors, mb.tensors
+    changed, shared = [], []
+    for name in sorted(set(ta) & set(tb)):
+        if ta[name].object == tb[name].object:
+            shared.append(name)
+            continue
+        row: dict[str, Any] = {"name": name, "a": ta[name].object, "b": tb[name].object}
+        if ta[name].shape != tb[name].shape or ta[name].dtype != tb[name].dtype:
+            row["relative_l2"] = None
+            row["note"] = (f"{ta[name].dtype}{ta[name].shape} -> "
+                           f"{tb[name].dtype}{tb[name].shape}")
+        else:
+            row["relative_l2"] = relative_l2(store, ta[name].object, tb[name].object)
+        changed.append(row)
+    shared_bytes = sum(store.objects.size(ta[n].object) for n in shared
+                       if store.objects.exists(ta[n].object))
+    return {
+        "a": {"ref": a, "commit": ra.commit}, "b": {"ref": b, "commit": rb.commit},
+        "added": sorted(set(tb) - set(ta)), "removed": sorted(set(ta) - set(tb)),
+        "changed": changed, "shared": shared, "shared_bytes": shared_bytes,
+        "config_changed": ma.config != mb.config,
+        "files_changed": sorted(k for k in set(ma.files) | set(mb.files)
+                                if ma.files.get(k) != mb.files.get(k)),
+    }
+
+
+def relative_l2(store: Store, oid_a: str, oid_b: str) -> float | None:
+    """||b - a|| / ||a||, computed in float64 with numpy (no torch)."""
+    from .tensor_numpy import load_as_float
+
+    x, y = load_as_float(store, oid_a), load_as_float(store, oid_b)
+    if x is None or y is None:
+        return None
+    denom = float((x * x).sum())
+    num = float(((y - x) ** 2).sum())
+    if denom == 0:
+        return math.inf if num else 0.0
+    return math.sqrt(num / denom)
+
+
+def show(store: Store, ref: str) -> dict[str, Any]:
+    """The manifest in full, with the names that point at it and what is on disk."""
+    r = store.resolve(ref)
+    m = store.read_manifest(r.commit)
+    names = sorted(store.names_by_commit().get(r.commit, []))
+    parent_names = sorted(store.names_by_commit().get(m.parent, [])) if m.parent else []
+    size = sum(store.objects.size(o) for o in m.object_ids() if store.objects.exists(o))
+    return {"name": r.name or (names[0] if names else None), "names": names,
+            "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
+            "weights_present": weights_present(store, m), "parent_names": parent_names,
+            "manifest": m.to_dict()}
