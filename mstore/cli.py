@@ -353,5 +353,90 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
                + ("; config differs" if doc["config_changed"] else ""))
 
 
+# -- commands that load weights (the only ones that import torch) ----------------------
+@app.command()
+def generate(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Argument(help="Model (else the config's model_name).")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    config: Annotated[Optional[Path], typer.Option("--config", help="Training config whose "
+                                                   "model_name to use.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=0)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t",
+                                               help="0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Reproducible sampling.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every object loaded.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or "
+                                                 "float16 (default: the model's own).")] = None,
+):
+    """Generate text with a model, streamed to stdout."""
+    if name is None:
+        if config is None:
+            raise typer.BadParameter("name a model or pass --config", param_hint="NAME")
+        from .config import load_config
+
+        name = load_config(config).model_name
+        if not name:
+            raise typer.BadParameter(f"{config} has model_name: null; name a model",
+                                     param_hint="NAME")
+    from .generate import GenerateOptions, generate_text
+
+    opts = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, chat=chat, verify=verify, device=device,
+                           dtype=dtype)
+    generate_text(_store(ctx), name, prompt, opts,
+                  on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    sys.stdout.write("\n")
+
+
+@app.command()
+def export(ctx: typer.Context, name: NameArg,
+           dest: Annotated[Path, typer.Argument(help="New folder to write.")],
+           as_json: JsonOpt = False):
+    """Write a Hugging Face-format folder (config, safetensors, tokenizer, metadata.json)."""
+    from .export import export_model
+
+    doc = export_model(_store(ctx), name, dest)
+    if as_json:
+        return _json(doc)
+    typer.echo(f"exported {doc['name'] or doc['commit'][:12]} to {doc['dir']}: "
+               + ", ".join(doc["files"]))
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Training config (YAML).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the new model.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key: --set learning_rate=1e-4 (repeatable).")] = None,
+    commit_on_interrupt: Annotated[bool, typer.Option(
+        "--commit-on-interrupt", help="On Ctrl-C, commit the model as it is.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Fine-tune a model (or train the custom transformer from scratch) and commit it."""
+    from .config import load_config
+
+    cfg = load_config(config, overrides or [], name)
+    from .train import train as run_training
+
+    result = run_training(_store(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
+                          log=lambda s: typer.echo(s, err=True),
+                          progress=None if not as_json else False)
+    if as_json:
+        return _json(result.to_json())
+    ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    typer.echo(f"committed {result.name}  commit {result.commit[:12]}"
+               + (f"  (parent {result.parent[:12]})" if result.parent else ""))
+    typer.echo(f"  {result.steps} steps, loss {result.train_loss:.4f}{ev}; "
+               f"{fmt_bytes(result.bytes_written)} written, "
+               f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
+               + (" [interrupted]" if result.interrupted else ""))
+
+
 def main() -> None:
     app(prog_name="mstore")

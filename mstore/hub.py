@@ -135,15 +135,19 @@ def fetch_file(repo_id: str, filename: str, revision: str) -> Path:
         return Path(hf.hf_hub_download(repo_id, filename, revision=revision))
 
 
-def cached_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path | None:
-    """The snapshot folder if every wanted file is already in the HF cache, else None."""
+def cached_snapshot(repo_id: str, revision: str | None,
+                    names: list[str] | None = None) -> Path | None:
+    """The HF cache's snapshot folder if it holds every file in `names` (all it has when
+    `names` is None), else None. snapshot_download alone does not check completeness."""
     hf = _hub()
     try:
-        path = hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                    local_files_only=True)
+        path = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=names,
+                                         local_files_only=True))
     except Exception:
         return None
-    return Path(path)
+    if names is not None and not all((path / n).is_file() for n in names):
+        return None
+    return path
 
 
 def download_snapshot(repo_id: str, sha: str, patterns: list[str], dest: Path,

@@ -121,10 +121,12 @@ def plan_source(source: str, revision: str | None) -> SourcePlan:
     return _plan_hub(spec)
 
 
-def _plan_local(folder: Path) -> SourcePlan:
+def _plan_local(folder: Path, link_root: Path | None = None) -> SourcePlan:
+    """`link_root`: where symlinks may point (the HF cache repo folder for snapshots, whose
+    files link to ../../blobs); a user's folder may not link outside itself."""
     names = []
     for p in sorted(folder.iterdir()):
-        if p.is_symlink() and not _inside(p.resolve(), folder):
+        if p.is_symlink() and not _inside(p.resolve(), (link_root or folder).resolve()):
             raise BadSource(f"{p.name} in {folder} is a symlink pointing outside the folder")
         if p.is_file():
             names.append(p.name)
@@ -180,10 +182,10 @@ def _plan_hub(spec: hub.HubSpec) -> SourcePlan:
 
 
 def _plan_offline(spec: hub.HubSpec) -> SourcePlan:
-    folder = hub.cached_snapshot(spec.repo_id, spec.revision, ["*"])
+    folder = hub.cached_snapshot(spec.repo_id, spec.revision)
     if folder is None:
         raise hub.HubOffline(spec.repo_id, "HF_HUB_OFFLINE is set and it is not in the HF cache")
-    plan = _plan_local(folder)
+    plan = _plan_local(folder, link_root=folder.parent.parent)
     plan.source = {"type": "huggingface", "repo_id": spec.repo_id, "revision": folder.name}
     plan.model_id, plan.default_stem = spec.repo_id, spec.repo_id.split("/")[-1]
     plan.notes.append("offline: importing from the HF cache")

@@ -129,7 +129,8 @@ class ObjectStore:
         except FileNotFoundError:
             raise ObjectMissing(oid, "tensor object") from None
         except InvalidSafetensors as e:
-            raise ObjectCorrupt(oid, e.reason, "tensor object") from None
+            raise ObjectCorrupt(oid, f"truncated or damaged ({e.reason})", "tensor object") \
+                from None
         if len(header.tensors) != 1:
             raise ObjectCorrupt(oid, f"holds {len(header.tensors)} tensors, not 1", "tensor object")
         (info,) = header.tensors.values()
@@ -228,7 +229,7 @@ class ObjectBatch:
         if hit:
             return hit
         with open(path, "rb") as src, fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
-            _copy_range(src.fileno(), f.fileno(), 0, size)
+            copy_range(src.fileno(), f.fileno(), 0, size)
         return self._stage(oid, tmp, size)
 
     def put_tensor(self, dtype: str, shape, src_fd: int, src_map: mmap.mmap | memoryview,
@@ -250,7 +251,7 @@ class ObjectBatch:
         with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
             f.write(header)
             f.flush()
-            _copy_range(src_fd, f.fileno(), start, end - start)
+            copy_range(src_fd, f.fileno(), start, end - start)
         return self._stage(oid, tmp, size)
 
     def put_tensor_bytes(self, dtype: str, shape, data) -> PutResult:
@@ -287,7 +288,7 @@ class ObjectBatch:
         self.pending.clear()
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     """Copy `count` bytes at `offset` of src to the current end of dst, in the kernel."""
     done = 0
     use_cfr = hasattr(os, "copy_file_range")

@@ -11,6 +11,7 @@ hf_api.py and utils/_http.py):
     POST /api/models/{repo}/paths-info/{rev}       get_paths_info (form field "paths")
     GET  /api/models/{repo}/refs                   list_repo_refs
     GET  /api/models/{repo}/commits/{rev}          list_repo_commits
+    GET  /api/models/{repo}/auth-check             auth_check (GatedRepo errors as for downloads)
     GET  /api/whoami-v2                            whoami (200 with a known token, else 401)
     HEAD/GET /{repo}/resolve/{rev}/{path}          file metadata / download (Range -> 206)
     HEAD/GET /cdn/{etag}/{repo}/{path}             "CDN" target of the redirect fault
@@ -32,7 +33,8 @@ huggingface_hub or transformers, should be::
     from tests.hub_server import reserve_server, start_hub_server
     HUB = reserve_server()      # binds + starts now; sets HF_ENDPOINT=HUB.url,
                                 # HF_HUB_DISABLE_TELEMETRY=1, HF_HUB_DISABLE_XET=1,
-                                # HF_HUB_DISABLE_PROGRESS_BARS=1, HF_HOME=<fresh tmp dir>,
+                                # HF_HUB_DISABLE_PROGRESS_BARS=1,
+                                # HF_HUB_DISABLE_SYMLINKS_WARNING=1, HF_HOME=<fresh tmp dir>,
                                 # and removes HF_TOKEN / HF_HUB_OFFLINE from os.environ
 
     import pytest
@@ -55,11 +57,10 @@ for one repo only):
 
     faults.drop_after_bytes[path] = N   the next GET of the file's body (resolve or CDN) sends
                                         the full headers, N body bytes, then closes the
-                                        connection. Consumed once; faults.drop_times[path] = k
-                                        cuts the next k GETs (huggingface_hub resumes within
-                                        one download with "Range: bytes=N-" after ~1 s, up to
-                                        5 times in a row without progress; N=0 with a large
-                                        k makes the file undownloadable).
+                                        connection (the client sees httpx RemoteProtocolError).
+                                        Consumed once; faults.drop(path, N, times=k) cuts the
+                                        next k GETs. N=0 with k >= 6 makes the file
+                                        undownloadable (the client gives up after ~5 s).
     faults.corrupt_file.add(path)       the body has its last byte flipped (same length, same
                                         advertised sha256/ETag): the client does NOT notice.
     faults.missing_file.add(path)       HEAD/GET of the file answer 404 EntryNotFound although
@@ -70,6 +71,14 @@ for one repo only):
                                         Hub's LFS redirects), with X-Linked-Etag/X-Linked-Size on
                                         the 302. The client drops the Authorization header there.
     faults.redirect[path] = "http://h:p" 302 to that origin instead (e.g. ``refused_endpoint()``).
+
+What huggingface_hub 2.4 does with a cut download: within the same hf_hub_download call it
+sleeps 1 s and re-requests with "Range: bytes=K-", where K is what it has written to its temp
+file. It writes in DOWNLOAD_CHUNK_SIZE pieces (10 MiB; huggingface_hub.constants, read at
+call time), so K is a multiple of 10 MiB: a cut in a smaller file restarts from 0 without
+Range. It retries up to 5 times in a row without progress. Across calls or processes nothing
+is resumed: each download writes a fresh "<etag>.<uuid>.incomplete" file and deletes it on
+failure, so a pre-created partial ".incomplete" file is ignored.
 
 Request log: ``server.requests`` is a list of ``LoggedRequest(method, path, range)`` (path
 as sent, query string included; range is the Range header or None), appended when the
@@ -107,6 +116,7 @@ __all__ = [
     "reserve_server",
     "start_hub_server",
     "refused_endpoint",
+    "clean_environ",
     "LFS_SUFFIXES",
 ]
 
@@ -286,7 +296,32 @@ class _Listener(http.server.ThreadingHTTPServer):
     def __init__(self, hub: HubServer, name: str, host: str):
         self.hub = hub
         self.name = name
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
         super().__init__((host, 0), _Handler)
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_all(self) -> None:
+        """Stop listening and cut open keep-alive connections, so that a closed server is
+        really gone for clients that pooled a connection to it."""
+        self.shutdown()
+        self.server_close()
+        with self.connections_lock:
+            conns = list(self.connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class HubServer:
@@ -410,12 +445,12 @@ class HubServer:
                 self.repos.clear()
 
     def close(self) -> None:
+        """Stop serving: the port refuses connections afterwards, open connections are cut."""
         if self._closed:
             return
         self._closed = True
         for listener in (self._hub, self._cdn):
-            listener.shutdown()
-            listener.server_close()
+            listener.close_all()
 
     def __enter__(self) -> HubServer:
         return self
@@ -566,6 +601,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._tree(repo, rest[1], "/".join(rest[2:]), query, head)
         if rest == ["refs"]:
             return self._send_json(self._refs(repo), head)
+        if rest == ["auth-check"]:
+            self._check_gated(repo)
+            return self._send_json({}, head)
         if rest[0] == "commits" and len(rest) == 2:
             return self._commits(repo, rest[1], head)
         raise _HttpError(404, None, "not found")

@@ -69,7 +69,8 @@ class Adapter(abc.ABC):
     #: manifest `architecture` values this adapter serves
     architectures: tuple[str, ...] = ()
 
-    def __init__(self, store: "Store", manifest: "Manifest", commit: str | None = None):
+    def __init__(self, store: "Store", manifest: "Manifest | None", commit: str | None = None):
+        """`manifest` is None only for a model being created from scratch."""
         self.store = store
         self.manifest = manifest
         self.commit = commit
@@ -110,11 +111,6 @@ class Adapter(abc.ABC):
                         top_p: float | None, generator: "torch.Generator | None",
                         eos_token_ids: list[int]) -> Iterator[int]:
         """Yield new token ids one at a time (so the CLI can stream them)."""
-
-    # -- export ---------------------------------------------------------------------------
-    def export_files(self) -> dict[str, bytes]:
-        """Extra files an exported folder needs beside config.json and the weights."""
-        return {}
 
     # -- helpers for subclasses -----------------------------------------------------------
     @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Architecture adapters: one per model family, found through the `mstore.adapters` entry points."""

@@ -1,0 +1,397 @@
+"""The Qwen family (Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE) through transformers' native classes.
+
+Loading never allocates random weights and never runs remote code: the module is built on
+the meta device from config.json (`AutoModelForCausalLM.from_config`, trust_remote_code
+off), then the tensors, mmapped from their objects (`torch_io.load_state_dict`), are
+attached through transformers' own loader (`convert_and_load_state_dict_in_model`, what
+`from_pretrained` uses) with the model's weight-conversion mapping. A dense tensor is
+attached as it is (assign, no copy: its storage is the object file's page cache); for the
+MoE models the mapping fuses the per-expert checkpoint tensors (`experts.3.gate_proj.weight`)
+into `experts.gate_up_proj` / `experts.down_proj`, which necessarily copies those.
+Tied weights are re-tied, and the buffers no checkpoint holds (rotary `inv_freq`,
+`original_inv_freq`) are recomputed in float32 exactly as transformers' init does, so the
+logits are bit-identical to `from_pretrained`'s.
+
+Saving goes the other way (`revert_weight_conversion`, what `save_pretrained` uses): the
+checkpoint layout of the Hub, per-expert keys included, so that an untouched tensor of a
+fine-tune hashes to its parent's object.
+
+torch and transformers are imported inside the methods: this module is imported (through
+the entry point) by commands that must stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ..errors import MStoreError
+from .base import Adapter, Checkpoint, Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..manifest import Manifest
+    from ..store import Store
+
+
+class QwenAdapter(Adapter):
+    architectures = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+    def __init__(self, store: "Store", manifest: "Manifest", commit: str | None = None):
+        super().__init__(store, manifest, commit)
+        self._config_bytes: bytes | None = None
+        self._tokenizer: HFTokenizer | None = None
+
+    # -- config -----------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        """config.json exactly as the manifest holds it (re-hashed on read)."""
+        if self._config_bytes is None:
+            self._config_bytes = self.store.objects.read_bytes(self.manifest.config, verify=True)
+        return self._config_bytes
+
+    def get_config(self) -> dict[str, Any]:
+        return json.loads(self.config_bytes())
+
+    def _hf_config(self):
+        from transformers import AutoConfig
+
+        with self.materialised_files() as folder:
+            return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+
+    # -- model ------------------------------------------------------------------------
+    def load_checkpoint(self, device: "str | torch.device" = "cpu",
+                        dtype: "torch.dtype | None" = None,
+                        verify: bool = False) -> "torch.nn.Module":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .. import torch_io
+
+        # Objects first: a missing, truncated or (with verify) corrupt one fails before any
+        # model code runs.
+        state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
+        config = self._hf_config()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=_dominant_dtype(state), trust_remote_code=False)
+        _attach(model, state, set(self.manifest.tied_weights))
+        del state
+        _tie(model, self.manifest.tied_weights)
+        _rebuild_buffers(model)
+        on_meta = [n for n, t in _named_tensors(model) if t.is_meta]
+        if on_meta:
+            raise MStoreError(f"model {self.manifest.model_id}: no value for {', '.join(on_meta[:5])}"
+                              + (f" (and {len(on_meta) - 5} more)" if len(on_meta) > 5 else ""))
+        _place(model, torch.device(device), dtype)
+        model.eval()
+        return model
+
+    def forward(self, model: "torch.nn.Module", input_ids: "torch.Tensor",
+                labels: "torch.Tensor | None" = None) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        out = model(input_ids=input_ids, labels=labels, use_cache=False)
+        return out.logits, out.loss
+
+    def save_checkpoint(self, model: "torch.nn.Module") -> Checkpoint:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, model.state_dict())
+        tied: dict[str, str] = {}
+        for target, source in self.manifest.tied_weights.items():
+            t, s = state.get(target), state.get(source)
+            if s is None:
+                continue
+            if t is None or _same_tensor(t, s):
+                state.pop(target, None)
+                tied[target] = source
+            # else: the tie was broken (both trained apart): keep both, record no tie
+        tensors = {k: v.detach() for k, v in state.items()}
+        return Checkpoint(tensors=tensors, config=self.config_bytes(), files={}, tied_weights=tied)
+
+    # -- tokenizer --------------------------------------------------------------------
+    def tokenizer(self) -> "HFTokenizer":
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            with self.materialised_files() as folder:
+                # Fully loaded in memory here: nothing reads the (temporary) folder later.
+                tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            self._tokenizer = HFTokenizer(tok, self._eos_token_ids(tok))
+        return self._tokenizer
+
+    def _eos_token_ids(self, tok) -> list[int]:
+        oid = self.manifest.files.get("generation_config.json")
+        if oid is not None:
+            try:
+                eos = json.loads(self.store.objects.read_bytes(oid, verify=True)).get("eos_token_id")
+            except (ValueError, AttributeError):
+                eos = None
+            if eos is not None:
+                return _as_id_list(eos)
+        if tok.eos_token_id is not None:
+            return [int(tok.eos_token_id)]
+        return _as_id_list(self.get_config().get("eos_token_id"))
+
+    # -- generation -------------------------------------------------------------------
+    def generate_stream(self, model: "torch.nn.Module", input_ids: "torch.Tensor",
+                        max_new_tokens: int, temperature: float, top_k: int | None,
+                        top_p: float | None, generator: "torch.Generator | None",
+                        eos_token_ids: list[int]) -> Iterator[int]:
+        """Incremental decode with the model's KV cache; yields each new token id.
+
+        Stops after `max_new_tokens` or at an eos id (which is not yielded). Each step
+        runs under `torch.inference_mode()`; the caller's code between two tokens does not.
+        """
+        import torch
+
+        _check_sampling(temperature, top_k, top_p)
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.size(0) != 1 or ids.size(1) == 0:
+            raise ValueError(f"generate_stream takes one non-empty prompt, got shape {list(ids.shape)}")
+        device = _model_device(model)
+        ids = ids.to(device=device, dtype=torch.long)
+        eos = {int(e) for e in (eos_token_ids or [])}
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns)
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters \
+            else "past_key_values"
+        past = None
+        for _step in range(max_new_tokens):
+            with torch.inference_mode():
+                if past is None:  # prefill: the whole prompt, logits of its last position only
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                else:
+                    out = model(input_ids=ids, use_cache=True, **{cache_name: past})
+                past = out[cache_name]
+                logits = out.logits[:, -1, :].float()
+                token = _next_token(logits, temperature, top_k, top_p, generator)
+            if token in eos:
+                return
+            yield token
+            ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+    def export_files(self) -> dict[str, bytes]:
+        return {}
+
+
+class HFTokenizer(Tokenizer):
+    """transformers' tokenizer behind mstore's Tokenizer interface."""
+
+    def __init__(self, tok, eos_token_ids: list[int]):
+        self.hf = tok
+        self._eos = list(eos_token_ids)
+
+    def encode(self, text: str) -> list[int]:
+        # Exactly `tokenizer(text)["input_ids"]` (what transformers' generate examples feed
+        # the model); verbose=False: long training texts are not an error here.
+        return list(self.hf(text, verbose=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)  # added/special tokens included: the largest id + 1
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos)
+
+    def apply_chat_template(self, prompt: str) -> str:
+        if not getattr(self.hf, "chat_template", None):
+            return prompt
+        return self.hf.apply_chat_template([{"role": "user", "content": prompt}],
+                                           add_generation_prompt=True, tokenize=False)
+
+
+# -- loading helpers -------------------------------------------------------------------
+def _named_tensors(model) -> Iterator[tuple[str, "torch.Tensor"]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _dominant_dtype(state: dict[str, "torch.Tensor"]):
+    """The floating dtype holding most of the checkpoint's elements (the model's dtype)."""
+    import torch
+
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+@contextlib.contextmanager
+def _quiet_loading_bar():
+    """transformers' loader shows a "Loading weights" bar; `generate` should not."""
+    from transformers.utils import logging as tf_logging
+
+    previous = getattr(tf_logging, "_tqdm_active", None)
+    if previous is not None:
+        tf_logging._tqdm_active = False
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tf_logging._tqdm_active = previous
+
+
+def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> None:
+    """Put the checkpoint tensors into the meta model the way `from_pretrained` does.
+
+    Dense tensors are set as they are (the loader's `tensor[...]` and `.to(cpu, same dtype)`
+    are views); per-expert tensors are fused by the model's conversion mapping.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    load_config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=None,
+                                      weight_mapping=get_model_conversion_mapping(model))
+    with _quiet_loading_bar():
+        info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
+    tied_targets = tied | set(getattr(model, "all_tied_weights_keys", {}) or {})
+    problems = []
+    missing = sorted(set(info.missing_keys) - tied_targets)
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}")
+    if info.unexpected_keys:
+        problems.append(f"unexpected {', '.join(sorted(info.unexpected_keys)[:5])}")
+    if info.mismatched_keys:
+        k, got, want = sorted(info.mismatched_keys)[0]
+        problems.append(f"{k} has shape {list(got)}, the model wants {list(want)}")
+    for k, err in list(info.conversion_errors.items())[:3]:
+        problems.append(f"cannot convert {k}: {err}")
+    problems.extend(info.error_msgs[:3])
+    if problems:
+        raise MStoreError("the manifest's tensors do not fit the architecture: " + "; ".join(problems))
+
+
+def _tie(model, tied: dict[str, str]) -> None:
+    model.tie_weights()
+    for target, source in tied.items():  # whatever the config says, the manifest's ties hold
+        if model.get_parameter(target).is_meta:
+            _set_module_tensor(model, target, model.get_parameter(source))
+
+
+def _set_module_tensor(model, name: str, value) -> None:
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    setattr(module, leaf, value)
+
+
+def _rebuild_buffers(model) -> None:
+    """Rotary buffers are not in checkpoints: compute them in float32 as transformers' init
+    does (`PreTrainedModel._init_weights`), with the module's own rope function."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+            continue
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "inv_freq"):
+            continue  # left on meta: reported by the caller
+        functions = {
+            "axial": getattr(module, "compute_axial_rope_parameters", None),
+            "ntk_alpha": getattr(module, "compute_ntk_alpha_rope_parameters", None),
+            "default": getattr(module, "compute_default_rope_parameters", None),
+            **ROPE_INIT_FUNCTIONS,
+        }
+        fn = functions.get(getattr(module, "rope_type", "default"))
+        if fn is None:
+            continue
+        with torch.no_grad():
+            inv_freq, _scaling = fn(module.config)
+        inv_freq = inv_freq.to(device="cpu", dtype=torch.float32)
+        module.inv_freq = inv_freq
+        if "original_inv_freq" in module._buffers:
+            module.original_inv_freq = inv_freq.clone()
+
+
+def _place(model, device: "torch.device", dtype: "torch.dtype | None") -> None:
+    """Move to `device` and cast floating parameters to `dtype`; buffers keep their dtype
+    (a bf16 `inv_freq` would change the logits). A no-op (no copy) when nothing changes;
+    a parameter shared by two modules (a tie) stays one parameter."""
+    import torch
+
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in done:
+                want = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+                if p.device == device and p.dtype == want:
+                    done[id(p)] = p
+                else:
+                    done[id(p)] = torch.nn.Parameter(p.detach().to(device=device, dtype=want),
+                                                     requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device)
+
+
+def _same_tensor(a, b) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _model_device(model):
+    import torch
+
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+# -- sampling --------------------------------------------------------------------------
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _next_token(logits: "torch.Tensor", temperature: float, top_k: int | None,
+                top_p: float | None, generator: "torch.Generator | None") -> int:
+    """One token from float32 logits (1, V): greedy at temperature 0, else temperature,
+    top-k, top-p (the most likely token always survives) and a draw with `generator`."""
+    import torch
+
+    if temperature == 0:
+        return int(logits.argmax(dim=-1)[0])
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # mass strictly above reaches top_p
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])

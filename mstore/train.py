@@ -1,0 +1,387 @@
+"""`mstore train`: one training loop for every adapter, committing the result as a child.
+
+The loop knows only the adapter interface: load a module, `forward(model, ids, labels)`,
+`save_checkpoint(model)`. Fine-tunes start from a ref (architecture from its config.json);
+`model_name: null` trains the custom transformer from scratch with a character vocabulary
+built from the dataset. Extensions hook in through callbacks instead of editing the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .adapters.base import Adapter, Tokenizer, adapter_for
+from .adapters.custom import (
+    ARCHITECTURE as CUSTOM, TOKENIZER_FILE, CharTokenizerAdapter, CustomTransformerAdapter,
+    new_model,
+)
+from .checkpoint import (
+    FINETUNE_FMT, SCRATCH_FMT, SCRATCH_STEM, CommitResult, commit_checkpoint, finetune_stem,
+)
+from .config import TrainConfig
+from .errors import ConfigError, DatasetError, Interrupted
+from .generate import pick_device
+from .nn.char_tokenizer import CharTokenizer
+from .nn.transformer import TransformerConfig
+from .objects import hash_file
+from .store import Store
+from .torch_io import TORCH_DTYPES
+
+MAX_HISTORY = 100  # loss points kept in the manifest (evenly spaced)
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    tokens_seen: int
+    elapsed: float
+    eval_loss: float | None = None
+
+
+class Callback(Protocol):
+    """Hooks for extensions; every method is optional."""
+
+    def on_step_end(self, state: TrainState) -> None: ...
+    def on_eval(self, state: TrainState) -> None: ...
+    def on_commit(self, result: CommitResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    name: str
+    commit: str
+    parent: str | None
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    bytes_written: int
+    bytes_reused: int
+    interrupted: bool = False
+    frozen: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# -- data ------------------------------------------------------------------------------
+def read_documents(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DatasetError(f"{path}:{i}: not a JSON line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DatasetError(f"{path}:{i}: expected {{\"text\": ...}}")
+            docs.append(row["text"])
+    else:
+        docs = [path.read_text(encoding="utf-8", errors="replace")]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DatasetError(f"config key 'dataset': {path} holds no text")
+    return docs
+
+
+def pack(tok: Tokenizer, docs: list[str], seq_len: int,
+         eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Documents -> one token stream (eos between documents) -> (train, eval) blocks."""
+    eos = tok.eos_token_ids[:1]
+    ids: list[int] = []
+    for d in docs:
+        ids += tok.encode(d) + eos
+    n = len(ids) // seq_len
+    if n < 1:
+        raise DatasetError(f"config key 'dataset': only {len(ids)} tokens, fewer than "
+                           f"seq_len ({seq_len})")
+    blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 and n >= 2 else 0
+    if n_eval == 0:
+        return blocks, None
+    return blocks[: n - n_eval], blocks[n - n_eval:]
+
+
+# -- schedule --------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * progress))
+
+
+# -- the run ---------------------------------------------------------------------------
+@dataclass
+class _Setup:
+    adapter: Adapter
+    model: torch.nn.Module
+    tok: Tokenizer
+    parent: str | None
+    parent_name: str | None
+    new_files: dict[str, bytes]
+
+
+def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Setup:
+    if cfg.tokenizer is not None:
+        raise ConfigError("config key 'tokenizer': overriding a model's tokenizer is not "
+                          "supported yet; leave it null")
+    if cfg.model_name is None:
+        tok = CharTokenizer.from_text("".join(docs))
+        arch = cfg.arch_params()
+        tcfg = TransformerConfig(vocab_size=tok.vocab_size, **arch)
+        model = new_model(tcfg, cfg.seed).to(device)
+        adapter = CustomTransformerAdapter(store, None)  # no manifest yet: a new root
+        return _Setup(adapter, model, CharTokenizerAdapter(tok), None, None,
+                      {TOKENIZER_FILE: tok.to_json()})
+    resolved = store.resolve(cfg.model_name)
+    adapter = adapter_for(store, resolved.commit)
+    model = adapter.load_checkpoint(device=device, dtype=torch.float32)
+    parent_name = resolved.name or next(iter(store.names_by_commit().get(resolved.commit, [])),
+                                        None)
+    return _Setup(adapter, model, adapter.tokenizer(), resolved.commit, parent_name, {})
+
+
+def _freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    frozen = []
+    regexes = [re.compile(p) for p in patterns]
+    matched = [False] * len(regexes)
+    for name, p in model.named_parameters():
+        hits = [i for i, r in enumerate(regexes) if r.search(name)]
+        for i in hits:
+            matched[i] = True
+        if hits:
+            p.requires_grad_(False)
+            frozen.append(name)
+    for pat, ok in zip(patterns, matched):
+        if not ok:
+            raise ConfigError(f"config key 'freeze': {pat!r} matches no parameter")
+    if frozen and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("config key 'freeze': every parameter is frozen; nothing to train")
+    return frozen
+
+
+def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
+          callbacks: list[Any] = (), log: Callable[[str], None] = lambda s: None,
+          progress: bool | None = None) -> TrainResult:
+    started = time.time()
+    if cfg.output_name is not None:
+        store.name_is_free(cfg.output_name) or _name_taken(store, cfg.output_name)
+    data_path = Path(cfg.dataset)
+    docs = read_documents(data_path)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    with store.writer_lock("train"):
+        s = _setup(store, cfg, device, docs)
+        train_blocks, eval_blocks = pack(s.tok, docs, cfg.seq_len, cfg.eval_fraction)
+        frozen = _freeze(s.model, cfg.freeze)
+        log(f"training {cfg.model_name or 'custom transformer from scratch'} on {device}: "
+            f"{train_blocks.shape[0]} train blocks x {cfg.seq_len} tokens"
+            + (f", {eval_blocks.shape[0]} eval" if eval_blocks is not None else "")
+            + (f", {len(frozen)} frozen tensors" if frozen else ""))
+        loop = _Loop(cfg, s.model, s.adapter.forward, train_blocks, eval_blocks, device,
+                     callbacks, log, sys.stderr.isatty() if progress is None else progress)
+        interrupted = loop.run()
+        if interrupted and not commit_on_interrupt:
+            raise Interrupted(f"interrupted at step {loop.step}; nothing committed "
+                              "(--commit-on-interrupt keeps the partial model)")
+        result = _commit(store, cfg, s, loop, frozen, data_path, started, device, interrupted)
+    for cb in callbacks:
+        if hasattr(cb, "on_commit"):
+            cb.on_commit(result)
+    return TrainResult(result.name, result.commit, s.parent, loop.step,
+                       loop.train_losses[-1][1] if loop.train_losses else float("nan"),
+                       loop.eval_losses[-1][1] if loop.eval_losses else None,
+                       result.bytes_written, result.bytes_reused, interrupted, frozen)
+
+
+def _name_taken(store: Store, name: str):
+    from .errors import NameTaken
+
+    raise NameTaken(name, store.next_free_name(name))
+
+
+class _Loop:
+    def __init__(self, cfg, model, forward, train_blocks, eval_blocks, device, callbacks, log,
+                 show_bar):
+        self.cfg, self.model, self.forward = cfg, model, forward
+        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
+        self.device, self.callbacks, self.log, self.show_bar = device, callbacks, log, show_bar
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_losses: list[list[float]] = []
+        self.eval_losses: list[list[float]] = []
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate,
+                                     weight_decay=cfg.weight_decay)
+        self.params = params
+        amp = AUTOCAST.get(cfg.dtype)
+        self.autocast = (torch.autocast(device_type=device, dtype=amp) if amp
+                         else _NullContext())
+        self.scaler = (torch.amp.GradScaler(device) if cfg.dtype == "float16"
+                       and device == "cuda" else None)
+
+    def _batch(self) -> torch.Tensor:
+        idx = torch.randint(0, self.train_blocks.shape[0], (self.cfg.batch_size,),
+                            generator=self.gen)
+        return self.train_blocks[idx].to(self.device)
+
+    def run(self) -> bool:
+        """Train; returns True if interrupted by Ctrl-C."""
+        cfg = self.cfg
+        self.model.train()
+        bar = None
+        if self.show_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, desc="training", unit="step")
+        every = max(1, cfg.max_steps // 10)
+        t0 = time.time()
+        try:
+            while self.step < cfg.max_steps:
+                loss = self._train_step()
+                self.step += 1
+                elapsed = time.time() - t0
+                state = TrainState(self.step, cfg.max_steps, loss, lr_at(self.step - 1, cfg),
+                                   self.tokens_seen, elapsed)
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                    state.eval_loss = self._eval()
+                tok_s = self.tokens_seen / max(elapsed, 1e-9)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+                elif self.step % every == 0 or self.step == cfg.max_steps:
+                    ev = f" eval {state.eval_loss:.4f}" if state.eval_loss is not None else ""
+                    self.log(f"step {self.step}/{cfg.max_steps} loss {loss:.4f}{ev} "
+                             f"lr {state.lr:.2e} {tok_s:.0f} tok/s")
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(state)
+                    if state.eval_loss is not None and hasattr(cb, "on_eval"):
+                        cb.on_eval(state)
+        except KeyboardInterrupt:
+            return True
+        finally:
+            if bar:
+                bar.close()
+        return False
+
+    def _train_step(self) -> float:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for _ in range(cfg.grad_accum_steps):
+            x = self._batch()
+            with self.autocast:
+                _, loss = self.forward(self.model, x, labels=x)
+            loss = loss / cfg.grad_accum_steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach())
+            self.tokens_seen += x.numel()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.train_losses.append([self.step + 1, round(total, 6)])
+        return total
+
+    @torch.no_grad()
+    def _eval(self) -> float | None:
+        if self.eval_blocks is None:
+            return None
+        self.model.eval()
+        losses = []
+        for i in range(0, min(len(self.eval_blocks), 8 * self.cfg.batch_size),
+                       self.cfg.batch_size):
+            x = self.eval_blocks[i: i + self.cfg.batch_size].to(self.device)
+            with self.autocast:
+                _, loss = self.forward(self.model, x, labels=x)
+            losses.append(float(loss))
+        self.model.train()
+        value = sum(losses) / len(losses)
+        self.eval_losses.append([self.step, round(value, 6)])
+        return value
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _compact(history: list[list[float]]) -> list[list[float]]:
+    if len(history) <= MAX_HISTORY:
+        return history
+    stride = len(history) / MAX_HISTORY
+    picked = [history[int(i * stride)] for i in range(MAX_HISTORY - 1)]
+    return picked + [history[-1]]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("mstore", "torch", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list[str],
+            data_path: Path, started: float, device: str, interrupted: bool) -> CommitResult:
+    training = {
+        "config": cfg.to_dict(),
+        "dataset": {"path": str(data_path), "blake3": hash_file(data_path)},
+        "steps": loop.step, "tokens_seen": loop.tokens_seen,
+        "train_loss": _compact(loop.train_losses), "eval_loss": _compact(loop.eval_losses),
+        "wall_time_s": round(time.time() - started, 3), "seed": cfg.seed, "device": device,
+        "frozen": frozen, "interrupted": interrupted, "versions": _versions(),
+    }
+    s.model.eval()
+    ckpt = s.adapter.save_checkpoint(s.model)
+    if s.parent is None:
+        ckpt.files.update(s.new_files)
+        return commit_checkpoint(
+            store, ckpt, architecture=CUSTOM, model_id="custom",
+            source={"type": "scratch"}, license=None, parent=None, files={},
+            message=f"train custom transformer from scratch on {data_path.name}",
+            training=training, name=cfg.output_name, stem=SCRATCH_STEM, name_fmt=SCRATCH_FMT,
+            fine_tuned_from=None)
+    m = s.adapter.manifest
+    dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in m.tensors.items() if t.dtype in TORCH_DTYPES}
+    stem = finetune_stem(s.parent_name or m.model_id.split("/")[-1].lower())
+    return commit_checkpoint(
+        store, ckpt, architecture=m.architecture, model_id=m.model_id,
+        source={"type": "finetune", "parent": s.parent, "parent_name": s.parent_name},
+        license=m.license, parent=s.parent, files=dict(m.files),
+        message=f"fine-tune {s.parent_name or s.parent[:12]} on {data_path.name}",
+        training=training, name=cfg.output_name, stem=stem, name_fmt=FINETUNE_FMT,
+        fine_tuned_from=s.parent_name, dtypes=dtypes)
