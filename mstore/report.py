@@ -143,8 +143,8 @@ def relative_l2(store: Store, oid_a: str, oid_b: str) -> float | None:
         return None
     denom = float((x * x).sum())
     num = float(((y - x) ** 2).sum())
-    if denom == 0:
-        return math.inf if num else 0.0
+    if denom == 0 or not math.isfinite(num + denom):
+        return None if num or not math.isfinite(num + denom) else 0.0
     return math.sqrt(num / denom)
 
 

@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..errors import UnknownAdapter
+from ..errors import ObjectCorrupt, ObjectMissing, UnknownAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,8 @@ class Adapter(abc.ABC):
         """A temp folder where config.json and the file objects appear under their names.
 
         Symlinks to the objects, not copies: libraries that want a folder (transformers'
-        AutoTokenizer, AutoConfig) get one for free.
+        AutoTokenizer, AutoConfig) get one for free. File objects are small, so each is
+        re-hashed first: a corrupt tokenizer is named, never silently used.
         """
         objects = self.store.objects
         with tempfile.TemporaryDirectory(prefix="mstore-files-") as tmp:
@@ -126,12 +127,12 @@ class Adapter(abc.ABC):
             for name, oid in {**self.manifest.files, "config.json": self.manifest.config}.items():
                 if "/" in name or name.startswith("."):
                     continue
-                path = objects.path(oid)
-                if not path.is_file():
-                    from ..errors import ObjectMissing
-
+                problem = objects.verify(oid)
+                if problem == "missing":
                     raise ObjectMissing(oid, f"file object ({name})")
-                os.symlink(path.resolve(), root / name)
+                if problem:
+                    raise ObjectCorrupt(oid, problem, f"file object ({name})")
+                os.symlink(objects.path(oid).resolve(), root / name)
             yield root
 
 

@@ -72,21 +72,24 @@ class QwenAdapter(Adapter):
         from .. import torch_io
 
         # Objects first: a missing, truncated or (with verify) corrupt one fails before any
-        # model code runs.
+        # model code runs. config.json is small: always re-hashed.
+        self.config_bytes()
         state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
         config = self._hf_config()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=_dominant_dtype(state), trust_remote_code=False)
-        _attach(model, state, set(self.manifest.tied_weights))
+        missing = _attach(model, state, set(self.manifest.tied_weights))
         del state
-        _tie(model, self.manifest.tied_weights)
+        _tie(model, self.manifest.tied_weights, missing)
         _rebuild_buffers(model)
         on_meta = [n for n, t in _named_tensors(model) if t.is_meta]
         if on_meta:
             raise MStoreError(f"model {self.manifest.model_id}: no value for {', '.join(on_meta[:5])}"
                               + (f" (and {len(on_meta) - 5} more)" if len(on_meta) > 5 else ""))
         _place(model, torch.device(device), dtype)
+        if dtype is not None:
+            model.config.dtype = dtype  # as from_pretrained(dtype=...) leaves it
         model.eval()
         return model
 
@@ -174,9 +177,6 @@ class QwenAdapter(Adapter):
             yield token
             ids = torch.tensor([[token]], dtype=torch.long, device=device)
 
-    def export_files(self) -> dict[str, bytes]:
-        return {}
-
 
 class HFTokenizer(Tokenizer):
     """transformers' tokenizer behind mstore's Tokenizer interface."""
@@ -240,11 +240,12 @@ def _quiet_loading_bar():
             tf_logging._tqdm_active = previous
 
 
-def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> None:
+def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> set[str]:
     """Put the checkpoint tensors into the meta model the way `from_pretrained` does.
 
     Dense tensors are set as they are (the loader's `tensor[...]` and `.to(cpu, same dtype)`
     are views); per-expert tensors are fused by the model's conversion mapping.
+    Returns the model's keys the checkpoint did not hold (tied ones only, else it raises).
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -269,10 +270,13 @@ def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> None:
     problems.extend(info.error_msgs[:3])
     if problems:
         raise MStoreError("the manifest's tensors do not fit the architecture: " + "; ".join(problems))
+    return set(info.missing_keys)
 
 
-def _tie(model, tied: dict[str, str]) -> None:
-    model.tie_weights()
+def _tie(model, tied: dict[str, str], missing: set[str]) -> None:
+    # As from_pretrained does: tie what the checkpoint left out; where it holds both sides
+    # with different values (a tie broken by training), keep them apart.
+    model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
     for target, source in tied.items():  # whatever the config says, the manifest's ties hold
         if model.get_parameter(target).is_meta:
             _set_module_tensor(model, target, model.get_parameter(source))
@@ -381,15 +385,19 @@ def _next_token(logits: "torch.Tensor", temperature: float, top_k: int | None,
     if temperature == 0:
         return int(logits.argmax(dim=-1)[0])
     logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # mass strictly above reaches top_p
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    cut_k = top_k is not None and top_k < logits.size(-1)
+    cut_p = top_p is not None and top_p < 1.0
+    if cut_k or cut_p:
+        # A stable sort ranks equal logits (common: bf16 logits tie) by index, as argmax
+        # does, so top_k=1 keeps exactly the greedy token.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        if cut_k:
+            sorted_logits[:, top_k:] = -math.inf
+        if cut_p:
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = (probs.cumsum(dim=-1) - probs) >= top_p  # the mass above already reaches top_p
+            drop[:, 0] = False
+            sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     if generator is not None and generator.device != probs.device:
