@@ -345,8 +345,8 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
         typer.echo(f"- {n}")
     for c in doc["changed"]:
         rel = c["relative_l2"]
-        typer.echo(f"~ {c['name']}  " + (c.get("note") or
-                                         ("rel L2 n/a" if rel is None else f"rel L2 {rel:.3g}")))
+        typer.echo(f"~ {c['name']}  " + (f"rel L2 {rel:.3g}" if rel is not None
+                                         else c.get("note", "")))
     typer.echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
                f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
                f"({fmt_bytes(doc['shared_bytes'])})"

@@ -28,7 +28,6 @@ from .safetensors_io import DTYPE_SIZES, parse_header
 from .store import Store
 from .units import fmt_bytes, fmt_count
 
-SUPPORTED_ARCHITECTURES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TIED_PAIRS = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -213,11 +212,18 @@ def _weight_files(names: list[str], read_json, where: str, config: dict) -> list
     raise BadSource(f"{where} holds no safetensors weights")
 
 
+def supported_architectures() -> list[str]:
+    """Hugging Face model types some installed adapter serves (entry points, no import)."""
+    from .adapters.base import installed_adapters
+
+    return sorted(a for a in installed_adapters() if a != "custom-transformer")
+
+
 def _check_architecture_config(config: dict) -> None:
     mt = config.get("model_type")
-    if mt not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitecture(mt, list(SUPPORTED_ARCHITECTURES),
-                                      remote_code=bool(config.get("auto_map")))
+    supported = supported_architectures()
+    if mt not in supported:
+        raise UnsupportedArchitecture(mt, supported, remote_code=bool(config.get("auto_map")))
 
 
 def _check_architecture(plan: SourcePlan) -> None:

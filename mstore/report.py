@@ -120,7 +120,9 @@ def diff(store: Store, a: str, b: str) -> dict[str, Any]:
             row["note"] = (f"{ta[name].dtype}{ta[name].shape} -> "
                            f"{tb[name].dtype}{tb[name].shape}")
         else:
-            row["relative_l2"] = relative_l2(store, ta[name].object, tb[name].object)
+            row["relative_l2"], note = relative_l2(store, ta[name].object, tb[name].object)
+            if note:
+                row["note"] = note
         changed.append(row)
     shared_bytes = sum(store.objects.size(ta[n].object) for n in shared
                        if store.objects.exists(ta[n].object))
@@ -134,28 +136,18 @@ def diff(store: Store, a: str, b: str) -> dict[str, Any]:
     }
 
 
-def relative_l2(store: Store, oid_a: str, oid_b: str) -> float | None:
-    """||b - a|| / ||a||, computed in float64 with numpy (no torch)."""
+def relative_l2(store: Store, oid_a: str, oid_b: str) -> tuple[float | None, str | None]:
+    """(||b - a|| / ||a||, None), computed in float64 with numpy (no torch); or (None, why)
+    when it is undefined: a was all zeros, a value is not finite, numpy lacks the dtype."""
     from .tensor_numpy import load_as_float
 
     x, y = load_as_float(store, oid_a), load_as_float(store, oid_b)
     if x is None or y is None:
-        return None
+        return None, "dtype not comparable without torch"
     denom = float((x * x).sum())
     num = float(((y - x) ** 2).sum())
-    if denom == 0 or not math.isfinite(num + denom):
-        return None if num or not math.isfinite(num + denom) else 0.0
-    return math.sqrt(num / denom)
-
-
-def show(store: Store, ref: str) -> dict[str, Any]:
-    """The manifest in full, with the names that point at it and what is on disk."""
-    r = store.resolve(ref)
-    m = store.read_manifest(r.commit)
-    names = sorted(store.names_by_commit().get(r.commit, []))
-    parent_names = sorted(store.names_by_commit().get(m.parent, [])) if m.parent else []
-    size = sum(store.objects.size(o) for o in m.object_ids() if store.objects.exists(o))
-    return {"name": r.name or (names[0] if names else None), "names": names,
-            "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
-            "weights_present": weights_present(store, m), "parent_names": parent_names,
-            "manifest": m.to_dict()}
+    if not math.isfinite(num + denom):
+        return None, "holds non-finite values"
+    if denom == 0:
+        return None, "was all zeros"
+    return math.sqrt(num / denom), None

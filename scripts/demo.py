@@ -69,8 +69,8 @@ def main() -> None:
         source = str(build_qwen2(work / "tiny-qwen2"))
         base = "tiny-qwen2"
         freeze = ["^model\\.embed_tokens\\.", "^model\\.layers\\.0\\."]
-        ft = ["max_steps=30", "batch_size=8", "seq_len=64", "eval_interval=10",
-              "learning_rate=1e-3", "warmup_steps=3"]
+        ft = ["max_steps=40", "batch_size=8", "seq_len=64", "eval_interval=20",
+              "learning_rate=3e-3", "warmup_steps=4"]
         print(f"built a tiny Qwen2-architecture model in Hugging Face format: {source}")
 
     run(store, "init")
@@ -105,6 +105,7 @@ def main() -> None:
     run(store, "generate", child, "--prompt", "def ", "--max-new-tokens", "8",
         "--temperature", "0")
     run(store, "fsck")
+    run(store, "export", child, str(work / "exported"))
     print(f"\ndemo finished in {time.time() - started:.0f}s; store kept at {store}")
 
 
