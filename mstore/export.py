@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from . import fsio
+from . import failpoints, fsio
 from .errors import ExportError, ObjectCorrupt
 from .manifest import Manifest
 from .objects import copy_range
@@ -42,11 +42,14 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
         written = _write_folder(store, m, r, work, shard_bytes)
         for f in work.iterdir():
             with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+                fsio.fsync_file(fh, f)
+        fsio.fsync_dir(work)
+        failpoints.hit("export.files-written")
         if dest.exists():
             dest.rmdir()
-        os.replace(work, dest)
+        fsio.replace(work, dest)
         fsio.fsync_dir(dest.parent)
+        failpoints.hit("export.renamed")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

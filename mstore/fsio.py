@@ -1,23 +1,39 @@
 """Every write the store makes goes through here: temp file -> fsync -> rename.
 
-Keeping the store's writes, fsyncs, renames and unlinks in one module is what makes the
+Keeping the store's creates, fsyncs, renames and unlinks in one module is what makes the
 crash-safety argument checkable: a file becomes visible under its final name only after its
 bytes are durable, and the directory entry is synced before anything that points at it is
-written (objects before the manifest, the manifest before the ref).
+written (objects before the manifest, the manifest before the ref). An observer (`observe`)
+sees each of these operations; the power-loss tests use it to rebuild what a disk could
+hold after a crash at any point.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
-FILE_MODE = 0o644  # objects and registry are world-readable, like git's
+FILE_MODE = 0o644  # registry and exports are world-readable, like git's files
 DIR_MODE = 0o755
+
+# (operation, path, other path or None); None: nobody is watching (the normal case)
+_observer: Callable[[str, Path, Path | None], None] | None = None
+
+
+def observe(callback: Callable[[str, Path, Path | None], None] | None) -> None:
+    """Report every durable-state operation to `callback` (None stops): create, fsync,
+    fsync_dir, mkdir, rename, unlink, syncfs."""
+    global _observer
+    _observer = callback
+
+
+def _note(op: str, path: Path, other: Path | None = None) -> None:
+    if _observer is not None:
+        _observer(op, Path(path), Path(other) if other is not None else None)
 
 
 def tmp_name(tmp_dir: Path, stem: str = "w") -> Path:
@@ -31,14 +47,29 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    _note("fsync_dir", path)
 
 
-def makedirs(path: Path) -> None:
-    """Create `path` (and parents) and sync the parent so the new entry survives a crash."""
+def fsync_file(f: BinaryIO, path: Path) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    _note("fsync", path)
+
+
+def makedirs(path: Path, sync: bool = True) -> None:
+    """Create `path` (and parents). With sync, each new entry is made durable at once;
+    without, the caller syncs the filesystem before anything depends on it."""
+    path = Path(path)
     if path.is_dir():
         return
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    fsync_dir(path.parent)
+    makedirs(path.parent, sync)
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return
+    _note("mkdir", path)
+    if sync:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -49,6 +80,7 @@ def open_tmp(tmp_dir: Path, stem: str = "w") -> Iterator[tuple[Path, BinaryIO]]:
     """
     path = tmp_name(tmp_dir, stem)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    _note("create", path)
     os.fchmod(fd, FILE_MODE)  # umask may have narrowed it
     f = os.fdopen(fd, "wb")
     try:
@@ -60,26 +92,33 @@ def open_tmp(tmp_dir: Path, stem: str = "w") -> Iterator[tuple[Path, BinaryIO]]:
     f.close()
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None,
+                 before_replace: Callable[[], None] | None = None) -> None:
     """Replace `path` with `data` so that readers see the old or the new bytes, never a mix."""
     tmp_dir = tmp_dir or path.parent
     with open_tmp(tmp_dir, path.name) as (tmp, f):
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(tmp, path, replace=True)
+        fsync_file(f, tmp)
+    if before_replace:
+        before_replace()
+    publish(tmp, path, overwrite=True)
 
 
-def publish(tmp: Path, final: Path, replace: bool = False) -> bool:
+def replace(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    _note("rename", src, dst)
+
+
+def publish(tmp: Path, final: Path, overwrite: bool = False) -> bool:
     """Rename a synced temp file to its final name and sync the directory.
 
-    With replace=False an existing `final` wins (objects are immutable: same name, same
+    With overwrite=False an existing `final` wins (objects are immutable: same name, same
     bytes) and the temp file is dropped; returns whether `tmp` became `final`.
     """
-    if not replace and final.exists():
+    if not overwrite and final.exists():
         unlink(tmp, missing_ok=True)
         return False
-    os.replace(tmp, final)
+    replace(tmp, final)
     fsync_dir(final.parent)
     return True
 
@@ -90,6 +129,8 @@ def unlink(path: Path, missing_ok: bool = False) -> None:
     except FileNotFoundError:
         if not missing_ok:
             raise
+        return
+    _note("unlink", path)
 
 
 def touch(path: Path) -> None:
@@ -113,6 +154,7 @@ def sync_filesystem(path: Path) -> None:
         syncfs = _libc.syncfs
     except (OSError, AttributeError):
         os.sync()
+        _note("syncfs", path)
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -121,7 +163,5 @@ def sync_filesystem(path: Path) -> None:
             raise OSError(err, os.strerror(err) if err else "syncfs failed")
     finally:
         os.close(fd)
+    _note("syncfs", path)
 
-
-def is_no_space(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsio
+from . import failpoints, fsio
 from .errors import MStoreError, ObjectCorrupt, ObjectMissing
 from .store import Store
 
@@ -95,11 +95,14 @@ def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -
     """Plan and (unless dry_run) delete, under the exclusive store lock."""
     with store.gc_lock():
         p = plan(store, grace)
+        failpoints.hit("gc.planned")
         if not dry_run:
             for oid, _ in p.delete:
                 fsio.unlink(store.objects.path(oid), missing_ok=True)
+                failpoints.hit("gc.object-deleted")
             for path, _ in p.tmp_delete:
                 _remove_tree(path)
+                failpoints.hit("gc.tmp-deleted")
     return p
 
 

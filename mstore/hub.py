@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from . import fsio
 from .errors import (
     BadSource, DownloadFailed, GatedRepo, HubError, HubOffline, RepoNotFound, RevisionNotFound,
 )
@@ -170,7 +170,7 @@ def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
                                  f"announced {info.files[name]}")
         want = info.lfs_sha256.get(name)
         if want and _sha256(path) != want:
-            os.unlink(path)  # so that a retry downloads it again
+            fsio.unlink(path)  # so that a retry downloads it again
             raise DownloadFailed(info.repo_id, f"{name} does not match the Hub's sha256")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import hub
+from . import failpoints, hub
 from .errors import (
     BadSource, ImportRefused, LicenseNotAccepted, NameTaken, PickleOnly, RefChanged,
     SourceNotFound, TooLarge, UnsupportedArchitecture,
@@ -280,6 +280,7 @@ def _materialise(store: Store, plan: SourcePlan, quiet: bool) -> tuple[Path, Pat
     wanted = plan.weight_files + plan.other_files
     folder = hub.download_snapshot(info.repo_id, info.sha, wanted, dest, quiet)
     hub.verify_download(folder, info, wanted)
+    failpoints.hit("import.downloaded")
     return folder, dest
 
 

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from . import failpoints
 from .errors import StoreBusy
 
 DEFAULT_WAIT = 60.0  # seconds; MSTORE_LOCK_TIMEOUT overrides
@@ -56,6 +57,8 @@ class StoreLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {self.purpose}\n".encode(), 0)
         self._fd = fd
+        if self.purpose != "registry update":
+            failpoints.hit("store.locked")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import blake3
 
-from . import fsio
+from . import failpoints, fsio
 from .errors import BadObjectId, InvalidSafetensors, ObjectCorrupt, ObjectMissing
 from .safetensors_io import Header, header_length, object_header, parse_header
 
@@ -160,22 +160,23 @@ class ObjectStore:
         self.ensure_dirs()
         with fsio.open_tmp(self.tmp_dir, "obj") as (tmp, f):
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            fsio.fsync_file(f, tmp)
         self._publish(tmp, oid)
+        failpoints.hit("object.written")
         return PutResult(oid, len(data), True)
 
     def _publish(self, tmp: Path, oid: str, sync: bool = True) -> None:
+        """Rename a written temp file to its object path. With sync, the new entry (and a
+        new fan-out folder) is durable on return; without, the caller syncs the filesystem."""
         final = self.path(oid)
-        if not final.parent.is_dir():
-            final.parent.mkdir(mode=fsio.DIR_MODE, exist_ok=True)
+        fsio.makedirs(final.parent, sync=sync)
         os.chmod(tmp, OBJECT_MODE)
         if sync:
             fsio.publish(tmp, final)
         elif final.exists():
             fsio.unlink(tmp, missing_ok=True)
         else:
-            os.replace(tmp, final)
+            fsio.replace(tmp, final)
 
     def batch(self) -> "ObjectBatch":
         return ObjectBatch(self)
@@ -271,15 +272,19 @@ class ObjectBatch:
     def _stage(self, oid: str, tmp: Path, size: int) -> PutResult:
         self.pending[oid] = _Pending(tmp, self.store.path(oid), size)
         self.written += size
+        failpoints.hit("objects.staged")
         return PutResult(oid, size, True)
 
     def commit(self) -> None:
         if not self.pending:
             return
         fsio.sync_filesystem(self.store.tmp_dir)  # object bytes durable before any rename
+        failpoints.hit("objects.synced")
         for oid, p in self.pending.items():
             self.store._publish(p.tmp, oid, sync=False)
+            failpoints.hit("objects.published")
         fsio.sync_filesystem(self.store.objects_dir)  # renames durable before the manifest
+        failpoints.hit("objects.durable")
         self.pending.clear()
 
     def abort(self) -> None:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from . import fsio
+from . import failpoints, fsio
 from .errors import BadName, RefChanged, RegistryCorrupt
 from .locks import StoreLock
 
@@ -53,11 +53,14 @@ class Registry:
     def update(self, change: Callable[[dict[str, dict[str, Any]]], Any]) -> Any:
         """Apply `change` to the freshly read models table and write it back atomically."""
         with StoreLock(self.lock_path, shared=False, purpose="registry update"):
+            failpoints.hit("registry.locked")
             models = self.load()
             result = change(models)
             doc = {"version": VERSION, "models": dict(sorted(models.items()))}
             data = json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n"
-            fsio.write_atomic(self.path, data, self.tmp_dir)
+            fsio.write_atomic(self.path, data, self.tmp_dir,
+                              before_replace=lambda: failpoints.hit("registry.tmp-written"))
+            failpoints.hit("registry.replaced")
             return result
 
     def set_ref(self, entry: dict[str, Any], expected: Any = _ANY) -> None:

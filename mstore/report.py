@@ -151,3 +151,17 @@ def relative_l2(store: Store, oid_a: str, oid_b: str) -> tuple[float | None, str
     if denom == 0:
         return None, "was all zeros"
     return math.sqrt(num / denom), None
+
+
+def show(store: Store, ref: str) -> dict[str, Any]:
+    """The manifest in full, with the names that point at it and what is on disk."""
+    r = store.resolve(ref)
+    m = store.read_manifest(r.commit)
+    by_commit = store.names_by_commit()
+    names = sorted(by_commit.get(r.commit, []))
+    parent_names = sorted(by_commit.get(m.parent, [])) if m.parent else []
+    size = sum(store.objects.size(o) for o in m.object_ids() if store.objects.exists(o))
+    return {"name": r.name or (names[0] if names else None), "names": names,
+            "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
+            "weights_present": weights_present(store, m), "parent_names": parent_names,
+            "manifest": m.to_dict()}

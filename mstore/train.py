@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from . import failpoints
 from .adapters.base import Adapter, Tokenizer, adapter_for
 from .adapters.custom import (
     ARCHITECTURE as CUSTOM, TOKENIZER_FILE, CharTokenizerAdapter, CustomTransformerAdapter,
@@ -202,6 +203,7 @@ def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
         if interrupted and not commit_on_interrupt:
             raise Interrupted(f"interrupted at step {loop.step}; nothing committed "
                               "(--commit-on-interrupt keeps the partial model)")
+        failpoints.hit("train.trained")
         result = _commit(store, cfg, s, loop, frozen, data_path, started, device, interrupted)
     for cb in callbacks:
         if hasattr(cb, "on_commit"):
