@@ -21,5 +21,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(MODEL),--model $(MODEL))
 
+torture: $(STAMP)
+	MSTORE_TORTURE_KILLS=$${MSTORE_TORTURE_KILLS:-60} $(PY) -m pytest -q -s \
+		tests/test_reliability.py -k "campaign or failpoint or power_loss or race"
+
 clean-venv:
 	rm -rf $(VENV)

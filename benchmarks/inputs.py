@@ -169,17 +169,24 @@ def import_folder(store_root: Path, folder: Path, name: str) -> str:
 
 
 def link_store(src_root: Path, dst_root: Path, refs: list[str]) -> None:
-    """A new store whose objects are hard links to `src_root`'s, holding copies of `refs`."""
+    """A new store holding `refs` of `src_root`: their manifests and objects are hard links
+    to the source's (objects are immutable), so it costs no copy."""
     from mstore.store import Store
 
     src, dst = Store(src_root), Store(dst_root)
     dst.init()
-    for oid, _st in src.objects.iter_objects():
+    entries = {n: e for n, e in src.refs().items() if n in refs}
+    oids: set[str] = set()
+    for e in entries.values():
+        for oid, m in src.lineage(e["commit"]):
+            oids.add(oid)
+            if m is not None:
+                oids |= m.object_ids()
+    for oid in sorted(oids):
         target = dst.objects.path(oid)
         target.parent.mkdir(exist_ok=True)
         if not target.exists():
             os.link(src.objects.path(oid), target)
-    entries = {n: e for n, e in src.refs().items() if n in refs}
     dst.registry.update(lambda models: models.update(entries))
 
 

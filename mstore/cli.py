@@ -126,8 +126,10 @@ def import_(
     if as_json:
         return _json(result.to_json())
     if result.already:
-        typer.echo(f"already imported: identical content is held by {result.name} "
-                   f"({result.commit[:12]}); nothing added")
+        extra = (f"; added the name {result.name}" if result.name != result.held_by
+                 else "; nothing added")
+        typer.echo(f"already imported: identical content is held by {result.held_by} "
+                   f"({result.commit[:12]}){extra}")
         return
     typer.echo(f"imported {result.name}  commit {result.commit[:12]}")
     typer.echo(f"  {fmt_count(result.parameters)} parameters, "

@@ -18,13 +18,13 @@ from typing import Callable
 
 from . import failpoints, hub
 from .errors import (
-    BadSource, ImportRefused, LicenseNotAccepted, NameTaken, PickleOnly, RefChanged,
-    SourceNotFound, TooLarge, UnsupportedArchitecture,
+    BadSource, LicenseNotAccepted, NameTaken, ObjectCorrupt, ObjectMissing, PickleOnly,
+    RefChanged, SourceNotFound, TooLarge, UnsupportedArchitecture,
 )
 from .manifest import Manifest
 from .objects import ObjectBatch
 from .registry import validate_name
-from .safetensors_io import DTYPE_SIZES, parse_header
+from .safetensors_io import parse_header
 from .store import Store
 from .units import fmt_bytes, fmt_count
 
@@ -43,7 +43,8 @@ class ImportResult:
     bytes_present: int
     source: dict
     license: str | None
-    already: bool = False  # identical content was already held by `name`
+    already: bool = False  # identical content was already in the store
+    held_by: str | None = None  # the ref that held it
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -80,11 +81,14 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                  revision: str | None = None, accept_license: bool = False,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
                  echo: Callable[[str], None] = lambda s: None, quiet: bool = True) -> ImportResult:
+    plan = plan_source(source, revision)
     if name is not None:
         validate_name(name)
-        if name in store.refs():
+        held = store.refs().get(name)
+        # a name taken by this same source may still hold identical content (a retry):
+        # conversion finds out, and only then is a differing model refused
+        if held and not _same_source(store, held, plan):
             raise NameTaken(name, store.next_free_name(name))
-    plan = plan_source(source, revision)
     _check_architecture(plan)
     params, dtype = plan.estimate_params()
     echo(f"{plan.model_id} ({plan.architecture}): {fmt_bytes(plan.total_bytes)} in "
@@ -350,15 +354,16 @@ def _progress(total: int, desc: str, quiet: bool):
 def _commit(store: Store, plan: SourcePlan, manifest: Manifest, batch: ObjectBatch,
             name: str | None) -> ImportResult:
     key = manifest.content_key()
-    for ref, entry in sorted(store.refs().items()):
-        try:
-            if store.read_manifest(entry["commit"]).content_key() == key:
-                return ImportResult(ref, entry["commit"], manifest.parameters, batch.written,
-                                    batch.reused, plan.source, plan.license, already=True)
-        except ImportRefused:
-            raise
-        except Exception:
-            continue
+    refs = store.refs()
+    holders = [r for r, e in sorted(refs.items()) if _content_key(store, e["commit"]) == key]
+    if holders:
+        held = name if name in holders else holders[0]
+        commit = refs[held]["commit"]
+        if name and name not in holders:  # same content under a new name: a second ref
+            store.registry.set_ref({**refs[held], "model_name": name}, expected=None)
+        return ImportResult(name or held, commit, manifest.parameters, batch.written,
+                            batch.reused, plan.source, plan.license, already=True,
+                            held_by=held)
     stem = _default_stem(plan.default_stem)
     for _attempt in range(10):
         target = name or (stem if store.name_is_free(stem) else store.next_free_name(stem))
@@ -373,6 +378,20 @@ def _commit(store: Store, plan: SourcePlan, manifest: Manifest, batch: ObjectBat
         return ImportResult(target, commit, manifest.parameters, batch.written,
                             batch.reused, plan.source, plan.license)
     raise NameTaken(stem)
+
+
+def _content_key(store: Store, commit: str) -> bytes | None:
+    try:
+        return store.read_manifest(commit).content_key()
+    except (ObjectMissing, ObjectCorrupt):
+        return None
+
+
+def _same_source(store: Store, entry: dict, plan: SourcePlan) -> bool:
+    try:
+        return store.read_manifest(entry["commit"]).source == plan.source
+    except Exception:
+        return False
 
 
 def _default_stem(text: str) -> str:

@@ -76,7 +76,7 @@ class Manifest:
             raise bad("not valid JSON") from None
         if not isinstance(d, dict):
             raise bad("not a JSON object")
-        if d.get("format") != FORMAT:
+        if type(d.get("format")) is not int or d["format"] != FORMAT:
             raise bad(f"format {d.get('format')!r} is not {FORMAT}")
         for key, typ in (("architecture", str), ("model_id", str), ("source", dict),
                          ("config", str), ("files", dict), ("tensors", dict),
@@ -89,6 +89,13 @@ class Manifest:
                     and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)):
                 raise bad(f"tensor entry {name!r} is malformed")
             tensors[name] = TensorEntry(t["object"], t["dtype"], list(t["shape"]))
+        tied = d.get("tied_weights", {})
+        if not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
+            raise bad("field 'tied_weights' is not a mapping of names")
+        if not isinstance(d.get("license"), (str, type(None))):
+            raise bad("field 'license' is not a string")
+        if not isinstance(d.get("training"), (dict, type(None))):
+            raise bad("field 'training' is not an object")
         oids = [d["config"], *d["files"].values()]
         if d.get("parent") is not None:
             oids.append(d["parent"])

@@ -164,8 +164,9 @@ class Store:
             entry = self.registry_entry(new, r.commit, m, parent_name)
             try:
                 self.registry.set_ref(entry, expected=None)
-            except RefChanged:
-                raise NameTaken(new, self.next_free_name(new)) from None
+            except RefChanged as e:
+                if e.found != r.commit:  # already this tag: done (a retry after a crash)
+                    raise NameTaken(new, self.next_free_name(new)) from None
         return r.commit
 
     def remove(self, name: str) -> str:

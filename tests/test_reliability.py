@@ -1,0 +1,469 @@
+"""Crash anywhere, race anything, corrupt everything: lose nothing.
+
+Failpoints end a real process at every step that changes the disk; a seeded campaign
+SIGKILLs processes at random times; a power-loss model rebuilds every prefix of the
+store's writes with unsynced data dropped; writers race gc. After each: registry.json
+parses, every ref holds its old or new value, fsck finds nothing missing or corrupt.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mstore import fsck
+from mstore.config import load_config
+from mstore.importer import import_model
+from mstore.store import Store
+from mstore.train import train
+from tests.conftest import REPO_ROOT, snapshot
+from tests.reliability import (
+    PowerLoss, assert_consistent, copy_store, env_without_failpoints, fsck_errors, refs_of,
+)
+
+KILLS = int(os.environ.get("MSTORE_TORTURE_KILLS", "12"))
+SEED = int(os.environ.get("MSTORE_TORTURE_SEED", "20261125"))
+
+
+def mstore(store: Path, *args, failpoint: str | None = None, log: Path | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess:
+    env = env_without_failpoints()
+    env["MSTORE_LOCK_TIMEOUT"] = "20"
+    env["HF_HUB_OFFLINE"] = "1"
+    if failpoint:
+        env["MSTORE_FAILPOINT"] = failpoint
+    if log:
+        env["MSTORE_FAILPOINT_LOG"] = str(log)
+    return subprocess.run([sys.executable, "-m", "mstore", "--store", str(store), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(("mstore keeps every tensor once. " * 8 + "\n") * 30)
+    return path
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, model_dirs) -> Path:
+    """A store holding `base` (qwen3), `extra` (a tag) and an unreachable old model."""
+    root = tmp_path_factory.mktemp("template") / "store"
+    s = Store(root)
+    import_model(s, str(model_dirs["qwen3"]), name="base", accept_license=True)
+    s.tag("base", "extra")
+    import_model(s, str(model_dirs["qwen2-moe"]), name="gone", accept_license=True)
+    s.remove("gone")
+    old = time.time() - 7200
+    for oid, _ in s.objects.iter_objects():
+        os.utime(s.objects.path(oid), (old, old))
+    return root
+
+
+def scratch_config(tmp: Path, corpus: Path) -> Path:
+    cfg = tmp / "scratch.yaml"
+    cfg.write_text(f"model_name: null\ndataset: {corpus}\nmax_steps: 3\nbatch_size: 4\n"
+                   "seq_len: 16\nn_layers: 1\nd_model: 16\nn_heads: 2\ndevice: cpu\n"
+                   "eval_interval: 3\n")
+    return cfg
+
+
+def commands(model_dirs, tmp: Path, corpus: Path):
+    """(name, args, target ref, rerun_may_fail_if_done) for every write command."""
+    return {
+        "import": (["import", model_dirs["qwen2"], "--name", "q", "--accept-license"], "q", False),
+        "tag": (["tag", "base", "t"], "t", False),
+        "rm": (["rm", "extra"], "extra", True),
+        "gc": (["gc", "--grace", "0"], None, False),
+        "export": (["export", "base", tmp / "exported"], None, True),
+        "train": (["train", "--config", scratch_config(tmp, corpus)],
+                  "custom-transformer-001", False),
+    }
+
+
+def failpoints_reached(template: Path, tmp: Path, args) -> Counter:
+    store = copy_store(template, tmp / "probe")
+    log = tmp / "probe.log"
+    res = mstore(store, *args, log=log)
+    assert res.returncode == 0, res.stderr
+    if "export" in map(str, args):
+        import shutil
+
+        shutil.rmtree(Path(args[-1]))
+    return Counter(log.read_text().split())
+
+
+@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export",
+                                     pytest.param("train", marks=pytest.mark.slow)])
+def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus):
+    args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
+    reached = failpoints_reached(template, tmp_path, args)
+    assert reached, "the command passed no failpoint"
+    cases = []
+    for name, n in sorted(reached.items()):  # each point's first hit, and its last one
+        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command != "train" else [])
+    before = refs_of(template)
+    for i, spec in enumerate(cases):
+        store = copy_store(template, tmp_path / f"s{i}")
+        res = mstore(store, *args, failpoint=spec)
+        assert res.returncode == 137, (spec, res.returncode, res.stderr)
+        allowed = {}
+        if target:
+            allowed[target] = {before.get(target), *_new_values(store, target, before)}
+        assert_consistent(store, allowed, before)
+        again = mstore(store, *args)
+        done = target and refs_of(store).get(target) != before.get(target)
+        if again.returncode != 0:
+            assert rerun_may_fail, (spec, again.stderr)
+            assert again.stderr.startswith("error: ")
+        after = assert_consistent(store, {target: {*_new_values(store, target, before)}}
+                                  if target else None, None)
+        if command == "rm":
+            assert "extra" not in after
+        elif command == "gc":
+            assert not (set(_objects(store)) - _reachable(store)), spec
+        elif command == "export":
+            assert (tmp_path / "exported" / "config.json").exists()
+            import shutil
+
+            shutil.rmtree(tmp_path / "exported")
+            for leftover in tmp_path.glob(".exported.mstore-export-*"):
+                shutil.rmtree(leftover)
+        elif target:
+            assert target in after, (spec, done)
+
+
+def _new_values(store: Path, target: str, before: dict) -> set:
+    refs = refs_of(store)
+    return {refs[target]} if target in refs else {None}
+
+
+def _objects(store: Path) -> list[str]:
+    return [oid for oid, _ in Store(store).objects.iter_objects()]
+
+
+def _reachable(store: Path) -> set[str]:
+    from mstore.gc import reachable
+
+    manifests, objects = reachable(Store(store))
+    return manifests | objects
+
+
+def test_sigkill_campaign(template, model_dirs, tmp_path, corpus):
+    """Random kill -9 of import/train/gc/tag processes at random times (seeded)."""
+    rng = random.Random(SEED)
+    print(f"sigkill campaign: seed {SEED}, {KILLS} kills (MSTORE_TORTURE_SEED to replay)")
+    store = copy_store(template, tmp_path / "store")
+    cfg = scratch_config(tmp_path, corpus)
+    folders = [model_dirs[k] for k in ("qwen2", "qwen2-changed", "qwen2-sharded", "qwen3-moe")]
+    env = env_without_failpoints()
+    env["HF_HUB_OFFLINE"] = "1"
+
+    def args_for(kind: str, i: int) -> list:
+        if kind == "import":
+            return ["import", rng.choice(folders), "--accept-license", "--name", f"m{i}"]
+        if kind == "gc":
+            return ["gc", "--grace", "0"]
+        if kind == "tag":
+            return ["tag", "base", f"t{i}"]
+        return ["train", "--config", cfg, "--name", f"c{i}"]
+
+    # how long each kind takes here, so that the kills land inside the runs
+    duration = {}
+    for kind in ("import", "gc", "tag", "train"):
+        t0 = time.time()
+        assert mstore(store, *args_for(kind, -1)).returncode == 0
+        duration[kind] = time.time() - t0
+    outcomes = Counter()
+    for i in range(KILLS):
+        kind = rng.choice(["import", "import", "gc", "tag", "train"])
+        args = args_for(kind, i)
+        delay = rng.uniform(0.05, 1.0) * duration[kind]
+        proc = subprocess.Popen([sys.executable, "-m", "mstore", "--store", str(store),
+                                 *map(str, args)], env=env, cwd=REPO_ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=delay)
+            _, err = proc.communicate()
+            assert proc.returncode == 0, (kind, err)  # finished before its kill: must succeed
+            outcomes["finished"] += 1
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            outcomes["killed"] += 1
+        errors = fsck_errors(store)
+        assert not errors, (f"seed {SEED} kill {i} ({' '.join(map(str, args))} after "
+                            f"{delay:.2f}s)", errors)
+        refs_of(store)
+    print(f"sigkill campaign outcomes: {dict(outcomes)}")
+    assert outcomes["killed"] >= KILLS // 3
+    res = mstore(store, "gc", "--grace", "0")
+    assert res.returncode == 0, res.stderr
+    assert not fsck_errors(store)
+
+
+# -- power loss ------------------------------------------------------------------------
+def _power_loss(store_root: Path, tmp_path: Path, action) -> int:
+    """Run `action` recording its writes, then fsck every crash prefix; returns #prefixes."""
+    before = refs_of(store_root)
+    with PowerLoss(store_root) as rec:
+        action()
+    after = refs_of(store_root)
+    assert rec.ops, "nothing was recorded"
+    for k in range(len(rec.ops) + 1):
+        state = rec.crash_state(k, tmp_path / "crash")
+        refs = refs_of(state)
+        errors = fsck_errors(state)
+        assert not errors, (k, rec.ops[k - 1] if k else None, errors)
+        for name in set(before) | set(after):
+            assert refs.get(name) in (before.get(name), after.get(name)), (k, name)
+    return len(rec.ops)
+
+
+def test_power_loss_at_every_step_of_import_tag_rm_gc(template, model_dirs, tmp_path):
+    root = copy_store(template, tmp_path / "store")
+    s = Store(root)
+    n = _power_loss(root, tmp_path, lambda: import_model(s, str(model_dirs["qwen2"]),
+                                                         name="q", accept_license=True))
+    assert n > 20
+    _power_loss(root, tmp_path, lambda: s.tag("q", "q2"))
+    _power_loss(root, tmp_path, lambda: s.remove("base"))
+    from mstore.gc import collect
+
+    _power_loss(root, tmp_path, lambda: collect(s, grace=0))
+
+
+def test_power_loss_at_every_step_of_a_train_commit(template, tmp_path, corpus):
+    root = copy_store(template, tmp_path / "store")
+    cfg = load_config(scratch_config(tmp_path, corpus))
+    _power_loss(root, tmp_path, lambda: train(Store(root), cfg))
+
+
+def test_power_loss_model_catches_a_missing_sync(template, model_dirs, tmp_path, monkeypatch):
+    """The model is not vacuous: a batch of objects published without the filesystem sync
+    (while the manifest and the ref are still synced) is caught."""
+    from mstore import fsio
+
+    monkeypatch.setattr(fsio, "sync_filesystem", lambda path: None)
+    root = copy_store(template, tmp_path / "store")
+    s = Store(root)
+    with pytest.raises(AssertionError):
+        _power_loss(root, tmp_path, lambda: import_model(s, str(model_dirs["qwen2"]),
+                                                         name="q", accept_license=True))
+
+
+# -- concurrency -----------------------------------------------------------------------
+WRITER = r"""
+import json, sys, time
+from mstore.errors import MStoreError
+from mstore.importer import import_model
+from mstore.store import Store
+store, role, folders, log, until = Store(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4], float(sys.argv[5])
+i = 0
+with open(log, "a") as out:
+    while time.time() < until:
+        i += 1
+        try:
+            if role.startswith("import"):
+                name = f"{role}-{i}"
+                r = import_model(store, folders[i % len(folders)], name=name, accept_license=True)
+                out.write(json.dumps(["set", name, r.commit]) + "\n")
+            elif role == "tagger":
+                store.tag("base", f"tag-{i}")
+                out.write(json.dumps(["set", f"tag-{i}", store.resolve("base").commit]) + "\n")
+                if i % 2 == 0:
+                    store.remove(f"tag-{i - 1}")
+                    out.write(json.dumps(["rm", f"tag-{i - 1}", None]) + "\n")
+        except MStoreError as e:
+            out.write(json.dumps(["error", str(e), None]) + "\n")
+        out.flush()
+"""
+
+
+def test_writers_and_gc_race_without_losing_anything(template, model_dirs, tmp_path):
+    store = copy_store(template, tmp_path / "store")
+    folders = ",".join(str(model_dirs[k]) for k in ("qwen2", "qwen2-changed", "qwen2-sharded"))
+    until = time.time() + 6
+    env = {**env_without_failpoints(), "MSTORE_LOCK_TIMEOUT": "10", "HF_HUB_OFFLINE": "1"}
+    logs = {r: tmp_path / f"{r}.log" for r in ("import-a", "import-b", "import-c", "tagger")}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), role, folders,
+                               str(log), str(until)], env=env, cwd=REPO_ROOT)
+             for role, log in logs.items()]
+    gc_runs = busy = 0
+    while time.time() < until:
+        res = mstore(store, "gc", "--grace", "0")
+        assert res.returncode in (0, 75), res.stderr
+        gc_runs += res.returncode == 0
+        busy += res.returncode == 75
+    for p in procs:
+        assert p.wait(timeout=60) == 0
+    expected: dict[str, str | None] = {}
+    for log in logs.values():
+        for line in log.read_text().splitlines():
+            kind, name, commit = json.loads(line)
+            assert kind != "error", name
+            expected[name] = commit if kind == "set" else None
+    refs = refs_of(store)
+    for name, commit in expected.items():
+        assert refs.get(name) == commit, name  # no lost ref update
+    assert sum(1 for c in expected.values() if c) > 8 and gc_runs > 0
+    assert mstore(store, "gc", "--grace", "0").returncode == 0
+    assert not fsck_errors(store)
+
+
+# -- gc grace and fsck classes ---------------------------------------------------------
+def test_gc_removes_tmp_leftovers_only_after_the_grace_period(cli, store, model_dirs):
+    cli("import", model_dirs["qwen2"], "--accept-license")
+    leftover = store.root / "tmp" / "obj.1.abc.incomplete"
+    leftover.write_bytes(b"partial")
+    assert json.loads(cli("gc", "--json").stdout)["tmp_files_deleted"] == 0
+    old = time.time() - 7200
+    os.utime(leftover, (old, old))
+    assert json.loads(cli("gc", "--json").stdout)["tmp_files_deleted"] == 1
+    assert not leftover.exists()
+
+
+def _writable(path: Path) -> Path:
+    os.chmod(path, 0o644)
+    return path
+
+
+def test_fsck_classes(cli, store, model_dirs):
+    cli("import", model_dirs["qwen2"], "--accept-license", "--name", "a")
+    cli("import", model_dirs["qwen3"], "--accept-license", "--name", "b")
+    cli("import", model_dirs["qwen2-moe"], "--accept-license", "--name", "c")
+    ma = store.read_manifest(store.resolve("a").commit)
+    mb = store.read_manifest(store.resolve("b").commit)
+    names = sorted(ma.tensors)
+    truncated = ma.tensors[names[3]].object
+    p = _writable(store.objects.path(truncated))
+    p.write_bytes(p.read_bytes()[:-10])
+    renamed_from, renamed_to = ma.tensors[names[5]].object, mb.tensors[sorted(mb.tensors)[7]].object
+    # object renamed to another id: b's object now holds a's bytes
+    _writable(store.objects.path(renamed_to)).write_bytes(store.objects.path(renamed_from).read_bytes())
+    bad_manifest = store.resolve("c").commit
+    _writable(store.objects.path(bad_manifest)).write_bytes(b"{not json")
+    reg = json.loads((store.root / "registry.json").read_text())
+    reg["models"]["dangling"] = {**reg["models"]["a"], "model_name": "dangling",
+                                 "commit": "e" * 64}
+    (store.root / "registry.json").write_text(json.dumps(reg))
+    unreachable = store.objects.put_bytes(b"nobody needs me").oid
+    (store.root / "tmp" / "w.1.x.incomplete").write_bytes(b"")
+    res = cli("fsck", "--json", ok=False)
+    assert res.exit_code == 1
+    doc = json.loads(res.stdout)
+    errors = {(e["problem"], e["object"]) for e in doc["errors"]}
+    assert ("corrupt", truncated) in errors
+    assert ("corrupt", renamed_to) in errors
+    assert ("corrupt", bad_manifest) in errors
+    assert ("dangling-ref", "e" * 64) in errors
+    info = {(i["problem"], i["object"]) for i in doc["info"]}
+    assert ("unreachable", unreachable) in info
+    assert any(i["problem"] == "tmp-leftover" for i in doc["info"])
+
+
+def test_unreachable_and_tmp_leftovers_alone_exit_0(cli, store, model_dirs):
+    cli("import", model_dirs["qwen2"], "--accept-license")
+    store.objects.put_bytes(b"orphan")
+    (store.root / "tmp" / "x.incomplete").write_bytes(b"")
+    res = cli("fsck")
+    assert res.exit_code == 0 and "info  unreachable" in res.stdout
+
+
+# -- Hub faults ------------------------------------------------------------------------
+def test_file_missing_mid_snapshot_commits_nothing_and_a_retry_succeeds(tmp_path, hub_server,
+                                                                         hub_repos):
+    from tests.conftest import run_mstore
+
+    hub_server.faults.missing_file.add("tiny/Qwen2-Sharded/tokenizer.json")
+    store = tmp_path / "s"
+    res = run_mstore("import", "tiny/Qwen2-Sharded", "--accept-license", store=store,
+                     hf_home=tmp_path / "hf")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and last.startswith("error: download of") and "missing" in last
+    assert refs_of(store) == {}
+    hub_server.reset()
+    res = run_mstore("import", "tiny/Qwen2-Sharded", "--accept-license", store=store,
+                     hf_home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+
+
+def test_redirects_to_another_host(tmp_path, hub_server, hub_repos):
+    from tests.conftest import run_mstore
+    from tests.hub_server import refused_endpoint
+
+    store = tmp_path / "s"
+    hub_server.faults.redirect["tiny/Qwen2-Tiny/model.safetensors"] = None  # a CDN: fine
+    res = run_mstore("import", "tiny/Qwen2-Tiny", "--accept-license", store=store,
+                     hf_home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+    assert any(r.listener == "cdn" for r in hub_server.requests)
+    hub_server.reset()
+    hub_server.faults.redirect["tiny/Qwen3-Tiny/model.safetensors"] = refused_endpoint()
+    res = run_mstore("import", "tiny/Qwen3-Tiny", "--accept-license", store=store,
+                     hf_home=tmp_path / "hf")
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in res.stderr and "qwen3-tiny" not in refs_of(store)
+    hub_server.reset()
+    res = run_mstore("import", "tiny/Qwen3-Tiny", "--accept-license", store=store,
+                     hf_home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+
+
+# -- hostile input ---------------------------------------------------------------------
+def test_lying_safetensors_header_in_a_local_folder(cli, store, model_dirs, tmp_path):
+    import shutil
+    import struct
+
+    folder = tmp_path / "liar"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    raw = (folder / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    header[name]["data_offsets"][1] += 10**9
+    body = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    res = cli("import", folder, "--accept-license", ok=False)
+    assert res.exit_code == 1 and "offsets out of range" in res.stderr
+    assert not store.root.exists() or refs_of(store.root) == {}
+
+
+def test_symlink_pointing_outside_a_local_folder_is_refused(cli, store, model_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "linky"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").symlink_to(secret)
+    res = cli("import", folder, "--accept-license", ok=False)
+    assert "symlink pointing outside" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["../evil.json", "/etc/passwd", "a/../../b", "x\x00y"])
+def test_repo_file_names_outside_the_repo_are_refused(name):
+    from mstore.errors import BadSource
+    from mstore.hub import validate_repo_path
+
+    with pytest.raises(BadSource):
+        validate_repo_path(name)
+
+
+def test_registry_of_the_wrong_shape(cli, store, model_dirs):
+    cli("import", model_dirs["qwen2"], "--accept-license")
+    for bad in ['{"version": 1, "models": []}', '{"version": 1, "models": {"x": 1}}',
+                '{"version": 1, "models": {"x": {"commit": "c", "model_name": "y"}}}', "null"]:
+        (store.root / "registry.json").write_text(bad)
+        before = snapshot(store.root)
+        res = cli("list", ok=False)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "damaged" in res.stderr
+        assert snapshot(store.root) == before
