@@ -418,17 +418,30 @@ def train(
         "--set", help="Override a config key: --set learning_rate=1e-4 (repeatable).")] = None,
     commit_on_interrupt: Annotated[bool, typer.Option(
         "--commit-on-interrupt", help="On Ctrl-C, commit the model as it is.")] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Processes on this node (launches torchrun).")] = 1,
     as_json: JsonOpt = False,
 ):
     """Fine-tune a model (or train the custom transformer from scratch) and commit it."""
     from .config import load_config
 
     cfg = load_config(config, overrides or [], name)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        argv = ["--store", str(_store(ctx).root), "train", "--config", str(config)]
+        for item in overrides or []:
+            argv += ["--set", item]
+        argv += (["--name", name] if name else []) + (["--json"] if as_json else [])
+        argv += ["--commit-on-interrupt"] if commit_on_interrupt else []
+        raise typer.Exit(launch(nproc, argv))
     from .train import train as run_training
 
     result = run_training(_store(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
                           log=lambda s: typer.echo(s, err=True),
                           progress=None if not as_json else False)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     if as_json:
         return _json(result.to_json())
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""

@@ -27,7 +27,7 @@ class TrainConfig:
     dataset: str  # .txt (one document) or .jsonl ({"text": ...} per line)
     model_name: str | None = None  # a ref to fine-tune; None trains the custom transformer
     learning_rate: float = 3.0e-4  # peak learning rate (after warmup)
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch, over all processes together
     max_steps: int = 200  # optimizer steps
     seq_len: int = 128  # tokens per training sequence
     grad_accum_steps: int = 1  # micro-batches per optimizer step
@@ -40,6 +40,7 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # regexes (re.search) of frozen params
     output_name: str | None = None  # default: {stem}-finetuned-NNN
     tokenizer: str | None = None  # a ref, or a folder / tokenizer.json, instead of the model's
+    strategy: str = "ddp"  # with several processes (torchrun): ddp | fsdp (FSDP2 fully_shard)
     eval_fraction: float = 0.1  # share of the packed data held out for eval loss
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of learning_rate
@@ -74,7 +75,7 @@ for _f in fields(TrainConfig):
     else:
         _TYPES[_f.name] = (str,)
 _OPTIONAL = {f.name for f in fields(TrainConfig) if "None" in str(f.type)}
-_CHOICES = {"device": ("auto", "cpu", "cuda", "mps"),
+_CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "strategy": ("ddp", "fsdp"),
             "dtype": ("float32", "bfloat16", "float16")}
 _POSITIVE = ("batch_size", "max_steps", "seq_len", "grad_accum_steps", "eval_interval",
              "n_layers", "d_model", "n_heads", "block_size")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import failpoints
+from . import distributed, failpoints
 from .adapters.base import Adapter, Tokenizer, adapter_for
 from .adapters.custom import (
     ARCHITECTURE as CUSTOM, TOKENIZER_FILE, CharTokenizerAdapter, CustomTransformerAdapter,
@@ -181,30 +181,56 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 
 def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
           callbacks: list[Any] = (), log: Callable[[str], None] = lambda s: None,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None) -> TrainResult | None:
+    """Train and commit. Under torchrun every rank calls this; rank 0 commits and returns
+    the result, the other ranks return None."""
     started = time.time()
     if cfg.output_name is not None:
         store.name_is_free(cfg.output_name) or _name_taken(store, cfg.output_name)
     data_path = Path(cfg.dataset)
     docs = read_documents(data_path)
     device = pick_device(cfg.device)
+    ctx = distributed.from_environment(device)
+    try:
+        return _train(store, cfg, ctx, distributed.device_for(ctx, device), docs, data_path,
+                      started, commit_on_interrupt, callbacks if ctx.is_main else (),
+                      log if ctx.is_main else (lambda s: None),
+                      (sys.stderr.isatty() if progress is None else progress) and ctx.is_main)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrupt, callbacks,
+           log, show_bar) -> TrainResult | None:
+    if cfg.batch_size % ctx.world:
+        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by "
+                          f"the number of processes ({ctx.world})")
     torch.manual_seed(cfg.seed)
     with store.writer_lock("train"):
         s = _setup(store, cfg, device, docs)
         train_blocks, eval_blocks = pack(s.tok, docs, cfg.seq_len, cfg.eval_fraction)
         frozen = _freeze(s.model, cfg.freeze)
-        log(f"training {cfg.model_name or 'custom transformer from scratch'} on {device}: "
+        where = device + (f" x {ctx.world} processes ({cfg.strategy})" if ctx.active else "")
+        log(f"training {cfg.model_name or 'custom transformer from scratch'} on {where}: "
             f"{train_blocks.shape[0]} train blocks x {cfg.seq_len} tokens"
             + (f", {eval_blocks.shape[0]} eval" if eval_blocks is not None else "")
             + (f", {len(frozen)} frozen tensors" if frozen else ""))
-        loop = _Loop(cfg, s.model, s.adapter.forward, train_blocks, eval_blocks, device,
-                     callbacks, log, sys.stderr.isatty() if progress is None else progress)
+        wrapped = distributed.wrap(s.model, ctx, cfg.strategy, device)
+        loop = _Loop(cfg, wrapped, s.adapter.forward, train_blocks, eval_blocks, device,
+                     callbacks, log, show_bar, ctx)
         interrupted = loop.run()
         if interrupted and not commit_on_interrupt:
             raise Interrupted(f"interrupted at step {loop.step}; nothing committed "
                               "(--commit-on-interrupt keeps the partial model)")
+        distributed.barrier(ctx)
+        full = distributed.gather_full_state(wrapped, ctx, cfg.strategy)
+        if not ctx.is_main:
+            return None
+        if full is not None:  # FSDP: rebuild one whole module from the gathered shards
+            s.model = _unsharded_copy(store, cfg, s, full)
         failpoints.hit("train.trained")
-        result = _commit(store, cfg, s, loop, frozen, data_path, started, device, interrupted)
+        result = _commit(store, cfg, s, loop, frozen, data_path, started, device, interrupted,
+                         ctx)
     for cb in callbacks:
         if hasattr(cb, "on_commit"):
             cb.on_commit(result)
@@ -212,6 +238,17 @@ def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
                        loop.train_losses[-1][1] if loop.train_losses else float("nan"),
                        loop.eval_losses[-1][1] if loop.eval_losses else None,
                        result.bytes_written, result.bytes_reused, interrupted, frozen)
+
+
+def _unsharded_copy(store: Store, cfg: TrainConfig, s: "_Setup",
+                    full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    if s.parent is None:
+        tok_size = s.tok.vocab_size
+        plain = new_model(TransformerConfig(vocab_size=tok_size, **cfg.arch_params()), cfg.seed)
+    else:
+        plain = s.adapter.load_checkpoint(device="cpu", dtype=torch.float32)
+    plain.load_state_dict(full)
+    return plain
 
 
 def _name_taken(store: Store, name: str):
@@ -222,8 +259,8 @@ def _name_taken(store: Store, name: str):
 
 class _Loop:
     def __init__(self, cfg, model, forward, train_blocks, eval_blocks, device, callbacks, log,
-                 show_bar):
-        self.cfg, self.model, self.forward = cfg, model, forward
+                 show_bar, ctx: distributed.DistContext):
+        self.cfg, self.model, self.forward, self.ctx = cfg, model, forward, ctx
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
         self.device, self.callbacks, self.log, self.show_bar = device, callbacks, log, show_bar
         self.step = 0
@@ -242,8 +279,12 @@ class _Loop:
                        and device == "cuda" else None)
 
     def _batch(self) -> torch.Tensor:
+        """This rank's slice of the global batch: every rank draws the same global sample
+        (same seed), so N processes see exactly what one process with the same config sees."""
         idx = torch.randint(0, self.train_blocks.shape[0], (self.cfg.batch_size,),
                             generator=self.gen)
+        per_rank = self.cfg.batch_size // self.ctx.world
+        idx = idx[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank]
         return self.train_blocks[idx].to(self.device)
 
     def run(self) -> bool:
@@ -299,7 +340,7 @@ class _Loop:
             loss = loss / cfg.grad_accum_steps
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
-            self.tokens_seen += x.numel()
+            self.tokens_seen += x.numel() * self.ctx.world
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if cfg.max_grad_norm > 0:
@@ -310,6 +351,7 @@ class _Loop:
         else:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        total = distributed.mean_across(total, self.ctx, self.device)
         self.train_losses.append([self.step + 1, round(total, 6)])
         return total
 
@@ -358,7 +400,8 @@ def _versions() -> dict[str, str]:
 
 
 def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list[str],
-            data_path: Path, started: float, device: str, interrupted: bool) -> CommitResult:
+            data_path: Path, started: float, device: str, interrupted: bool,
+            ctx: distributed.DistContext) -> CommitResult:
     training = {
         "config": cfg.to_dict(),
         "dataset": {"path": str(data_path), "blake3": hash_file(data_path)},
@@ -366,6 +409,7 @@ def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list
         "train_loss": _compact(loop.train_losses), "eval_loss": _compact(loop.eval_losses),
         "wall_time_s": round(time.time() - started, 3), "seed": cfg.seed, "device": device,
         "frozen": frozen, "interrupted": interrupted, "versions": _versions(),
+        "processes": ctx.world, "strategy": cfg.strategy if ctx.active else None,
     }
     s.model.eval()
     ckpt = s.adapter.save_checkpoint(s.model)

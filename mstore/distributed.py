@@ -1,0 +1,117 @@
+"""Training on several processes through torch.distributed, the way torchrun launches them.
+
+`mstore train` reads the usual environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), so `torchrun --nproc_per_node N -m mstore train ...` and `accelerate launch`
+work unchanged; `mstore train --nproc N` starts torchrun itself for one node. Each rank
+trains on its own slice of every global batch, gradients are averaged by
+DistributedDataParallel (or sharded by FSDP2's `fully_shard`), and only rank 0 commits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import MStoreError
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_environment(device_type: str) -> DistContext:
+    """Join the process group torchrun (or accelerate) set up; a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistContext(rank, world, local_rank, True)
+
+
+def device_for(ctx: DistContext, device: str) -> str:
+    """Each rank its own GPU: cuda -> cuda:LOCAL_RANK."""
+    return f"cuda:{ctx.local_rank}" if device == "cuda" and ctx.active else device
+
+
+def wrap(model: torch.nn.Module, ctx: DistContext, strategy: str, device: str):
+    """The module the training loop calls: DDP around `model`, or `model` sharded in place
+    by FSDP2 (each decoder layer / block a unit, then the root), when distributed."""
+    if not ctx.active:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__.endswith(("DecoderLayer", "Block")):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def gather_full_state(model: torch.nn.Module, ctx: DistContext,
+                      strategy: str) -> dict[str, torch.Tensor] | None:
+    """The unsharded parameters of an FSDP-trained model, on rank 0 (None elsewhere);
+    None too when nothing is sharded (single process or DDP: the module is whole)."""
+    if not (ctx.active and strategy == "fsdp"):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    return state if ctx.is_main else None
+
+
+def mean_across(value: float, ctx: DistContext, device: str) -> float:
+    if not ctx.active:
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=device if device.startswith("cuda") else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / ctx.world
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.initialised and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this `mstore` command under torchrun with `nproc` processes on this node."""
+    if nproc < 1:
+        raise MStoreError("--nproc must be >= 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "mstore", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
