@@ -30,7 +30,7 @@ from .checkpoint import (
     FINETUNE_FMT, SCRATCH_FMT, SCRATCH_STEM, CommitResult, commit_checkpoint, finetune_stem,
 )
 from .config import TrainConfig
-from .errors import ConfigError, DatasetError, Interrupted
+from .errors import ConfigError, DatasetError, Interrupted, NameTaken
 from .generate import pick_device
 from .nn.char_tokenizer import CharTokenizer
 from .nn.transformer import TransformerConfig
@@ -185,8 +185,8 @@ def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
     """Train and commit. Under torchrun every rank calls this; rank 0 commits and returns
     the result, the other ranks return None."""
     started = time.time()
-    if cfg.output_name is not None:
-        store.name_is_free(cfg.output_name) or _name_taken(store, cfg.output_name)
+    if cfg.output_name is not None and not store.name_is_free(cfg.output_name):
+        raise NameTaken(cfg.output_name, store.next_free_name(cfg.output_name))
     data_path = Path(cfg.dataset)
     docs = read_documents(data_path)
     device = pick_device(cfg.device)
@@ -249,12 +249,6 @@ def _unsharded_copy(store: Store, cfg: TrainConfig, s: "_Setup",
         plain = s.adapter.load_checkpoint(device="cpu", dtype=torch.float32)
     plain.load_state_dict(full)
     return plain
-
-
-def _name_taken(store: Store, name: str):
-    from .errors import NameTaken
-
-    raise NameTaken(name, store.next_free_name(name))
 
 
 class _Loop:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from mstore import fsck
 from mstore.config import load_config
 from mstore.importer import import_model
 from mstore.store import Store
