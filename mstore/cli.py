@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from .cli_remote import register as _register_remotes
 from .errors import MStoreError
 from .units import fmt_bytes, fmt_count
 
@@ -451,6 +452,9 @@ def train(
                f"{fmt_bytes(result.bytes_written)} written, "
                f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
                + (" [interrupted]" if result.interrupted else ""))
+
+
+_register_remotes(app)
 
 
 def main() -> None:

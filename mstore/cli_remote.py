@@ -1,0 +1,172 @@
+"""CLI commands for remotes: `remote add|list|rm`, `push`, `pull`, `clone`.
+
+Thin, like the rest of the CLI: each command calls `mstore.remote` and prints the result;
+errors are MStoreError subclasses that the app's MStoreGroup turns into one `error:` line.
+`register(app)` adds the commands to the main app (once; calling it again does nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .units import fmt_bytes
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+RemoteArg = Annotated[Optional[str], typer.Argument(
+    help="Remote name (default: the only one, or 'origin').")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", "-f", help="Overwrite the ref even if it moved or diverged.")]
+
+
+def _store(ctx: typer.Context):
+    from .store import Store
+
+    return Store(ctx.find_root().obj)
+
+
+def _json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _tty(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _warn(msg: str) -> None:
+    typer.echo(f"warning: {msg}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `remote`, `push`, `pull` and `clone` to `app` (idempotent)."""
+    if getattr(app, "_mstore_remotes_registered", False):
+        return
+    app._mstore_remotes_registered = True  # type: ignore[attr-defined]
+
+    remote_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                             rich_markup_mode=None,
+                             help="Manage remotes: other stores to push to and pull from.")
+
+    @remote_app.command("add")
+    def remote_add(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Remote name, e.g. origin.")],
+        url: Annotated[str, typer.Argument(help="A path, file://, s3://bucket/prefix, gs://, "
+                                           "hf://, ... (any fsspec URL).")],
+    ):
+        """Add a remote (only its name and URL are stored; never credentials)."""
+        from .remote import add_remote
+
+        stored = add_remote(_store(ctx), name, url)
+        typer.echo(f"added remote {name} -> {stored}")
+
+    @remote_app.command("list")
+    def remote_list(ctx: typer.Context, as_json: JsonOpt = False):
+        """List remotes and what this store last saw of their refs."""
+        from .remote import list_remotes, tracking_refs
+
+        store = _store(ctx)
+        remotes = list_remotes(store) if store.root.is_dir() else {}
+        tracked = tracking_refs(store) if remotes else {}
+        if as_json:
+            return _json([{"name": n, "url": u, "refs": tracked.get(n, {})}
+                          for n, u in remotes.items()])
+        if not remotes:
+            typer.echo("no remotes (add one with `mstore remote add origin URL`)")
+            return
+        width = max(len(n) for n in remotes)
+        for n, u in remotes.items():
+            typer.echo(f"{n.ljust(width)}  {u}")
+
+    @remote_app.command("rm")
+    def remote_rm(ctx: typer.Context,
+                  name: Annotated[str, typer.Argument(help="Remote to remove.")]):
+        """Remove a remote (nothing on the remote itself is touched)."""
+        from .remote import remove_remote
+
+        url = remove_remote(_store(ctx), name)
+        typer.echo(f"removed remote {name} ({url})")
+
+    app.add_typer(remote_app, name="remote")
+
+    @app.command()
+    def push(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Model name (or commit, with --as).")],
+        remote: RemoteArg = None,
+        as_name: Annotated[Optional[str], typer.Option(
+            "--as", help="Name of the ref on the remote (default: the same).")] = None,
+        force: ForceOpt = False,
+        as_json: JsonOpt = False,
+    ):
+        """Send a model (objects, manifest chain, then the ref) to a remote."""
+        from .remote import push as do_push
+
+        r = do_push(_store(ctx), name, remote, as_name=as_name, force=force,
+                    progress=_tty(as_json), warn=_warn)
+        if as_json:
+            return _json(r.to_json())
+        if not r.ref_updated and r.objects_sent == 0:
+            typer.echo(f"{r.remote} already has {r.name} at {r.commit[:12]}; "
+                       "everything up to date")
+            return
+        was = f" (was {r.previous[:12]})" if r.previous and r.previous != r.commit else ""
+        typer.echo(f"pushed {r.name} -> {r.remote}: {r.commit[:12]}{was}"
+                   + ("  [forced]" if r.forced else ""))
+        typer.echo(f"  {r.objects_sent} objects sent ({fmt_bytes(r.bytes_sent)}), "
+                   f"{r.objects_present} already there")
+
+    @app.command()
+    def pull(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Model name on the remote.")],
+        remote: RemoteArg = None,
+        as_name: Annotated[Optional[str], typer.Option(
+            "--as", help="Name of the local ref (default: the same).")] = None,
+        force: ForceOpt = False,
+        as_json: JsonOpt = False,
+    ):
+        """Fetch a model from a remote, verifying every object, and set the local ref."""
+        from .remote import pull as do_pull
+
+        r = do_pull(_store(ctx), name, remote, as_name=as_name, force=force,
+                    progress=_tty(as_json))
+        if as_json:
+            return _json(r.to_json())
+        _print_pull(r)
+
+    @app.command()
+    def clone(
+        url: Annotated[str, typer.Argument(help="The remote: a path or any fsspec URL.")],
+        dest: Annotated[Path, typer.Argument(help="New store folder.")],
+        ref: Annotated[Optional[str], typer.Option(
+            "--ref", help="Clone only this model (default: every ref).")] = None,
+        as_json: JsonOpt = False,
+    ):
+        """Make a new local store from a remote, recorded as `origin`."""
+        from .remote import clone as do_clone
+
+        res = do_clone(url, dest, ref, progress=_tty(as_json))
+        if as_json:
+            return _json(res.to_json())
+        for r in res.refs:
+            _print_pull(r)
+        doc = res.to_json()
+        typer.echo(f"cloned {res.url} into {res.dir}: {len(res.refs)} ref(s), "
+                   f"{doc['objects_received']} objects ({fmt_bytes(doc['bytes_received'])})")
+
+
+def _print_pull(r) -> None:
+    if r.note:
+        typer.echo(f"{r.name}: {r.note} ({r.commit[:12]})"
+                   + (f"; {r.objects_sent} objects received" if r.objects_sent else ""))
+        return
+    was = f" (was {r.previous[:12]})" if r.previous else ""
+    typer.echo(f"pulled {r.name} <- {r.remote}: {r.commit[:12]}{was}"
+               + ("  [forced]" if r.forced else ""))
+    typer.echo(f"  {r.objects_sent} objects received ({fmt_bytes(r.bytes_sent)}), "
+               f"{r.objects_present} already present")

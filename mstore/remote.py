@@ -1,0 +1,1048 @@
+"""Remotes: push and pull models to and from a store somewhere else, over fsspec.
+
+A remote has the local layout (`objects/ab/cdef...`, `registry.json`), so a remote is itself
+a store: a local path or `file://` remote can be opened with `mstore --store PATH`, and an
+`s3://bucket/prefix` remote holds the same keys. Remotes are configured per store in
+`remotes.json` (name -> URL, nothing else: credentials come from each backend's usual place,
+e.g. AWS_* variables or ~/.aws for s3fs), and what this store last saw of each remote ref is
+kept in `remote-refs.json` (git's refs/remotes), the "expected" value of a push's
+compare-and-swap.
+
+Order of a push, each step complete before the next: objects the remote lacks (found by
+listing its fan-out folders, in parallel), then the manifest chain (parents first), then the
+remote ref by compare-and-swap. A pull is the reverse: every object is re-hashed before it is
+published locally (through an ObjectBatch, so nothing is visible before it is verified and
+synced), then the manifests, then the local ref by the registry's compare-and-swap. Objects
+are content-addressed, so an interrupted push or pull resumes by sending only what the other
+side still lacks.
+
+Compare-and-swap of the remote registry.json, per backend:
+- local path / file://: the remote is a store; its own `Registry.update` (flock + re-read,
+  check, atomic rewrite) is used, so local `mstore` commands on it are serialised too.
+- s3://: a conditional write: the ETag is read *before* the content, and the new registry is
+  put with `If-Match: <etag>` (or `If-None-Match: *` when there was none); a write that lost
+  the race gets 412 and is retried from the re-read. `MSTORE_REMOTE_CAS=lock` switches to the
+  lock object below (for S3-compatible servers without conditional writes).
+- anything else: a lock object `registry.json.lock` created exclusively (`open(..., "xb")`),
+  then re-read, check, write, delete. A lock older than MSTORE_REMOTE_LOCK_STALE seconds
+  (default 600) is taken to be left by a dead pusher and broken, with a warning.
+
+This module never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlsplit
+
+from . import failpoints, fsio
+from .errors import MStoreError, ObjectCorrupt, ObjectMissing, StoreNotFound
+from .locks import StoreLock, lock_wait
+from .manifest import Manifest
+from .objects import OBJECT_MODE, hash_bytes, hash_file, is_oid
+from .registry import ENTRY_FIELDS, NAME_RE, VERSION, parse_registry, validate_name
+from .store import Store
+
+REMOTES_FILE = "remotes.json"
+TRACKING_FILE = "remote-refs.json"
+CONFIG_LOCK = "remotes.lock"
+REMOTE_LOCK = "registry.json.lock"
+DEFAULT_JOBS = 8
+SMALL_OBJECT = 4 * 1024 * 1024  # fetched into memory below this size, else via a temp file
+BATCH_BYTES = 1024**3  # a pull publishes its objects in batches of about this many bytes
+BATCH_OBJECTS = 2000
+# Protocols whose put of a whole object is atomic (an object store: the key appears complete
+# or not at all), so objects are put straight to their final key.
+ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "hf", "memory"}
+
+
+# -- errors ------------------------------------------------------------------------------
+class RemoteError(MStoreError):
+    """Anything about a remote: its configuration, reaching it, or what it holds."""
+
+
+class BadRemoteName(RemoteError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"bad remote name {name!r}: use 1-128 characters of a-z 0-9 . _ - "
+                         "starting with a letter or digit")
+
+
+class BadRemoteURL(RemoteError):
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"bad remote URL {url!r}: {reason}")
+
+
+class UnknownRemote(RemoteError):
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        have = ", ".join(known) if known else "none (add one with `mstore remote add NAME URL`)"
+        super().__init__(f"unknown remote {name!r}; configured remotes: {have}")
+
+
+class RemoteExists(RemoteError):
+    def __init__(self, name: str, url: str):
+        self.name, self.url = name, url
+        super().__init__(f"remote {name!r} already exists ({url}); `mstore remote rm {name}` "
+                         "first to change it")
+
+
+class NoDefaultRemote(RemoteError):
+    def __init__(self, known: list[str]):
+        self.known = known
+        if not known:
+            msg = "no remote configured; add one with `mstore remote add origin URL`"
+        else:
+            msg = (f"which remote? several are configured ({', '.join(known)}) and none is "
+                   "named 'origin'; name one")
+        super().__init__(msg)
+
+
+class RemoteUnavailable(RemoteError):
+    def __init__(self, url: str, detail: str):
+        self.url, self.detail = url, detail
+        super().__init__(f"cannot use remote {url}: {detail}")
+
+
+class RemoteNotAStore(RemoteError):
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"{url} is not an mstore store ({reason})")
+
+
+class RemoteRefMissing(RemoteError):
+    def __init__(self, name: str, remote: str, available: list[str]):
+        self.name, self.remote = name, remote
+        have = ", ".join(available[:10]) if available else "nothing"
+        super().__init__(f"remote {remote!r} has no model {name!r} (it has: {have})")
+
+
+class RemoteRefMoved(RemoteError):
+    """A push would overwrite a remote ref that someone else moved since we last saw it."""
+
+    def __init__(self, name: str, remote: str, found: str, known: str | None):
+        self.name, self.remote, self.found, self.known = name, remote, found, known
+        super().__init__(f"remote ref {name!r} on {remote!r} moved to {found[:12]} since your "
+                         "last pull/push; pull first or use --force")
+
+
+class NotFastForward(RemoteError):
+    """A pull would replace a local ref whose commit the remote's does not descend from."""
+
+    def __init__(self, name: str, local: str, remote_commit: str, remote: str):
+        self.name, self.local, self.remote_commit = name, local, remote_commit
+        super().__init__(f"local {name!r} ({local[:12]}) and {remote!r}'s ({remote_commit[:12]}) "
+                         "have diverged; pull with --as NEW_NAME to keep both, or --force to "
+                         "replace the local ref")
+
+
+class RemoteObjectMissing(RemoteError):
+    def __init__(self, oid: str, remote: str, what: str = "object"):
+        self.oid, self.remote = oid, remote
+        super().__init__(f"{what} {oid} is missing on remote {remote!r} (its ref names it; "
+                         "push it again from a store that has it)")
+
+
+class RemoteObjectCorrupt(RemoteError):
+    def __init__(self, oid: str, got: str, remote: str):
+        self.oid, self.got, self.remote = oid, got, remote
+        super().__init__(f"object {oid} received from {remote!r} is corrupt (its bytes hash to "
+                         f"{got[:12]}); refused, nothing was published locally. Delete it on "
+                         "the remote and push it again from a good copy")
+
+
+class RemoteLocked(RemoteError):
+    exit_code = 75
+
+    def __init__(self, url: str, holder: str, waited: float):
+        self.url, self.holder = url, holder
+        super().__init__(f"remote registry {url} is locked by {holder} (waited {waited:.0f}s; "
+                         f"try again later, or delete {REMOTE_LOCK} there if that push died)")
+
+
+class RemoteBusy(RemoteError):
+    exit_code = 75
+
+    def __init__(self, url: str, tries: int):
+        super().__init__(f"remote registry {url} kept changing under us ({tries} tries); "
+                         "try again")
+
+
+class DestinationNotEmpty(RemoteError):
+    def __init__(self, path: str):
+        super().__init__(f"destination {path} exists and is not empty (clone into a new or "
+                         "empty folder)")
+
+
+# -- results -----------------------------------------------------------------------------
+@dataclass
+class TransferResult:
+    remote: str
+    url: str
+    name: str  # the ref written (remote ref for push, local ref for pull)
+    commit: str
+    previous: str | None  # what the ref held before
+    ref_updated: bool
+    objects_sent: int = 0  # push: uploaded; pull: downloaded (received)
+    bytes_sent: int = 0
+    objects_present: int = 0  # already on the other side
+    manifests: int = 0  # manifests in the chain transferred
+    forced: bool = False
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CloneResult:
+    dir: str
+    url: str
+    refs: list[TransferResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dir": self.dir, "url": self.url, "refs": [r.to_json() for r in self.refs],
+                "objects_received": sum(r.objects_sent for r in self.refs),
+                "bytes_received": sum(r.bytes_sent for r in self.refs)}
+
+
+# -- configuration: remotes.json and remote-refs.json ------------------------------------
+def validate_remote_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise BadRemoteName(name)
+    return name
+
+
+def _read_json(path: Path, key: str) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RemoteError(f"{path} is damaged (not valid JSON); fix or remove it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), dict):
+        raise RemoteError(f"{path} is damaged (no {key!r} table); fix or remove it")
+    return doc[key]
+
+
+def _update_json(store: Store, filename: str, key: str,
+                 change: Callable[[dict[str, Any]], Any]) -> Any:
+    """Read-modify-write of a small store-root JSON file, atomically, under remotes.lock."""
+    fsio.makedirs(store.root)
+    path = store.root / filename
+    with StoreLock(store.root / CONFIG_LOCK, shared=False, purpose="remote config update"):
+        table = _read_json(path, key)
+        result = change(table)
+        doc = {"version": 1, key: dict(sorted(table.items()))}
+        fsio.write_atomic(path, json.dumps(doc, indent=2).encode() + b"\n",
+                          store.objects.tmp_dir if store.objects.tmp_dir.is_dir() else None)
+        return result
+
+
+def list_remotes(store: Store) -> dict[str, str]:
+    """name -> URL, as configured."""
+    return {k: v for k, v in sorted(_read_json(store.root / REMOTES_FILE, "remotes").items())}
+
+
+def tracking_refs(store: Store, remote: str | None = None) -> dict[str, Any]:
+    """What this store last saw of each remote's refs: {remote: {ref: commit}}, or one remote's."""
+    table = _read_json(store.root / TRACKING_FILE, "remotes")
+    return dict(table.get(remote, {})) if remote is not None else table
+
+
+def _set_tracking(store: Store, remote: str, ref: str, commit: str | None) -> None:
+    def change(table):
+        refs = table.setdefault(remote, {})
+        if commit is None:
+            refs.pop(ref, None)
+        else:
+            refs[ref] = commit
+
+    _update_json(store, TRACKING_FILE, "remotes", change)
+
+
+def normalize_url(url: str) -> str:
+    """A local path becomes absolute; a URL is checked: known protocol, no credentials."""
+    url = url.strip()
+    if not url:
+        raise BadRemoteURL(url, "empty")
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    parts = urlsplit(url)
+    proto = url.split("://", 1)[0].lower()
+    if parts.password:
+        raise BadRemoteURL(url, "credentials in the URL are never stored; configure them the "
+                           "backend's usual way (e.g. AWS_* variables or ~/.aws for s3://)")
+    if proto == "file":
+        path = url.split("://", 1)[1]
+        return "file://" + os.path.abspath(os.path.expanduser(path))
+    import fsspec  # light: no backend is imported by this
+
+    if proto not in fsspec.available_protocols():
+        raise BadRemoteURL(url, f"unknown protocol {proto!r} (any fsspec URL works: a path, "
+                           "file://, s3://, gs://, hf://, ...)")
+    return url
+
+
+def add_remote(store: Store, name: str, url: str) -> str:
+    validate_remote_name(name)
+    url = normalize_url(url)
+    local = _local_path(url)
+    if local is not None and os.path.realpath(local) == os.path.realpath(store.root):
+        raise BadRemoteURL(url, "that is this store itself")
+    store.init()
+
+    def change(table):
+        if name in table:
+            raise RemoteExists(name, table[name])
+        table[name] = url
+
+    _update_json(store, REMOTES_FILE, "remotes", change)
+    return url
+
+
+def remove_remote(store: Store, name: str) -> str:
+    remotes = list_remotes(store)
+    if name not in remotes:
+        raise UnknownRemote(name, list(remotes))
+
+    def change(table):
+        if name not in table:
+            raise UnknownRemote(name, list(table))
+        return table.pop(name)
+
+    url = _update_json(store, REMOTES_FILE, "remotes", change)
+    if (store.root / TRACKING_FILE).exists():
+        _update_json(store, TRACKING_FILE, "remotes", lambda t: t.pop(name, None))
+    return url
+
+
+def resolve_remote(store: Store, name: str | None) -> tuple[str, str]:
+    """(name, URL) of a configured remote; None: the only one, or the one named origin."""
+    remotes = list_remotes(store)
+    if name is None:
+        if len(remotes) == 1:
+            name = next(iter(remotes))
+        elif "origin" in remotes:
+            name = "origin"
+        else:
+            raise NoDefaultRemote(list(remotes))
+    if name not in remotes:
+        raise UnknownRemote(name, list(remotes))
+    return name, remotes[name]
+
+
+def _local_path(url: str) -> str | None:
+    if "://" not in url:
+        return url
+    if url.lower().startswith("file://"):
+        return url.split("://", 1)[1]
+    return None
+
+
+# -- transports --------------------------------------------------------------------------
+def _jobs() -> int:
+    try:
+        return max(1, int(os.environ.get("MSTORE_REMOTE_JOBS", DEFAULT_JOBS)))
+    except ValueError:
+        return DEFAULT_JOBS
+
+
+def _registry_bytes(models: dict[str, Any]) -> bytes:
+    doc = {"version": VERSION, "models": dict(sorted(models.items()))}
+    return json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n"
+
+
+class _NoChange(Exception):
+    """Raised inside a registry update whose check found nothing to write."""
+
+
+class Transport:
+    """How one remote URL is read and written. `fs` and `root` are the fsspec view of it."""
+
+    def __init__(self, url: str, fs, root: str):
+        self.url, self.fs, self.root = url, fs, root.rstrip("/")
+        self.protocol = _protocol(fs)
+
+    # naming
+    def key(self, oid: str) -> str:
+        if not is_oid(oid):
+            raise ObjectCorrupt(oid, "not an object id", "remote reference")
+        return f"{self.root}/objects/{oid[:2]}/{oid[2:]}"
+
+    @property
+    def registry_key(self) -> str:
+        return f"{self.root}/registry.json"
+
+    # life cycle
+    @contextmanager
+    def session(self, writing: bool) -> Iterator[None]:
+        yield
+
+    # objects
+    def present(self, oids: Iterable[str]) -> dict[str, int]:
+        """Which of `oids` the remote holds, with their sizes: one listing per fan-out folder."""
+        by_fan: dict[str, set[str]] = {}
+        for oid in oids:
+            self.key(oid)
+            by_fan.setdefault(oid[:2], set()).add(oid)
+        if not by_fan:
+            return {}
+        self.fs.invalidate_cache()
+        found: dict[str, int] = {}
+
+        def list_fan(fan: str) -> dict[str, int]:
+            try:
+                entries = self.fs.ls(f"{self.root}/objects/{fan}", detail=True)
+            except FileNotFoundError:
+                return {}
+            out = {}
+            for e in entries:
+                if e.get("type", "file") != "file":
+                    continue
+                oid = fan + e["name"].rstrip("/").rsplit("/", 1)[-1]
+                if oid in by_fan[fan]:
+                    out[oid] = int(e.get("size") or 0)
+            return out
+
+        with ThreadPoolExecutor(min(_jobs(), len(by_fan))) as pool:
+            for part in pool.map(list_fan, sorted(by_fan)):
+                found.update(part)
+        return found
+
+    def put(self, oid: str, src: Path) -> None:
+        """Upload one object (already verified by the caller) to its final key."""
+        final = self.key(oid)
+        if self.protocol in ATOMIC_PUT:
+            self.fs.put_file(str(src), final)
+            return
+        # A filesystem-like backend: temp name, then a rename, so no partial object is seen.
+        tmp = f"{self.root}/tmp/{oid[:16]}.{uuid.uuid4().hex[:12]}.incomplete"
+        self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(src), tmp)
+        try:
+            self.fs.mv(tmp, final)
+        except Exception:
+            try:
+                self.fs.rm(tmp)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                pass
+            raise
+
+    def fetch(self, oid: str, size: int | None, tmp_dir: Path) -> tuple[bytes | None, Path | None, bool]:
+        """(bytes, None, False) for small objects, else (None, path, is_temp)."""
+        if size is not None and size < SMALL_OBJECT:
+            return self.fs.cat_file(self.key(oid)), None, False
+        dest = fsio.tmp_name(tmp_dir, "pull")
+        try:
+            self.fs.get_file(self.key(oid), str(dest))
+        except BaseException:
+            fsio.unlink(dest, missing_ok=True)
+            raise
+        return None, dest, True
+
+    def read_object(self, oid: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.key(oid))
+        except FileNotFoundError:
+            return None
+
+    # registry
+    def read_registry(self) -> dict[str, dict[str, Any]] | None:
+        """The remote's models table; None when it has no registry.json yet."""
+        self.fs.invalidate_cache(self.registry_key)
+        try:
+            raw = self.fs.cat_file(self.registry_key)
+        except FileNotFoundError:
+            return None
+        return parse_registry(raw, self.url + "/registry.json")
+
+    def update_registry(self, change: Callable[[dict[str, Any]], None],
+                        warn: Callable[[str], None]) -> None:
+        """Lock object: exclusive create, re-read, `change` (raises _NoChange to skip), write."""
+        lock = f"{self.root}/{REMOTE_LOCK}"
+        token = uuid.uuid4().hex
+        self._acquire(lock, token, warn)
+        try:
+            models = self.read_registry() or {}
+            try:
+                change(models)
+            except _NoChange:
+                return
+            self._check_lock(lock, token)
+            self._write_registry(_registry_bytes(models))
+        finally:
+            try:
+                if self._lock_token(lock) == token:
+                    self.fs.rm(lock)
+            except FileNotFoundError:
+                pass
+
+    def _write_registry(self, data: bytes) -> None:
+        if self.protocol in ATOMIC_PUT:
+            self.fs.pipe_file(self.registry_key, data)
+            return
+        tmp = f"{self.root}/tmp/registry.{uuid.uuid4().hex[:12]}.incomplete"
+        self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, self.registry_key)
+
+    def _lock_token(self, lock: str) -> str | None:
+        self.fs.invalidate_cache(lock)
+        try:
+            return json.loads(self.fs.cat_file(lock)).get("token")
+        except FileNotFoundError:
+            return None
+        except (ValueError, AttributeError):
+            return "?"
+
+    def _check_lock(self, lock: str, token: str) -> None:
+        if self._lock_token(lock) != token:
+            raise RemoteError(f"lost the lock {self.root}/{REMOTE_LOCK} on {self.url} (broken "
+                              "by another pusher as stale?); nothing was written, try again")
+
+    def _acquire(self, lock: str, token: str, warn: Callable[[str], None]) -> None:
+        body = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "created": time.time()}).encode()
+        stale_after = float(os.environ.get("MSTORE_REMOTE_LOCK_STALE", 600))
+        start, delay = time.monotonic(), 0.05
+        while True:
+            try:
+                self._create_exclusive(lock, body)
+                self._check_lock(lock, token)
+                return
+            except FileExistsError:
+                pass
+            holder, age = self._describe_lock(lock)
+            if age is not None and age > stale_after:
+                warn(f"breaking a stale lock on {self.url} ({holder}, {age / 60:.0f} min old)")
+                try:
+                    self.fs.rm(lock)
+                except FileNotFoundError:
+                    pass
+                continue
+            waited = time.monotonic() - start
+            if waited >= lock_wait():
+                raise RemoteLocked(self.url, holder, waited)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+    def _create_exclusive(self, path: str, data: bytes) -> None:
+        if self.protocol not in ATOMIC_PUT and self.protocol not in ("file", "local"):
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+            return
+        except FileExistsError:
+            raise
+        except (ValueError, NotImplementedError, TypeError):
+            pass  # this backend has no exclusive create
+        # Best effort where the backend cannot create exclusively: check, write, read back.
+        self.fs.invalidate_cache(path)
+        if self.fs.exists(path):
+            raise FileExistsError(path)
+        self.fs.pipe_file(path, data)
+
+    def _describe_lock(self, lock: str) -> tuple[str, float | None]:
+        self.fs.invalidate_cache(lock)
+        try:
+            doc = json.loads(self.fs.cat_file(lock))
+            holder = f"pid {doc.get('pid')} on {doc.get('host')}"
+            return holder, time.time() - float(doc.get("created"))
+        except FileNotFoundError:
+            return "nobody (just released)", None
+        except (ValueError, TypeError, AttributeError):
+            return "an unreadable lock", None
+
+
+class S3Transport(Transport):
+    """S3 (and compatibles): the registry is replaced by a conditional put (If-Match)."""
+
+    def update_registry(self, change, warn) -> None:
+        tries = 10
+        for attempt in range(tries):
+            key = self.registry_key
+            self.fs.invalidate_cache(key)
+            # ETag first, then the content: if it changes in between, our If-Match fails and
+            # we retry; the other order could overwrite a change we never saw.
+            try:
+                etag = self.fs.info(key)["ETag"]
+                raw = self.fs.cat_file(key)
+            except FileNotFoundError:
+                etag, raw = None, None
+            models = parse_registry(raw, self.url + "/registry.json") if raw is not None else {}
+            try:
+                change(models)
+            except _NoChange:
+                return
+            data = _registry_bytes(models)
+            try:
+                if etag is None:
+                    self.fs.pipe_file(key, data, mode="create")  # If-None-Match: *
+                else:
+                    self.fs.pipe_file(key, data, IfMatch=etag)
+                self.fs.invalidate_cache(key)
+                return
+            except Exception as e:  # noqa: BLE001 - only a lost race is retried
+                if not _precondition_failed(e):
+                    raise
+            time.sleep(0.05 * (attempt + 1) * (0.5 + random.random()))
+        raise RemoteBusy(self.url, tries)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """True for a conditional write that lost (412 PreconditionFailed, 409 conflict)."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 5:
+        resp = getattr(cur, "response", None)
+        if isinstance(resp, dict):
+            code = str(resp.get("Error", {}).get("Code", ""))
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return True
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return False
+
+
+class LocalTransport(Transport):
+    """A remote on a local (or mounted) filesystem: it is a store, and is used as one."""
+
+    def __init__(self, url: str, fs, root: str):
+        super().__init__(url, fs, root)
+        self.store = Store(Path(root))
+
+    @contextmanager
+    def session(self, writing: bool) -> Iterator[None]:
+        path = self.store.root
+        if writing:
+            if path.exists() and not path.is_dir():
+                raise RemoteNotAStore(self.url, "a file")
+            if path.is_dir() and any(path.iterdir()) and not self.store.exists():
+                raise RemoteNotAStore(self.url, "a folder that holds other things")
+            with self.store.writer_lock("push"):  # the remote's gc waits for us
+                yield
+        else:
+            if not self.store.exists():
+                raise RemoteNotAStore(self.url, "no registry.json or objects/")
+            yield
+
+    def present(self, oids: Iterable[str]) -> dict[str, int]:
+        out = {}
+        for oid in oids:
+            try:
+                out[oid] = self.store.objects.path(oid).stat().st_size
+            except FileNotFoundError:
+                pass
+        return out
+
+    def put(self, oid: str, src: Path) -> None:
+        objects = self.store.objects
+        final = objects.path(oid)
+        with open(src, "rb") as s, fsio.open_tmp(objects.tmp_dir, "push") as (tmp, f):
+            shutil.copyfileobj(s, f, 8 * 1024 * 1024)
+            fsio.fsync_file(f, tmp)
+        fsio.makedirs(final.parent)
+        os.chmod(tmp, OBJECT_MODE)
+        fsio.publish(tmp, final)
+
+    def fetch(self, oid, size, tmp_dir):
+        path = self.store.objects.path(oid)
+        if not path.is_file():
+            raise FileNotFoundError(str(path))
+        return None, path, False
+
+    def read_object(self, oid: str) -> bytes | None:
+        try:
+            return self.store.objects.path(oid).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def read_registry(self):
+        if not self.store.registry.exists():
+            return None
+        return self.store.registry.load()
+
+    def update_registry(self, change, warn) -> None:
+        try:
+            self.store.registry.update(change)
+        except _NoChange:
+            pass
+
+
+def _protocol(fs) -> str:
+    proto = fs.protocol
+    return (proto[0] if isinstance(proto, (tuple, list)) else proto).lower()
+
+
+def open_transport(url: str) -> Transport:
+    """The transport for a remote URL (a path, file://, s3://, gs://, hf://, ...)."""
+    try:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        fs, root = fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        proto = url.split("://", 1)[0] if "://" in url else "file"
+        hint = " (pip install 'mstore[s3]')" if proto in ("s3", "s3a") else ""
+        raise RemoteUnavailable(url, f"{e}{hint}") from None
+    except (ValueError, OSError) as e:
+        raise RemoteUnavailable(url, str(e)) from None
+    if isinstance(fs, LocalFileSystem):
+        return LocalTransport(url, fs, root)
+    if _protocol(fs) in ("s3", "s3a") and os.environ.get("MSTORE_REMOTE_CAS", "") != "lock":
+        return S3Transport(url, fs, root)
+    return Transport(url, fs, root)
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _is_ancestor(store: Store, ancestor: str, commit: str) -> bool:
+    """True if `ancestor` is `commit` or on its parent chain (as far as manifests are local)."""
+    return any(oid == ancestor for oid, _m in store.lineage(commit))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, leave=False)
+
+
+def _remote_error(url: str, e: Exception) -> MStoreError:
+    if isinstance(e, MStoreError):
+        return e
+    detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return RemoteUnavailable(url, detail)
+
+
+# -- push --------------------------------------------------------------------------------
+def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | None = None,
+         force: bool = False, progress: bool = False,
+         warn: Callable[[str], None] = lambda s: None) -> TransferResult:
+    """Send `ref`'s commit (manifest chain and objects) to a remote and set its ref there."""
+    if not store.exists():
+        raise StoreNotFound(str(store.root))
+    remote_name, url = resolve_remote(store, remote)
+    r = store.resolve(ref)
+    name = as_name or r.name
+    if name is None:
+        raise RemoteError(f"{ref!r} is a commit, not a ref: name the remote ref with --as NAME")
+    validate_name(name)
+    transport = open_transport(url)
+    with store.writer_lock("push"):
+        r = store.resolve(ref)
+        commit = r.commit
+        head = store.read_manifest(commit)
+        # The chain: head first, then parents as far as their manifests are here.
+        chain: list[tuple[str, Manifest]] = []
+        for oid, m in store.lineage(commit):
+            if m is None:
+                break
+            chain.append((oid, m))
+        required = head.object_ids()
+        for oid in sorted(required):
+            if not store.objects.exists(oid):
+                raise ObjectMissing(oid, "object of the pushed commit")
+        optional = set()
+        for _oid, m in chain[1:]:
+            optional |= {o for o in m.object_ids() if o not in required
+                         and store.objects.exists(o)}
+        objects = sorted(required | optional)
+        manifests = [oid for oid, _m in reversed(chain)]  # parents first, head last
+        entry = store.registry_entry(name, commit, head,
+                                     (r.entry or {}).get("fine_tuned_from"))
+        known = tracking_refs(store, remote_name).get(name)
+        try:
+            with transport.session(writing=True):
+                present = transport.present(objects + manifests)
+                to_send = [o for o in objects if o not in present]
+                sizes = {o: store.objects.size(o) for o in to_send}
+                sent = _upload(store, transport, to_send, sizes, progress)
+                for oid in manifests:
+                    if oid not in present:
+                        _upload_one(store, transport, oid)
+                        sent += 1
+                failpoints.hit("push.objects-sent")
+                state: dict[str, Any] = {}
+
+                def change(models):
+                    current = models.get(name, {}).get("commit")
+                    state["previous"] = current
+                    if current == commit and not force:
+                        raise _NoChange()
+                    if (current is not None and not force and current != known
+                            and not _is_ancestor(store, current, commit)):
+                        raise RemoteRefMoved(name, remote_name, current, known)
+                    state["forced"] = bool(force and current is not None and current != known
+                                           and current != commit
+                                           and not _is_ancestor(store, current, commit))
+                    models[name] = {k: entry.get(k) for k in ENTRY_FIELDS}
+                    state["written"] = True
+
+                transport.update_registry(change, warn)
+                failpoints.hit("push.ref-updated")
+        except (MStoreError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - a backend's error, said in one line
+            raise _remote_error(url, e) from e
+    _set_tracking(store, remote_name, name, commit)
+    bytes_sent = sum(sizes.values()) + sum(store.objects.size(o) for o in manifests
+                                           if o not in present)
+    return TransferResult(
+        remote=remote_name, url=url, name=name, commit=commit,
+        previous=state.get("previous"), ref_updated=bool(state.get("written")),
+        objects_sent=sent, bytes_sent=bytes_sent if sent else 0,
+        objects_present=len(set(objects + manifests) & set(present)),
+        manifests=len(manifests), forced=bool(state.get("forced")))
+
+
+def _upload_one(store: Store, transport: Transport, oid: str) -> None:
+    src = store.objects.path(oid)
+    got = hash_file(src)
+    if got != oid:  # never spread a damaged object
+        raise ObjectCorrupt(oid, f"content hashes to {got[:12]}; not pushed")
+    transport.put(oid, src)
+
+
+def _upload(store: Store, transport: Transport, oids: list[str], sizes: dict[str, int],
+            progress: bool) -> int:
+    if not oids:
+        return 0
+    bar = _progress(sum(sizes.values()), "push", progress)
+    done = 0
+    pool = ThreadPoolExecutor(min(_jobs(), len(oids)))
+    try:
+        futures = {pool.submit(_upload_one, store, transport, o): o for o in oids}
+        for fut in as_completed(futures):
+            fut.result()
+            done += 1
+            if bar:
+                bar.update(sizes[futures[fut]])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar:
+            bar.close()
+    return done
+
+
+# -- pull --------------------------------------------------------------------------------
+def pull(store: Store, name: str, remote: str | None = None, *, as_name: str | None = None,
+         force: bool = False, progress: bool = False) -> TransferResult:
+    """Fetch a remote ref's commit (verified object by object) and set the local ref."""
+    remote_name, url = resolve_remote(store, remote)
+    return _pull_from(store, remote_name, url, name, as_name=as_name, force=force,
+                      progress=progress)
+
+
+def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
+               as_name: str | None = None, force: bool = False, progress: bool = False,
+               transport: Transport | None = None) -> TransferResult:
+    validate_name(name)
+    local_name = validate_name(as_name or name)
+    transport = transport or open_transport(url)
+    try:
+        with store.writer_lock("pull"), transport.session(writing=False):
+            models = transport.read_registry()
+            if models is None:
+                raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
+            entry = models.get(name)
+            if entry is None:
+                raise RemoteRefMissing(name, remote_name, sorted(models))
+            commit = entry["commit"]
+            if not is_oid(commit):
+                raise RemoteError(f"remote {remote_name!r} names a bad commit {commit!r} "
+                                  f"for {name!r}")
+            received, nbytes, present, chain = _fetch_commit(
+                store, transport, remote_name, commit, progress)
+            result = TransferResult(
+                remote=remote_name, url=url, name=local_name, commit=commit,
+                previous=None, ref_updated=False, objects_sent=received,
+                bytes_sent=nbytes, objects_present=present, manifests=chain)
+            _set_local_ref(store, local_name, commit, entry, remote_name, force, result)
+    except (MStoreError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _remote_error(url, e) from e
+    _set_tracking(store, remote_name, name, commit)
+    return result
+
+
+def _set_local_ref(store: Store, local_name: str, commit: str, remote_entry: dict[str, Any],
+                   remote_name: str, force: bool, result: TransferResult) -> None:
+    current = (store.refs().get(local_name) or {}).get("commit")
+    result.previous = current
+    if current == commit:
+        result.note = "up to date"
+        return
+    if current is not None and not force:
+        if _is_ancestor(store, commit, current):
+            result.note = f"local {local_name} is ahead of {remote_name}"
+            return
+        if not _is_ancestor(store, current, commit):
+            raise NotFastForward(local_name, current, commit, remote_name)
+    head = store.read_manifest(commit)
+    parent = remote_entry.get("fine_tuned_from")
+    local_entry = store.registry_entry(local_name, commit, head,
+                                       parent if isinstance(parent, str) else None)
+    store.registry.set_ref(local_entry, expected=current)
+    result.ref_updated = True
+    result.forced = bool(force and current is not None and not _is_ancestor(store, current, commit))
+
+
+def _fetch_commit(store: Store, transport: Transport, remote_name: str, commit: str,
+                  progress: bool) -> tuple[int, int, int, int]:
+    """Manifest chain and objects of `commit` into the local store, verified before publishing.
+
+    Returns (objects received, bytes received, objects already present, manifests in chain).
+    """
+    # 1. The manifest chain, each verified; parents the remote lacks end the walk.
+    chain: list[tuple[str, bytes | None, Manifest]] = []  # bytes None: already local
+    seen: set[str] = set()
+    oid: str | None = commit
+    while oid and oid not in seen:
+        seen.add(oid)
+        if store.objects.exists(oid):
+            m = store.read_manifest(oid)
+            chain.append((oid, None, m))
+        else:
+            data = transport.read_object(oid)
+            if data is None:
+                if oid == commit:
+                    raise RemoteObjectMissing(oid, remote_name, "manifest")
+                break
+            got = hash_bytes(data)
+            if got != oid:
+                raise RemoteObjectCorrupt(oid, got, remote_name)
+            chain.append((oid, data, Manifest.from_bytes(data, oid)))
+        oid = chain[-1][2].parent
+    head = chain[0][2]
+    required = head.object_ids()
+    optional: set[str] = set()
+    for _oid, _d, m in chain[1:]:
+        optional |= m.object_ids()
+    optional -= required
+    wanted = sorted(o for o in required | optional if not store.objects.exists(o))
+    already = len((required | optional)) - len(wanted) + sum(1 for c in chain if c[1] is None)
+    remote_has = transport.present(wanted)
+    for o in sorted(required):
+        if o in wanted and o not in remote_has:
+            raise RemoteObjectMissing(o, remote_name)
+    fetch = [o for o in wanted if o in remote_has]
+    received, nbytes = _download(store, transport, remote_name, fetch, remote_has, progress)
+    # 2. Manifests, parents first, each durable before the next; the head last.
+    for oid, data, _m in reversed(chain):
+        if data is not None:
+            res = store.objects.put_bytes(data)
+            if res.oid != oid:  # cannot happen: verified above
+                raise RemoteObjectCorrupt(oid, res.oid, remote_name)
+            received += 1
+            nbytes += len(data)
+    return received, nbytes, already, len(chain)
+
+
+def _download(store: Store, transport: Transport, remote_name: str, oids: list[str],
+              sizes: dict[str, int], progress: bool) -> tuple[int, int]:
+    """Fetch objects in parallel; publish them in synced batches, each verified first."""
+    if not oids:
+        return 0, 0
+    tmp_dir = store.objects.tmp_dir
+    bar = _progress(sum(sizes.get(o, 0) for o in oids), "pull", progress)
+    received = nbytes = 0
+    pool = ThreadPoolExecutor(min(_jobs(), len(oids)))
+    futures = {pool.submit(transport.fetch, o, sizes.get(o), tmp_dir): o for o in oids}
+    batch = store.objects.batch()
+    batch.__enter__()
+    in_batch = 0
+    batch_bytes = 0
+    try:
+        for fut in as_completed(futures):
+            oid = futures[fut]
+            data, path, is_temp = fut.result()
+            try:
+                res = batch.put_bytes(data) if data is not None else batch.put_file(path)
+            finally:
+                if is_temp:
+                    fsio.unlink(path, missing_ok=True)
+            if res.oid != oid:
+                raise RemoteObjectCorrupt(oid, res.oid, remote_name)
+            received += 1
+            nbytes += res.size
+            in_batch += 1
+            batch_bytes += res.size
+            if bar:
+                bar.update(res.size)
+            if in_batch >= BATCH_OBJECTS or batch_bytes >= BATCH_BYTES:
+                batch.commit()  # what arrived so far survives an interruption
+                in_batch = batch_bytes = 0
+        batch.commit()
+    except BaseException:
+        batch.abort()
+        for fut in futures:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in futures:  # downloads that finished after the error: drop their temp files
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                _data, path, is_temp = fut.result()
+                if is_temp:
+                    fsio.unlink(path, missing_ok=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if bar:
+            bar.close()
+    return received, nbytes
+
+
+# -- clone -------------------------------------------------------------------------------
+def clone(url: str, dest: Path | str, ref: str | None = None, *, progress: bool = False,
+          remote_name: str = "origin") -> CloneResult:
+    """A new local store at `dest` from the remote at `url` (all refs, or one), with the
+    remote recorded as `origin`. Running it again on the partial result resumes it."""
+    url = normalize_url(url)
+    dest = Path(dest)
+    store = Store(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if not (store.exists() and list_remotes(store).get(remote_name) == url):
+            raise DestinationNotEmpty(str(dest))
+    transport = open_transport(url)
+    try:
+        with transport.session(writing=False):
+            models = transport.read_registry()
+    except (MStoreError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _remote_error(url, e) from e
+    if models is None:
+        raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
+    if ref is not None and ref not in models:
+        raise RemoteRefMissing(ref, url, sorted(models))
+    names = [ref] if ref is not None else sorted(models)
+    for name in names:
+        validate_name(name)  # a malformed remote registry is refused before anything is made
+    store.init()
+    if remote_name not in list_remotes(store):
+        add_remote(store, remote_name, url)
+    result = CloneResult(str(dest), url)
+    for name in names:
+        result.refs.append(_pull_from(store, remote_name, url, name, progress=progress,
+                                      transport=transport))
+    return result
