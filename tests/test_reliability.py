@@ -84,11 +84,20 @@ def commands(model_dirs, tmp: Path, corpus: Path):
         "export": (["export", "base", tmp / "exported"], None, True),
         "train": (["train", "--config", scratch_config(tmp, corpus)],
                   "custom-transformer-001", False),
+        "push": (["push", "base", "origin"], None, False),
     }
 
 
-def failpoints_reached(template: Path, tmp: Path, args) -> Counter:
+def prepare(command: str, store: Path, i: int) -> None:
+    """Per-case set-up: push needs a remote of its own for every case."""
+    if command == "push":
+        res = mstore(store, "remote", "add", "origin", store.parent / f"remote-{i}")
+        assert res.returncode == 0, res.stderr
+
+
+def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter:
     store = copy_store(template, tmp / "probe")
+    prepare(command, store, -1)
     log = tmp / "probe.log"
     res = mstore(store, *args, log=log)
     assert res.returncode == 0, res.stderr
@@ -99,11 +108,11 @@ def failpoints_reached(template: Path, tmp: Path, args) -> Counter:
     return Counter(log.read_text().split())
 
 
-@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export",
+@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "push",
                                      pytest.param("train", marks=pytest.mark.slow)])
 def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus):
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
-    reached = failpoints_reached(template, tmp_path, args)
+    reached = failpoints_reached(template, tmp_path, command, args)
     assert reached, "the command passed no failpoint"
     cases = []
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
@@ -111,12 +120,17 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
     before = refs_of(template)
     for i, spec in enumerate(cases):
         store = copy_store(template, tmp_path / f"s{i}")
+        prepare(command, store, i)
         res = mstore(store, *args, failpoint=spec)
         assert res.returncode == 137, (spec, res.returncode, res.stderr)
         allowed = {}
         if target:
             allowed[target] = {before.get(target), *_new_values(store, target, before)}
         assert_consistent(store, allowed, before)
+        remote = store.parent / f"remote-{i}"
+        if command == "push" and (remote / "registry.json").exists():
+            assert refs_of(remote).get("base") in (None, before["base"])
+            assert not fsck_errors(remote), spec
         again = mstore(store, *args)
         done = target and refs_of(store).get(target) != before.get(target)
         if again.returncode != 0:
@@ -128,6 +142,9 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
             assert "extra" not in after
         elif command == "gc":
             assert not (set(_objects(store)) - _reachable(store)), spec
+        elif command == "push":
+            remote = store.parent / f"remote-{i}"
+            assert refs_of(remote)["base"] == before["base"] and not fsck_errors(remote)
         elif command == "export":
             assert (tmp_path / "exported" / "config.json").exists()
             import shutil
