@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?=
 
-.PHONY: test demo bench torture clean-venv
+.PHONY: test demo bench bench-quick torture clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(MODEL),--model $(MODEL))
+
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick
 
 torture: $(STAMP)
 	MSTORE_TORTURE_KILLS=$${MSTORE_TORTURE_KILLS:-60} $(PY) -m pytest -q -s \

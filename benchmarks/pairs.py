@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -289,7 +288,8 @@ def pair_ttft(b: Bench) -> Pair:
     def baseline(_i):
         return run_process([PY, script, src]).wall
 
-    res = alternate(b.opts.medium_repeats, {"mstore": mstore, "baseline": baseline})
+    res = alternate(b.opts.medium_repeats, {"mstore": mstore, "baseline": baseline},
+                    budget_s=180)
     return Pair("ttft", "time to first token, whole process",
                 "mstore generate M --prompt hi --max-new-tokens 1 --temperature 0",
                 "benchmarks/baseline_generate.py (from_pretrained + tokenizer + generate)", "s",
@@ -298,10 +298,10 @@ def pair_ttft(b: Bench) -> Pair:
 
 
 def pair_decode(b: Bench) -> Pair:
-    tokens = 8 if b.opts.quick else 48
+    tokens = 8 if b.opts.quick else 24
     res = b.worker("decode", {"store": str(b.main_store), "ref": BASE_REF,
                               "dir": str(b.model_dir), "tokens": tokens,
-                              "repeats": b.opts.repeats})
+                              "repeats": b.opts.medium_repeats, "budget_s": 200})
     m = [r["tok_s"] for r in res["mstore"]]
     base = [r["tok_s"] for r in res["baseline"]]
     notes = [f"{tokens} new tokens per run (prompt 'hi'), bf16, in one process; mstore's time "
@@ -325,20 +325,21 @@ def _train_pair(b: Bench, shape: str) -> Pair:
     if tiny:
         batch, steps, skip = 4, (10 if b.opts.quick else 40), (2 if b.opts.quick else 5)
     else:
-        batch, steps, skip = 1, 3, 0
+        batch, steps, skip = 1, 4, 0
     cfg = b.write_train_config(f"train-{shape}", model_name=ref, batch_size=batch, seq_len=64,
                                max_steps=steps, eval_interval=10_000)
     res = b.worker("train", {"store": str(b.main_store), "ref": ref, "dir": str(folder),
                              "config": str(cfg), "steps": steps, "skip": skip,
-                             "repeats": b.opts.repeats})
+                             "repeats": b.opts.repeats, "budget_s": None if tiny else 240})
     return Pair(f"train-{shape}", f"training step time, {shape} shape, batch {batch} x 64 tokens, "
                 "fp32 AdamW, clip 1.0",
                 "mstore.train.train(store, cfg) (step-end callback)",
                 "plain torch loop on from_pretrained(dtype=float32)", "s",
                 summarize(res["mstore"]), summarize(res["baseline"]), "<= 1.05x",
                 ("ratio_le", 1.05),
-                notes=[f"{steps} steps per run, {b.opts.repeats} run(s) per side; step times are "
-                       f"differences of step-end stamps, first {skip} dropped as warm-up"],
+                notes=[f"{steps} steps per run, {len(res['per_repeat']['mstore'])} run(s) per side; "
+                       "step times are differences of step-end stamps (so the first step never "
+                       f"counts), {skip} more dropped as warm-up"],
                 extra={"per_repeat": res["per_repeat"]})
 
 

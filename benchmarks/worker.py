@@ -40,7 +40,6 @@ def _free() -> None:
 
 # -- load -----------------------------------------------------------------------------------
 def task_load(a: dict[str, Any]) -> dict[str, Any]:
-    import torch  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     from mstore.adapters.base import adapter_for
@@ -171,7 +170,8 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
             return {"seconds": dt, "tokens": got, "tok_s": got / dt}
         return run
 
-    res = alternate(a["repeats"], {"mstore": rate(mstore_run), "baseline": rate(hf_run)})
+    res = alternate(a["repeats"], {"mstore": rate(mstore_run), "baseline": rate(hf_run)},
+                    budget_s=a.get("budget_s"))
     return {**res, "same_tokens": mstore_ids == hf_ids, "mstore_ids": mstore_ids,
             "baseline_ids": hf_ids}
 
@@ -244,7 +244,8 @@ def task_train(a: dict[str, Any]) -> dict[str, Any]:
         _free()
         return _step_times(stamps, skip)
 
-    res = alternate(a["repeats"], {"mstore": mstore_run, "baseline": baseline_run})
+    res = alternate(a["repeats"], {"mstore": mstore_run, "baseline": baseline_run},
+                    budget_s=a.get("budget_s"))
     return {"mstore": [t for run in res["mstore"] for t in run],
             "baseline": [t for run in res["baseline"] for t in run],
             "per_repeat": res}
