@@ -9,22 +9,26 @@ together, then the manifest, then the ref.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import failpoints, hub
 from .errors import (
-    BadSource, LicenseNotAccepted, NameTaken, ObjectCorrupt, ObjectMissing, PickleOnly,
+    BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt, ObjectMissing, PickleOnly,
     RefChanged, SourceNotFound, TooLarge, UnsupportedArchitecture,
 )
-from .manifest import Manifest
-from .objects import ObjectBatch
+from .import_cache import ImportCache
+from .manifest import Manifest, TensorEntry
+from .objects import ObjectBatch, tensor_oid
 from .registry import validate_name
-from .safetensors_io import parse_header
+from .safetensors_io import DTYPE_SIZES, object_header, parse_header
 from .store import Store
 from .units import fmt_bytes, fmt_count
 
@@ -106,8 +110,11 @@ def import_model(store: Store, source: str, *, name: str | None = None,
 
     with store.writer_lock("import"):
         folder, downloaded = _materialise(store, plan, quiet)
-        manifest, batch = _convert(store, plan, folder, quiet)
+        cache = ImportCache(store.root)
+        manifest, batch = _convert(store, plan, folder, quiet, cache)
         result = _commit(store, plan, manifest, batch, name)
+        if not downloaded:  # files that stay where they are: worth remembering
+            cache.save()
         if downloaded:
             shutil.rmtree(downloaded, ignore_errors=True)
     return result
@@ -288,13 +295,13 @@ def _materialise(store: Store, plan: SourcePlan, quiet: bool) -> tuple[Path, Pat
     return folder, dest
 
 
-def _convert(store: Store, plan: SourcePlan, folder: Path,
-             quiet: bool) -> tuple[Manifest, ObjectBatch]:
+def _convert(store: Store, plan: SourcePlan, folder: Path, quiet: bool,
+             cache: ImportCache) -> tuple[Manifest, ObjectBatch]:
     tensors: dict = {}
     bar = _progress(plan.weight_bytes, "converting", quiet)
     with store.objects.batch() as batch:
         for shard in plan.weight_files:
-            _convert_shard(batch, folder / shard, tensors, bar)
+            _convert_shard(batch, folder / shard, tensors, bar, cache)
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
@@ -313,31 +320,65 @@ def _convert(store: Store, plan: SourcePlan, folder: Path,
     return manifest, batch
 
 
-def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar) -> None:
-    import mmap
+def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
+                   cache: ImportCache) -> None:
+    """Every tensor of one shard into its own object.
 
-    from .manifest import TensorEntry
-
+    A helper thread hashes tensor i+1 (through the mapping, then drops those pages from
+    this process) while tensor i is copied by the kernel; both release the GIL. A shard
+    the stat cache knows, whose objects are all present, is not read at all.
+    """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
+        st = os.fstat(f.fileno())
+        known = cache.lookup(path, st)
+        if known is not None and _reuse(batch, known, tensors, bar):
+            cache.record(path, st, known)
+            return
+        if st.st_size < 8:
             raise BadSource(f"{path.name} is not a safetensors file (too short)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             try:
-                header = parse_header(mm[: min(size, 8 + int.from_bytes(mm[:8], "little"))],
-                                      size, path.name)
-            except Exception as e:
-                if hasattr(e, "reason"):
-                    raise BadSource(str(e)) from None
-                raise
-            for info in sorted(header.tensors.values(), key=lambda t: t.start):
-                if info.name in tensors:
-                    raise BadSource(f"tensor {info.name!r} appears in two shards")
-                put = batch.put_tensor(info.dtype, info.shape, f.fileno(), mm, info.start,
-                                       info.end)
-                tensors[info.name] = TensorEntry(put.oid, info.dtype, list(info.shape))
-                if bar:
-                    bar.update(info.nbytes)
+                header = parse_header(
+                    mm[: min(st.st_size, 8 + int.from_bytes(mm[:8], "little"))],
+                    st.st_size, path.name)
+            except InvalidSafetensors as e:
+                raise BadSource(str(e)) from None
+            infos = sorted(header.tensors.values(), key=lambda t: t.start)
+            with ThreadPoolExecutor(1, thread_name_prefix="mstore-hash") as pool:
+                oids = [pool.submit(_hash_range, mm, i) for i in infos]
+                for info, oid in zip(infos, oids):
+                    if info.name in tensors:
+                        raise BadSource(f"tensor {info.name!r} appears in two shards")
+                    put = batch.put_tensor(oid.result(), info.dtype, info.shape, f.fileno(),
+                                           info.start, info.end)
+                    tensors[info.name] = TensorEntry(put.oid, info.dtype, list(info.shape))
+                    if bar:
+                        bar.update(info.nbytes)
+        cache.record(path, st, [[i.name, tensors[i.name].object, i.dtype, list(i.shape)]
+                                for i in infos])
+
+
+def _hash_range(mm: mmap.mmap, info) -> str:
+    oid = tensor_oid(info.dtype, info.shape, memoryview(mm)[info.start:info.end])
+    page = mmap.PAGESIZE
+    lo = info.start - info.start % page
+    if info.end > lo:  # the bytes are hashed: let them leave this process's resident set
+        mm.madvise(mmap.MADV_DONTNEED, lo, info.end - lo)
+    return oid
+
+
+def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:
+    entries = {}
+    for name, oid, dtype, shape in known:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if name in tensors or not batch.reuse(oid, len(object_header(dtype, shape, nbytes))
+                                              + nbytes):
+            return False
+        entries[name] = TensorEntry(oid, dtype, list(shape))
+        if bar:
+            bar.update(nbytes)
+    tensors.update(entries)
+    return True
 
 
 def _progress(total: int, desc: str, quiet: bool):

@@ -13,7 +13,6 @@ the renames durable before the caller writes the manifest that names them.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import struct
@@ -42,6 +41,12 @@ def hasher():
 
 def hash_bytes(data) -> str:
     return hasher().update(data).hexdigest()
+
+
+def tensor_oid(dtype: str, shape, data) -> str:
+    """The id the tensor object for these bytes has (header + data), without writing it."""
+    view = memoryview(data).cast("B")
+    return hasher().update(object_header(dtype, shape, view.nbytes)).update(view).hexdigest()
 
 
 def hash_file(path: Path) -> str:
@@ -233,18 +238,12 @@ class ObjectBatch:
             copy_range(src.fileno(), f.fileno(), 0, size)
         return self._stage(oid, tmp, size)
 
-    def put_tensor(self, dtype: str, shape, src_fd: int, src_map: mmap.mmap | memoryview,
-                   start: int, end: int) -> PutResult:
-        """A tensor object from bytes [start, end) of an open safetensors file.
-
-        `src_map` is the file mmapped (for hashing); the copy itself goes file-to-file
-        through copy_file_range, so the bytes never pass through Python.
-        """
+    def put_tensor(self, oid: str, dtype: str, shape, src_fd: int, start: int,
+                   end: int) -> PutResult:
+        """A tensor object from bytes [start, end) of an open safetensors file, whose id the
+        caller computed with `tensor_oid` (so hashing can run ahead of copying). The copy
+        goes file-to-file through copy_file_range: the bytes never pass through Python."""
         header = object_header(dtype, shape, end - start)
-        h = hasher()
-        h.update(header)
-        h.update(memoryview(src_map)[start:end])
-        oid = h.hexdigest()
         size = len(header) + end - start
         hit = self._record(oid, size)
         if hit:
@@ -255,17 +254,20 @@ class ObjectBatch:
             copy_range(src_fd, f.fileno(), start, end - start)
         return self._stage(oid, tmp, size)
 
+    def reuse(self, oid: str, size: int) -> bool:
+        """Count a known object as present (refreshing its mtime); False if it is gone."""
+        return self._record(oid, size) is not None
+
     def put_tensor_bytes(self, dtype: str, shape, data) -> PutResult:
         """A tensor object from an in-memory buffer (training results, tests)."""
         buf = memoryview(data).cast("B")
-        header = object_header(dtype, shape, buf.nbytes)
-        oid = hasher().update(header).update(buf).hexdigest()
-        size = len(header) + buf.nbytes
+        oid = tensor_oid(dtype, shape, buf)
+        size = len(object_header(dtype, shape, buf.nbytes)) + buf.nbytes
         hit = self._record(oid, size)
         if hit:
             return hit
         with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
-            f.write(header)
+            f.write(object_header(dtype, shape, buf.nbytes))
             f.write(buf)
         return self._stage(oid, tmp, size)
 

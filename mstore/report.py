@@ -20,14 +20,23 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def weights_present(store: Store, m: Manifest) -> bool:
-    return all(store.objects.exists(o) for o in m.object_ids())
+def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = None) -> bool:
+    """All of the manifest's objects are on disk. `seen` memoises across manifests: a
+    lineage shares most objects between generations, so each is stat'ed once."""
+    seen = {} if seen is None else seen
+    for o in m.object_ids():
+        if o not in seen:
+            seen[o] = store.objects.exists(o)
+        if not seen[o]:
+            return False
+    return True
 
 
 def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
     """The lineage of `commit`, newest first, as `mstore log --json` prints it."""
     names = store.names_by_commit()
-    out = []
+    out: list[dict[str, Any]] = []
+    seen: dict[str, bool] = {}
     for oid, m in store.lineage(commit):
         if m is None:
             out.append({"commit": oid, "names": names.get(oid, []), "parent": None,
@@ -38,7 +47,7 @@ def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
             "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
             "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
             "model_id": m.model_id, "source": m.source, "license": m.license,
-            "training": m.training, "weights_present": weights_present(store, m),
+            "training": m.training, "weights_present": weights_present(store, m, seen),
         })
     return out
 
@@ -46,6 +55,7 @@ def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
 def all_commits_graph(store: Store) -> list[dict[str, Any]]:
     """Every commit reachable from any ref, newest first, each with its parent (log --all)."""
     names = store.names_by_commit()
+    present: dict[str, bool] = {}
     seen: dict[str, dict[str, Any]] = {}
     for entry in store.refs().values():
         for oid, m in store.lineage(entry["commit"]):
@@ -56,7 +66,7 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
                 "parent": m.parent if m else None,
                 "created_at": m.created_at if m else "", "message": m.message if m else
                 "(manifest missing)", "training": m.training if m else None,
-                "weights_present": bool(m) and weights_present(store, m),
+                "weights_present": bool(m) and weights_present(store, m, present),
             }
     return sorted(seen.values(), key=lambda e: (e["created_at"] or "", e["commit"]), reverse=True)
 

@@ -248,3 +248,46 @@ def test_corrupted_transfer_is_refused(tmp_path, hub_server, hub_repos):
     res = run_mstore("import", "tiny/Qwen3-Tiny", "--accept-license", store=tmp_path / "s",
                      hf_home=tmp_path / "hf")
     assert res.returncode == 1 and "does not match the Hub's sha256" in res.stderr
+
+
+def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_path,
+                                                       monkeypatch):
+    import shutil
+
+    from mstore import importer
+
+    folder = tmp_path / "src"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    first = importer.import_model(store, str(folder), name="a", accept_license=True)
+    assert (store.root / "import-cache.json").exists()
+
+    def no_hashing(*a, **k):
+        raise AssertionError("an unchanged shard was hashed again")
+
+    monkeypatch.setattr(importer, "tensor_oid", no_hashing)
+    again = importer.import_model(store, str(folder), accept_license=True)
+    assert again.already and again.commit == first.commit
+    # a rewritten shard (new mtime) is hashed again, whatever the cache says
+    monkeypatch.undo()
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    calls = []
+    real = importer.tensor_oid
+    monkeypatch.setattr(importer, "tensor_oid", lambda *a: calls.append(1) or real(*a))
+    assert importer.import_model(store, str(folder), accept_license=True).already
+    assert calls
+
+
+def test_stat_cache_pointing_at_collected_objects_is_not_trusted(store, model_dirs, tmp_path):
+    import shutil
+
+    from mstore import importer
+    from mstore.gc import collect
+
+    folder = tmp_path / "src"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    importer.import_model(store, str(folder), name="a", accept_license=True)
+    store.remove("a")
+    collect(store, grace=0)
+    res = importer.import_model(store, str(folder), name="b", accept_license=True)
+    assert not res.already and res.bytes_written > 0
+    assert_round_trip(store, "b", folder)

@@ -76,11 +76,12 @@ def test_tensor_object_from_a_shard_range_equals_one_from_bytes(tmp_path):
     shard = tmp_path / "shard.bin"
     payload = os.urandom(64)
     shard.write_bytes(b"junk" + payload + b"tail")
-    import mmap
+    from mstore.objects import tensor_oid
 
-    with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with open(shard, "rb") as f:
         with objects.batch() as batch:
-            from_range = batch.put_tensor("F32", [16], f.fileno(), mm, 4, 68)
+            from_range = batch.put_tensor(tensor_oid("F32", [16], payload), "F32", [16],
+                                          f.fileno(), 4, 68)
     with objects.batch() as batch:
         from_bytes = batch.put_tensor_bytes("F32", [16], payload)
     assert from_range.oid == from_bytes.oid and not from_bytes.new

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -136,8 +137,9 @@ class Adapter(abc.ABC):
             yield root
 
 
+@functools.cache
 def installed_adapters() -> dict[str, Any]:
-    """architecture -> entry point, from the `mstore.adapters` group."""
+    """architecture -> entry point, from the `mstore.adapters` group (scanned once)."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 

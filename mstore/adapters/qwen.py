@@ -75,8 +75,10 @@ class QwenAdapter(Adapter):
         # model code runs. config.json is small: always re-hashed.
         self.config_bytes()
         state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
+        from transformers.initialization import no_init_weights
+
         config = self._hf_config()
-        with torch.device("meta"):
+        with torch.device("meta"), no_init_weights():  # no random init, even on meta
             model = AutoModelForCausalLM.from_config(
                 config, dtype=_dominant_dtype(state), trust_remote_code=False)
         missing = _attach(model, state, set(self.manifest.tied_weights))
@@ -243,10 +245,29 @@ def _quiet_loading_bar():
 def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> set[str]:
     """Put the checkpoint tensors into the meta model the way `from_pretrained` does.
 
-    Dense tensors are set as they are (the loader's `tensor[...]` and `.to(cpu, same dtype)`
-    are views); per-expert tensors are fused by the model's conversion mapping.
-    Returns the model's keys the checkpoint did not hold (tied ones only, else it raises).
+    When every checkpoint name is a name of the module (dense models), the tensors are
+    assigned directly: the mmapped objects become the parameters, no copy, no per-tensor
+    thread-pool job. Otherwise (MoE: per-expert tensors fused by the model's conversion
+    mapping) transformers' own loader does it. Returns the model's keys the checkpoint did
+    not hold (tied ones only, else it raises).
     """
+    own = model.state_dict().keys()
+    if all(k in own for k in state):
+        missing = set(own) - set(state)
+        unknown = sorted(missing - tied - _tied_keys(model))
+        if unknown:
+            raise MStoreError("the manifest's tensors do not fit the architecture: missing "
+                              + ", ".join(unknown[:5]))
+        model.load_state_dict(state, strict=False, assign=True)
+        return missing
+    return _attach_converted(model, state, tied)
+
+
+def _tied_keys(model) -> set[str]:
+    return set(getattr(model, "all_tied_weights_keys", {}) or {})
+
+
+def _attach_converted(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> set[str]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
@@ -255,7 +276,7 @@ def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> set[str]
                                       weight_mapping=get_model_conversion_mapping(model))
     with _quiet_loading_bar():
         info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
-    tied_targets = tied | set(getattr(model, "all_tied_weights_keys", {}) or {})
+    tied_targets = tied | _tied_keys(model)
     problems = []
     missing = sorted(set(info.missing_keys) - tied_targets)
     if missing:
