@@ -138,6 +138,17 @@ def touch(path: Path) -> None:
     os.utime(path, None)
 
 
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing this file's dirty pages now, without waiting, so
+    the disk works while the next objects are copied and the batch's sync has less left
+    to do (POSIX_FADV_DONTNEED starts writeback of dirty pages; it guarantees nothing,
+    durability still comes from the sync)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 _libc = None
 
 

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .import_cache import ImportCache
 from .manifest import Manifest, TensorEntry
-from .objects import ObjectBatch, tensor_oid
+from .objects import ObjectBatch, hash_tensor_range
 from .registry import validate_name
 from .safetensors_io import DTYPE_SIZES, object_header, parse_header
 from .store import Store
@@ -324,9 +324,9 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
                    cache: ImportCache) -> None:
     """Every tensor of one shard into its own object.
 
-    A helper thread hashes tensor i+1 (through the mapping, then drops those pages from
-    this process) while tensor i is copied by the kernel; both release the GIL. A shard
-    the stat cache knows, whose objects are all present, is not read at all.
+    A helper thread hashes tensor i+1 while tensor i is copied by the kernel (both release
+    the GIL; two copies at once were slower). A shard the stat cache knows, whose objects
+    are all present, is not read at all.
     """
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
@@ -345,7 +345,8 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
                 raise BadSource(str(e)) from None
             infos = sorted(header.tensors.values(), key=lambda t: t.start)
             with ThreadPoolExecutor(1, thread_name_prefix="mstore-hash") as pool:
-                oids = [pool.submit(_hash_range, mm, i) for i in infos]
+                oids = [pool.submit(hash_tensor_range, i.dtype, i.shape, mm, i.start, i.end)
+                        for i in infos]
                 for info, oid in zip(infos, oids):
                     if info.name in tensors:
                         raise BadSource(f"tensor {info.name!r} appears in two shards")
@@ -356,15 +357,6 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
                         bar.update(info.nbytes)
         cache.record(path, st, [[i.name, tensors[i.name].object, i.dtype, list(i.shape)]
                                 for i in infos])
-
-
-def _hash_range(mm: mmap.mmap, info) -> str:
-    oid = tensor_oid(info.dtype, info.shape, memoryview(mm)[info.start:info.end])
-    page = mmap.PAGESIZE
-    lo = info.start - info.start % page
-    if info.end > lo:  # the bytes are hashed: let them leave this process's resident set
-        mm.madvise(mmap.MADV_DONTNEED, lo, info.end - lo)
-    return oid
 
 
 def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:

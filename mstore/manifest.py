@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -17,6 +18,7 @@ from .errors import ObjectCorrupt
 from .objects import is_oid
 
 FORMAT = 1
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -66,7 +68,10 @@ class Manifest:
         return canonical_json(self.to_dict())
 
     @classmethod
-    def from_bytes(cls, data: bytes, oid: str = "?") -> "Manifest":
+    def from_bytes(cls, data: bytes, oid: str = "?", light: bool = False) -> "Manifest":
+        """Parse and check a manifest. `light` skips building the tensor table (walks over
+        long lineages need only the commit fields and the set of object ids): the result
+        has no `tensors`, but `object_ids()` is complete."""
         def bad(reason: str) -> ObjectCorrupt:
             return ObjectCorrupt(oid, reason, "manifest")
 
@@ -84,11 +89,25 @@ class Manifest:
             if not isinstance(d.get(key), typ):
                 raise bad(f"field {key!r} missing or not a {typ.__name__}")
         tensors = {}
-        for name, t in d["tensors"].items():
-            if not (isinstance(t, dict) and is_oid(str(t.get("object")))
-                    and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)):
+        objects = None
+        if light:
+            try:
+                objects = frozenset(t["object"] for t in d["tensors"].values())
+            except (TypeError, KeyError):
+                raise bad("a tensor entry is malformed") from None
+            if not all(type(o) is str and len(o) == 64 for o in objects) \
+                    or not _HEX.fullmatch("".join(objects)):
+                raise bad("a tensor's object id is malformed")
+        for name, t in ({} if light else d["tensors"]).items():
+            if type(t) is not dict:
                 raise bad(f"tensor entry {name!r} is malformed")
-            tensors[name] = TensorEntry(t["object"], t["dtype"], list(t["shape"]))
+            o, dtype, shape = t.get("object"), t.get("dtype"), t.get("shape")
+            if type(o) is not str or len(o) != 64 or type(dtype) is not str \
+                    or type(shape) is not list:
+                raise bad(f"tensor entry {name!r} is malformed")
+            tensors[name] = TensorEntry(o, dtype, shape)
+        if not light and not _HEX.fullmatch("".join(t.object for t in tensors.values())):
+            raise bad("a tensor's object id is malformed")
         tied = d.get("tied_weights", {})
         if not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
             raise bad("field 'tied_weights' is not a mapping of names")
@@ -102,13 +121,17 @@ class Manifest:
         if not all(isinstance(o, str) and is_oid(o) for o in oids):
             raise bad("an object id is malformed")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known and k != "tensors"},
-                   tensors=tensors)
+        m = cls(**{k: v for k, v in d.items() if k in known and k != "tensors"},
+                tensors=tensors)
+        m._tensor_objects = objects
+        return m
 
     # -- what it references -------------------------------------------------------------
     def object_ids(self) -> set[str]:
         """Tensor and file objects this manifest needs (not its parent)."""
-        return {self.config, *self.files.values(), *(t.object for t in self.tensors.values())}
+        light = getattr(self, "_tensor_objects", None)
+        tensor_objects = light if light is not None else (t.object for t in self.tensors.values())
+        return {self.config, *self.files.values(), *tensor_objects}
 
     @property
     def parameters(self) -> int:

@@ -13,6 +13,7 @@ the renames durable before the caller writes the manifest that names them.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -76,6 +77,7 @@ class ObjectStore:
         self.root = Path(root)
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
+        self._objects_str = str(self.objects_dir)
 
     # -- naming -------------------------------------------------------------------------
     def path(self, oid: str) -> Path:
@@ -83,6 +85,12 @@ class ObjectStore:
         if not is_oid(oid):
             raise BadObjectId(oid)
         return self.objects_dir / oid[:2] / oid[2:]
+
+    def path_str(self, oid: str) -> str:
+        """`path` as a plain string, for hot loops (loading hundreds of tensors)."""
+        if not is_oid(oid):
+            raise BadObjectId(oid)
+        return f"{self._objects_str}/{oid[:2]}/{oid[2:]}"
 
     def exists(self, oid: str) -> bool:
         return self.path(oid).is_file()
@@ -241,8 +249,9 @@ class ObjectBatch:
     def put_tensor(self, oid: str, dtype: str, shape, src_fd: int, start: int,
                    end: int) -> PutResult:
         """A tensor object from bytes [start, end) of an open safetensors file, whose id the
-        caller computed with `tensor_oid` (so hashing can run ahead of copying). The copy
-        goes file-to-file through copy_file_range: the bytes never pass through Python."""
+        caller computed with `hash_tensor_range` (so hashing can run ahead of copying, on
+        another thread). The copy goes file-to-file through copy_file_range: the bytes
+        never pass through Python, and their writeback starts at once."""
         header = object_header(dtype, shape, end - start)
         size = len(header) + end - start
         hit = self._record(oid, size)
@@ -252,6 +261,7 @@ class ObjectBatch:
             f.write(header)
             f.flush()
             copy_range(src_fd, f.fileno(), start, end - start)
+            fsio.start_writeback(f.fileno())
         return self._stage(oid, tmp, size)
 
     def reuse(self, oid: str, size: int) -> bool:
@@ -293,6 +303,17 @@ class ObjectBatch:
         for p in self.pending.values():
             fsio.unlink(p.tmp, missing_ok=True)
         self.pending.clear()
+
+
+def hash_tensor_range(dtype: str, shape, src_map: mmap.mmap, start: int, end: int) -> str:
+    """`tensor_oid` of bytes [start, end) of a mapped file; the hashed pages then leave this
+    process's resident set (they stay in the page cache), so an import's peak RSS does not
+    grow with the shard."""
+    oid = tensor_oid(dtype, shape, memoryview(src_map)[start:end])
+    lo = start - start % mmap.PAGESIZE
+    if end > lo:
+        src_map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+    return oid
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:

@@ -67,14 +67,15 @@ class Store:
         return StoreLock(self.lock_path, shared=False, purpose="gc")
 
     # -- manifests ----------------------------------------------------------------------
-    def read_manifest(self, oid: str) -> Manifest:
+    def read_manifest(self, oid: str, light: bool = False) -> Manifest:
+        """The manifest, re-hashed; `light`: without its tensor table (see Manifest)."""
         try:
             data = self.objects.read_bytes(oid, verify=True)
         except ObjectMissing:
             raise ObjectMissing(oid, "manifest") from None
         except ObjectCorrupt:
             raise ObjectCorrupt(oid, "content does not match its name", "manifest") from None
-        return Manifest.from_bytes(data, oid)
+        return Manifest.from_bytes(data, oid, light)
 
     def put_manifest(self, manifest: Manifest) -> str:
         return self.objects.put_bytes(manifest.to_bytes()).oid
@@ -116,14 +117,15 @@ class Store:
                 seen.add(oid)
         return seen
 
-    def lineage(self, commit: str) -> Iterator[tuple[str, Manifest | None]]:
-        """The commit, its parent, grandparent, ... (None once a manifest is unreadable)."""
+    def lineage(self, commit: str, light: bool = True) -> Iterator[tuple[str, Manifest | None]]:
+        """The commit, its parent, grandparent, ... (None once a manifest is unreadable).
+        Light manifests by default (no tensor table): walks need parents and object ids."""
         seen = set()
         oid: str | None = commit
         while oid and oid not in seen:
             seen.add(oid)
             try:
-                m = self.read_manifest(oid)
+                m = self.read_manifest(oid, light)
             except (ObjectMissing, ObjectCorrupt):
                 yield oid, None
                 return

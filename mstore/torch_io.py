@@ -46,7 +46,7 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
     if dtype is None:
         raise ObjectCorrupt(entry.object, f"dtype {entry.dtype} unsupported by this torch", what)
     start = len(object_header(entry.dtype, entry.shape, nbytes))
-    path = objects.path(entry.object)
+    path = objects.path_str(entry.object)
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -58,7 +58,7 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
         raise ObjectCorrupt(entry.object, "content does not match its name", what)
     if nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)[start:]
     return flat.view(dtype).reshape(entry.shape)
 

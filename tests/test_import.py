@@ -254,7 +254,7 @@ def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_pa
                                                        monkeypatch):
     import shutil
 
-    from mstore import importer
+    from mstore import importer, objects
 
     folder = tmp_path / "src"
     shutil.copytree(model_dirs["qwen2"], folder)
@@ -264,15 +264,15 @@ def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_pa
     def no_hashing(*a, **k):
         raise AssertionError("an unchanged shard was hashed again")
 
-    monkeypatch.setattr(importer, "tensor_oid", no_hashing)
+    monkeypatch.setattr(objects, "tensor_oid", no_hashing)
     again = importer.import_model(store, str(folder), accept_license=True)
     assert again.already and again.commit == first.commit
     # a rewritten shard (new mtime) is hashed again, whatever the cache says
     monkeypatch.undo()
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     calls = []
-    real = importer.tensor_oid
-    monkeypatch.setattr(importer, "tensor_oid", lambda *a: calls.append(1) or real(*a))
+    real = objects.tensor_oid
+    monkeypatch.setattr(objects, "tensor_oid", lambda *a: calls.append(1) or real(*a))
     assert importer.import_model(store, str(folder), accept_license=True).already
     assert calls
 

@@ -76,12 +76,14 @@ def test_tensor_object_from_a_shard_range_equals_one_from_bytes(tmp_path):
     shard = tmp_path / "shard.bin"
     payload = os.urandom(64)
     shard.write_bytes(b"junk" + payload + b"tail")
-    from mstore.objects import tensor_oid
+    import mmap
 
-    with open(shard, "rb") as f:
+    from mstore.objects import hash_tensor_range
+
+    with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         with objects.batch() as batch:
-            from_range = batch.put_tensor(tensor_oid("F32", [16], payload), "F32", [16],
-                                          f.fileno(), 4, 68)
+            oid = hash_tensor_range("F32", [16], mm, 4, 68)
+            from_range = batch.put_tensor(oid, "F32", [16], f.fileno(), 4, 68)
     with objects.batch() as batch:
         from_bytes = batch.put_tensor_bytes("F32", [16], payload)
     assert from_range.oid == from_bytes.oid and not from_bytes.new

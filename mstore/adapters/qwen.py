@@ -57,10 +57,15 @@ class QwenAdapter(Adapter):
         return json.loads(self.config_bytes())
 
     def _hf_config(self):
-        from transformers import AutoConfig
+        """transformers' config class for the model type, from the (re-hashed) config.json;
+        the native class only, never code from the checkpoint."""
+        from transformers import CONFIG_MAPPING
 
-        with self.materialised_files() as folder:
-            return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        config = self.get_config()
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise MStoreError(f"transformers has no config class for {model_type!r}")
+        return CONFIG_MAPPING[model_type].from_dict(config)
 
     # -- model ------------------------------------------------------------------------
     def load_checkpoint(self, device: "str | torch.device" = "cpu",
@@ -251,16 +256,40 @@ def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> set[str]
     mapping) transformers' own loader does it. Returns the model's keys the checkpoint did
     not hold (tied ones only, else it raises).
     """
-    own = model.state_dict().keys()
-    if all(k in own for k in state):
-        missing = set(own) - set(state)
-        unknown = sorted(missing - tied - _tied_keys(model))
-        if unknown:
-            raise MStoreError("the manifest's tensors do not fit the architecture: missing "
-                              + ", ".join(unknown[:5]))
-        model.load_state_dict(state, strict=False, assign=True)
-        return missing
-    return _attach_converted(model, state, tied)
+    modules = dict(model.named_modules())
+    slots = {}  # name -> (module, leaf, is_parameter)
+    for mod_name, module in modules.items():
+        prefix = f"{mod_name}." if mod_name else ""
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                slots[prefix + leaf] = (module, leaf, True)
+        for leaf, b in module._buffers.items():
+            if b is not None and leaf not in module._non_persistent_buffers_set:
+                slots[prefix + leaf] = (module, leaf, False)
+    if not all(k in slots for k in state):
+        return _attach_converted(model, state, tied)
+    missing = set(slots) - set(state)
+    unknown = sorted(missing - tied - _tied_keys(model))
+    if unknown:
+        raise MStoreError("the manifest's tensors do not fit the architecture: missing "
+                          + ", ".join(unknown[:5]))
+    import torch
+
+    # load_state_dict(assign=True) without its per-module machinery: the same checks
+    # (shape), the same result (the object tensors become the parameters).
+    for name, tensor in state.items():
+        module, leaf, is_param = slots[name]
+        old = module._parameters[leaf] if is_param else module._buffers[leaf]
+        if old.shape != tensor.shape:
+            raise MStoreError(f"the manifest's tensors do not fit the architecture: {name} "
+                              f"has shape {list(tensor.shape)}, the model wants "
+                              f"{list(old.shape)}")
+        if is_param:
+            module._parameters[leaf] = torch.nn.Parameter(tensor,
+                                                          requires_grad=old.requires_grad)
+        else:
+            module._buffers[leaf] = tensor
+    return missing
 
 
 def _tied_keys(model) -> set[str]:
