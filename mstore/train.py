@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from . import distributed, failpoints
-from .adapters.base import Adapter, Tokenizer, adapter_for
+from .adapters.base import TOKENIZER_FILES, Adapter, Tokenizer, adapter_for
 from .adapters.custom import (
     ARCHITECTURE as CUSTOM, TOKENIZER_FILE, CharTokenizerAdapter, CustomTransformerAdapter,
     new_model,
@@ -141,23 +141,49 @@ class _Setup:
 
 
 def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Setup:
-    if cfg.tokenizer is not None:
-        raise ConfigError("config key 'tokenizer': overriding a model's tokenizer is not "
-                          "supported yet; leave it null")
+    override = tokenizer_files(store, cfg.tokenizer) if cfg.tokenizer else {}
     if cfg.model_name is None:
-        tok = CharTokenizer.from_text("".join(docs))
-        arch = cfg.arch_params()
-        tcfg = TransformerConfig(vocab_size=tok.vocab_size, **arch)
-        model = new_model(tcfg, cfg.seed).to(device)
         adapter = CustomTransformerAdapter(store, None)  # no manifest yet: a new root
-        return _Setup(adapter, model, CharTokenizerAdapter(tok), None, None,
-                      {TOKENIZER_FILE: tok.to_json()})
+        if override:
+            tok = adapter.tokenizer_from_files(override)
+            override = {TOKENIZER_FILE: override[TOKENIZER_FILE]}
+        else:
+            tok = CharTokenizerAdapter(CharTokenizer.from_text("".join(docs)))
+            override = {TOKENIZER_FILE: tok.tok.to_json()}
+        tcfg = TransformerConfig(vocab_size=tok.vocab_size, **cfg.arch_params())
+        model = new_model(tcfg, cfg.seed).to(device)
+        return _Setup(adapter, model, tok, None, None, override)
     resolved = store.resolve(cfg.model_name)
     adapter = adapter_for(store, resolved.commit)
     model = adapter.load_checkpoint(device=device, dtype=torch.float32)
     parent_name = resolved.name or next(iter(store.names_by_commit().get(resolved.commit, [])),
                                         None)
-    return _Setup(adapter, model, adapter.tokenizer(), resolved.commit, parent_name, {})
+    tok = adapter.tokenizer_from_files(override) if override else adapter.tokenizer()
+    if tok.vocab_size > adapter.vocab_rows(model):
+        raise ConfigError(f"config key 'tokenizer': its vocabulary of {tok.vocab_size} tokens "
+                          f"does not fit the model's embedding of {adapter.vocab_rows(model)}")
+    return _Setup(adapter, model, tok, resolved.commit, parent_name, override)
+
+
+def tokenizer_files(store: Store, spec: str) -> dict[str, bytes]:
+    """The files of a `tokenizer:` override: a ref's tokenizer, a folder's, or one
+    tokenizer.json."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.name != "tokenizer.json":
+            raise ConfigError(f"config key 'tokenizer': {spec} is not a tokenizer.json")
+        return {"tokenizer.json": path.read_bytes()}
+    if path.is_dir():
+        files = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
+        where = f"folder {spec}"
+    else:
+        m = store.read_manifest(store.resolve(spec).commit)
+        files = {n: store.objects.read_bytes(o) for n, o in m.files.items()
+                 if n in TOKENIZER_FILES}
+        where = f"model {spec}"
+    if not files:
+        raise ConfigError(f"config key 'tokenizer': the {where} holds no tokenizer files")
+    return files
 
 
 def _freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -416,12 +442,16 @@ def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list
             training=training, name=cfg.output_name, stem=SCRATCH_STEM, name_fmt=SCRATCH_FMT,
             fine_tuned_from=None)
     m = s.adapter.manifest
+    files = dict(m.files)
+    if s.new_files:  # a tokenizer override replaces the parent's tokenizer files
+        files = {n: o for n, o in files.items() if n not in TOKENIZER_FILES}
+        ckpt.files.update(s.new_files)
     dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in m.tensors.items() if t.dtype in TORCH_DTYPES}
     stem = finetune_stem(s.parent_name or m.model_id.split("/")[-1].lower())
     return commit_checkpoint(
         store, ckpt, architecture=m.architecture, model_id=m.model_id,
         source={"type": "finetune", "parent": s.parent, "parent_name": s.parent_name},
-        license=m.license, parent=s.parent, files=dict(m.files),
+        license=m.license, parent=s.parent, files=files,
         message=f"fine-tune {s.parent_name or s.parent[:12]} on {data_path.name}",
         training=training, name=cfg.output_name, stem=stem, name_fmt=FINETUNE_FMT,
         fine_tuned_from=s.parent_name, dtypes=dtypes)

@@ -291,6 +291,12 @@ with open(log, "a") as out:
                 name = f"{role}-{i}"
                 r = import_model(store, folders[i % len(folders)], name=name, accept_license=True)
                 out.write(json.dumps(["set", name, r.commit]) + "\n")
+            elif role == "trainer":
+                from mstore.config import load_config
+                from mstore.train import train
+                cfg = load_config(folders[0], [f"seed={i}"], name=f"trained-{i}")
+                r = train(store, cfg)
+                out.write(json.dumps(["set", r.name, r.commit]) + "\n")
             elif role == "tagger":
                 store.tag("base", f"tag-{i}")
                 out.write(json.dumps(["set", f"tag-{i}", store.resolve("base").commit]) + "\n")
@@ -303,13 +309,16 @@ with open(log, "a") as out:
 """
 
 
-def test_writers_and_gc_race_without_losing_anything(template, model_dirs, tmp_path):
+def test_writers_and_gc_race_without_losing_anything(template, model_dirs, tmp_path, corpus):
+    """Imports, train commits, tags and rm in four processes, a --grace 0 gc loop beside."""
     store = copy_store(template, tmp_path / "store")
     folders = ",".join(str(model_dirs[k]) for k in ("qwen2", "qwen2-changed", "qwen2-sharded"))
-    until = time.time() + 6
+    until = time.time() + 8
     env = {**env_without_failpoints(), "MSTORE_LOCK_TIMEOUT": "10", "HF_HUB_OFFLINE": "1"}
-    logs = {r: tmp_path / f"{r}.log" for r in ("import-a", "import-b", "import-c", "tagger")}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), role, folders,
+    roles = {"import-a": folders, "import-b": folders, "trainer":
+             str(scratch_config(tmp_path, corpus)), "tagger": folders}
+    logs = {r: tmp_path / f"{r}.log" for r in roles}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), role, roles[role],
                                str(log), str(until)], env=env, cwd=REPO_ROOT)
              for role, log in logs.items()]
     gc_runs = busy = 0
@@ -330,6 +339,7 @@ def test_writers_and_gc_race_without_losing_anything(template, model_dirs, tmp_p
     for name, commit in expected.items():
         assert refs.get(name) == commit, name  # no lost ref update
     assert sum(1 for c in expected.values() if c) > 8 and gc_runs > 0
+    assert any(n.startswith("trained-") for n in expected)
     assert mstore(store, "gc", "--grace", "0").returncode == 0
     assert not fsck_errors(store)
 

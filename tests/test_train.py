@@ -260,3 +260,50 @@ def test_gc_after_rm_of_the_base_keeps_the_child_usable(cli, qwen_base, tmp_path
     log = json.loads(cli("log", child, "--json").stdout)
     assert len(log) == 2 and log[1]["weights_present"] is False
     assert log[1]["message"].startswith("import ")
+
+
+def test_tokenizer_override_from_a_folder_replaces_the_childs_tokenizer(cli, qwen_base,
+                                                                         tmp_path, corpus):
+    from tests.tiny_models import tokenizer_files
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name, data in tokenizer_files().items():
+        (folder / name).write_bytes(data)
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    (folder / "chat_template.jinja").write_text(template)
+    cfg = write_config(tmp_path, model_name="tiny-base", dataset=str(corpus),
+                       tokenizer=str(folder), **{**FT, "max_steps": 2})
+    doc = json.loads(cli("train", "--config", cfg, "--json").stdout)
+    parent = qwen_base.read_manifest(qwen_base.resolve("tiny-base").commit)
+    child = qwen_base.read_manifest(doc["commit"])
+    assert child.files["chat_template.jinja"] != parent.files["chat_template.jinja"]
+    assert child.files["tokenizer.json"] == parent.files["tokenizer.json"]
+    assert child.files["generation_config.json"] == parent.files["generation_config.json"]
+    assert qwen_base.objects.read_bytes(child.files["chat_template.jinja"]).decode() == template
+    assert child.training["config"]["tokenizer"] == str(folder)
+
+
+def test_tokenizer_override_for_the_custom_transformer(cli, store, tmp_path, corpus):
+    small = tmp_path / "small.txt"
+    small.write_text("abc abc cab " * 200)
+    cfg = write_config(tmp_path, dataset=str(small), **{**SCRATCH, "max_steps": 1})
+    first = json.loads(cli("train", "--config", cfg, "--json").stdout)
+    # a from-scratch model can take another model's vocabulary instead of building one
+    cfg2 = write_config(tmp_path, dataset=str(small), tokenizer=first["name"],
+                        **{**SCRATCH, "max_steps": 1})
+    second = json.loads(cli("train", "--config", cfg2, "--json").stdout)
+    m1, m2 = store.read_manifest(first["commit"]), store.read_manifest(second["commit"])
+    assert m1.files["tokenizer.json"] == m2.files["tokenizer.json"]
+    # a vocabulary larger than the model's embedding is refused, naming the key
+    big = json.loads(cli("train", "--config", write_config(
+        tmp_path, dataset=str(corpus), **{**SCRATCH, "max_steps": 1}), "--json").stdout)
+    ft = {k: v for k, v in SCRATCH.items() if k not in ("n_layers", "d_model", "n_heads")}
+    cfg3 = write_config(tmp_path, dataset=str(small), tokenizer=big["name"],
+                        **{**ft, "model_name": first["name"], "max_steps": 1})
+    res = cli("train", "--config", cfg3, ok=False)
+    assert "config key 'tokenizer'" in res.stderr and "does not fit" in res.stderr
+    res = cli("train", "--config", write_config(tmp_path, dataset=str(small),
+                                                  tokenizer=str(tmp_path / "nowhere"),
+                                                  **SCRATCH), ok=False)
+    assert "unknown model" in res.stderr or "config key 'tokenizer'" in res.stderr

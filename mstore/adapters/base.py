@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from ..store import Store
 
 ENTRY_POINT_GROUP = "mstore.adapters"
+# The files a tokenizer is made of (what a `tokenizer:` override replaces in a fine-tune)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "tokenizer.model")
 
 
 class Tokenizer(abc.ABC):
@@ -104,6 +108,17 @@ class Adapter(abc.ABC):
     # -- tokenizer ------------------------------------------------------------------------
     @abc.abstractmethod
     def tokenizer(self) -> Tokenizer: ...
+
+    def tokenizer_from_files(self, files: dict[str, bytes]) -> Tokenizer:
+        """A tokenizer made of other files (a config's `tokenizer:` override)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"config key 'tokenizer': the {type(self).__name__} cannot take "
+                          "another tokenizer")
+
+    @abc.abstractmethod
+    def vocab_rows(self, model: "torch.nn.Module") -> int:
+        """Rows of the input embedding: the largest vocabulary the model can take."""
 
     # -- generation ----------------------------------------------------------------------
     @abc.abstractmethod

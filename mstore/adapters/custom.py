@@ -108,6 +108,19 @@ class CustomTransformerAdapter(Adapter):
         except ValueError as e:
             raise ObjectCorrupt(oid, f"bad character vocabulary: {e}", "file object") from None
 
+    def tokenizer_from_files(self, files: dict[str, bytes]) -> Tokenizer:
+        from ..errors import ConfigError
+
+        try:
+            return CharTokenizerAdapter(CharTokenizer.from_json(files[TOKENIZER_FILE]))
+        except (KeyError, ValueError):
+            raise ConfigError("config key 'tokenizer': the custom transformer takes a "
+                              "character vocabulary (the tokenizer.json of a "
+                              "custom-transformer model)") from None
+
+    def vocab_rows(self, model) -> int:
+        return model.config.vocab_size
+
     def generate_stream(self, model, input_ids, max_new_tokens, temperature, top_k, top_p,
                         generator, eos_token_ids) -> Iterator[int]:
         for tok in model.generate_stream(input_ids, max_new_tokens, temperature=temperature,

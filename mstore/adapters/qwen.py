@@ -132,6 +132,30 @@ class QwenAdapter(Adapter):
             self._tokenizer = HFTokenizer(tok, self._eos_token_ids(tok))
         return self._tokenizer
 
+    def tokenizer_from_files(self, files: dict[str, bytes]) -> "HFTokenizer":
+        import tempfile
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory(prefix="mstore-tokenizer-") as tmp:
+            folder = Path(tmp)
+            (folder / "config.json").write_bytes(self.config_bytes())
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line
+                from ..errors import ConfigError
+
+                raise ConfigError(f"config key 'tokenizer': transformers cannot load it "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+                    from None
+        return HFTokenizer(tok, self._eos_token_ids(tok))
+
+    def vocab_rows(self, model: "torch.nn.Module") -> int:
+        return model.get_input_embeddings().num_embeddings
+
     def _eos_token_ids(self, tok) -> list[int]:
         oid = self.manifest.files.get("generation_config.json")
         if oid is not None:
