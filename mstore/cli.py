@@ -29,19 +29,19 @@ class MStoreGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort):
-            raise
         except Exception as e:  # noqa: BLE001 - the one place errors become messages
-            if os.environ.get(DEBUG_ENV):
-                raise
-            if type(e).__name__ in ("Exit", "Abort", "UsageError", "BadParameter",
-                                    "NoSuchOption", "MissingParameter", "BadArgumentUsage"):
-                raise
+            if os.environ.get(DEBUG_ENV) or _is_cli_framework_error(e):
+                raise  # usage errors, --help, typer.Exit: the CLI framework prints those
             typer.echo(f"error: {error_message(e)}", err=True)
             raise typer.Exit(getattr(e, "exit_code", 1) if isinstance(e, MStoreError) else 1)
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(130)
+
+
+def _is_cli_framework_error(e: BaseException) -> bool:
+    return isinstance(e, (typer.Exit, typer.Abort)) or \
+        type(e).__module__.split(".")[0] in ("typer", "click")
 
 
 def error_message(e: BaseException) -> str:

@@ -86,6 +86,7 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
                  echo: Callable[[str], None] = lambda s: None, quiet: bool = True) -> ImportResult:
     plan = plan_source(source, revision)
+    _check_architecture(plan.config)
     if name is not None:
         validate_name(name)
         held = store.refs().get(name)
@@ -93,7 +94,6 @@ def import_model(store: Store, source: str, *, name: str | None = None,
         # conversion finds out, and only then is a differing model refused
         if held and not _same_source(store, held, plan):
             raise NameTaken(name, store.next_free_name(name))
-    _check_architecture(plan)
     params, dtype = plan.estimate_params()
     echo(f"{plan.model_id} ({plan.architecture}): {fmt_bytes(plan.total_bytes)} in "
          f"{len(plan.weight_files) + len(plan.other_files)} files, ~{fmt_count(params)} "
@@ -165,7 +165,7 @@ def _plan_hub(spec: hub.HubSpec) -> SourcePlan:
     if "config.json" not in names:
         raise BadSource(f"{spec.repo_id} has no config.json: not a transformers model repo")
     config = _read_config(hub.fetch_file(spec.repo_id, "config.json", info.sha))
-    _check_architecture_config(config)
+    _check_architecture(config)
     weights = _weight_files(
         [n for n in names if "/" not in n] + ([INDEX_FILE] if INDEX_FILE in names else []),
         lambda n: _read_json(hub.fetch_file(spec.repo_id, n, info.sha)), spec.repo_id, config,
@@ -230,15 +230,11 @@ def supported_architectures() -> list[str]:
     return sorted(a for a in installed_adapters() if a != "custom-transformer")
 
 
-def _check_architecture_config(config: dict) -> None:
+def _check_architecture(config: dict) -> None:
     mt = config.get("model_type")
     supported = supported_architectures()
     if mt not in supported:
         raise UnsupportedArchitecture(mt, supported, remote_code=bool(config.get("auto_map")))
-
-
-def _check_architecture(plan: SourcePlan) -> None:
-    _check_architecture_config(plan.config)
 
 
 def _check_space(store: Store, plan: SourcePlan, max_size: int | None) -> None:
