@@ -7,17 +7,17 @@ place (`MStoreGroup.invoke`), so CliRunner tests see exactly what a user sees.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
 
 from .cli_remote import register as _register_remotes
 from .errors import MStoreError
+from .cli_common import JsonOpt, print_json, store_of
 from .units import fmt_bytes, fmt_count
 
 DEBUG_ENV = "MSTORE_DEBUG"
@@ -72,17 +72,8 @@ def _global(
     ctx.obj = store
 
 
-def _store(ctx: typer.Context):
-    from .store import Store
-
-    return Store(ctx.obj)
 
 
-def _json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 NameArg = Annotated[str, typer.Argument(help="Model name, commit id or unique prefix (>= 7).")]
 
 
@@ -90,7 +81,7 @@ NameArg = Annotated[str, typer.Argument(help="Model name, commit id or unique pr
 @app.command()
 def init(ctx: typer.Context):
     """Create the store (harmless if it exists)."""
-    store = _store(ctx)
+    store = store_of(ctx)
     created = store.init()
     typer.echo(f"{'initialised' if created else 'already initialised'} store at {store.root}")
 
@@ -120,12 +111,12 @@ def import_(
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     confirm = (lambda q: typer.confirm(q, default=False, err=True)) if interactive else None
     result = import_model(
-        _store(ctx), source, name=name, revision=revision, accept_license=accept_license,
+        store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
         max_size=limit, confirm=confirm, echo=lambda s: typer.echo(s, err=True),
         quiet=as_json or not sys.stderr.isatty(),
     )
     if as_json:
-        return _json(result.to_json())
+        return print_json(result.to_json())
     if result.already:
         extra = (f"; added the name {result.name}" if result.name != result.held_by
                  else "; nothing added")
@@ -142,9 +133,9 @@ def import_(
 def _list(ctx: typer.Context, as_json: bool):
     from .report import list_rows
 
-    rows = list_rows(_store(ctx))
+    rows = list_rows(store_of(ctx))
     if as_json:
-        return _json(rows)
+        return print_json(rows)
     if not rows:
         typer.echo("no models (try `mstore import`)")
         return
@@ -177,9 +168,9 @@ def ls(ctx: typer.Context, as_json: JsonOpt = False):
 def _show(ctx: typer.Context, name: str, as_json: bool, tensors: bool):
     from .report import show
 
-    doc = show(_store(ctx), name)
+    doc = show(store_of(ctx), name)
     if as_json:
-        return _json(doc)
+        return print_json(doc)
     from .render import render_show
 
     typer.echo(render_show(doc, tensors))
@@ -214,7 +205,7 @@ def log(
     from . import report
     from .render import render_graph, render_log
 
-    store = _store(ctx)
+    store = store_of(ctx)
     if all_ or name is None:
         if not all_:
             raise typer.BadParameter("name a model, or pass --all", param_hint="NAME")
@@ -222,7 +213,7 @@ def log(
     else:
         entries = report.log_entries(store, store.resolve(name).commit)
     if as_json:
-        return _json(entries)
+        return print_json(entries)
     typer.echo(render_graph(entries) if graph else render_log(entries))
 
 
@@ -230,12 +221,12 @@ def log(
 def tag(ctx: typer.Context, name: NameArg,
         new: Annotated[str, typer.Argument(help="New ref name.")]):
     """Add a second ref to the same commit."""
-    commit = _store(ctx).tag(name, new)
+    commit = store_of(ctx).tag(name, new)
     typer.echo(f"tagged {new} -> {commit[:12]}")
 
 
 def _rm(ctx: typer.Context, name: str):
-    commit = _store(ctx).remove(name)
+    commit = store_of(ctx).remove(name)
     typer.echo(f"removed {name} (was {commit[:12]}); its objects stay until `mstore gc`")
 
 
@@ -267,15 +258,15 @@ def gc(
         seconds = parse_duration(grace)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--grace")
-    store = _store(ctx)
+    store = store_of(ctx)
     if not store.exists():
         if as_json:
-            return _json({"dry_run": dry_run, "objects_deleted": 0, "bytes_freed": 0})
+            return print_json({"dry_run": dry_run, "objects_deleted": 0, "bytes_freed": 0})
         typer.echo("nothing to collect (no store)")
         return
     p = collect(store, grace=seconds, dry_run=dry_run)
     if as_json:
-        return _json(p.to_json(dry_run))
+        return print_json(p.to_json(dry_run))
     verb = "would delete" if dry_run else "deleted"
     typer.echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
                f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
@@ -301,10 +292,10 @@ def fsck(
             part = (n, t)
         except ValueError:
             raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
-    findings = check(_store(ctx), part)
+    findings = check(store_of(ctx), part)
     errors = [f for f in findings if f.error]
     if as_json:
-        _json(to_json(findings))
+        print_json(to_json(findings))
     else:
         for f in findings:
             typer.echo(("error " if f.error else "info  ") + f.line())
@@ -318,9 +309,9 @@ def du(ctx: typer.Context, as_json: JsonOpt = False):
     """Logical bytes (sum over refs) against physical bytes on disk."""
     from .report import du as du_report
 
-    doc = du_report(_store(ctx))
+    doc = du_report(store_of(ctx))
     if as_json:
-        return _json(doc)
+        return print_json(doc)
     table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
     for m in doc["models"]:
         new = m.get("new_vs_parent_bytes")
@@ -339,9 +330,9 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
     """Tensors added, removed, changed (relative L2) and shared between two models."""
     from .report import diff as diff_report
 
-    doc = diff_report(_store(ctx), a, b)
+    doc = diff_report(store_of(ctx), a, b)
     if as_json:
-        return _json(doc)
+        return print_json(doc)
     for n in doc["added"]:
         typer.echo(f"+ {n}")
     for n in doc["removed"]:
@@ -391,7 +382,7 @@ def generate(
     opts = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, chat=chat, verify=verify, device=device,
                            dtype=dtype)
-    generate_text(_store(ctx), name, prompt, opts,
+    generate_text(store_of(ctx), name, prompt, opts,
                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     sys.stdout.write("\n")
 
@@ -403,9 +394,9 @@ def export(ctx: typer.Context, name: NameArg,
     """Write a Hugging Face-format folder (config, safetensors, tokenizer, metadata.json)."""
     from .export import export_model
 
-    doc = export_model(_store(ctx), name, dest)
+    doc = export_model(store_of(ctx), name, dest)
     if as_json:
-        return _json(doc)
+        return print_json(doc)
     typer.echo(f"exported {doc['name'] or doc['commit'][:12]} to {doc['dir']}: "
                + ", ".join(doc["files"]))
 
@@ -430,7 +421,7 @@ def train(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .distributed import launch
 
-        argv = ["--store", str(_store(ctx).root), "train", "--config", str(config)]
+        argv = ["--store", str(store_of(ctx).root), "train", "--config", str(config)]
         for item in overrides or []:
             argv += ["--set", item]
         argv += (["--name", name] if name else []) + (["--json"] if as_json else [])
@@ -438,13 +429,13 @@ def train(
         raise typer.Exit(launch(nproc, argv))
     from .train import train as run_training
 
-    result = run_training(_store(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
+    result = run_training(store_of(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
                           log=lambda s: typer.echo(s, err=True),
                           progress=None if not as_json else False)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     if as_json:
-        return _json(result.to_json())
+        return print_json(result.to_json())
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     typer.echo(f"committed {result.name}  commit {result.commit[:12]}"
                + (f"  (parent {result.parent[:12]})" if result.parent else ""))

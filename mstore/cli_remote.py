@@ -7,30 +7,21 @@ errors are MStoreError subclasses that the app's MStoreGroup turns into one `err
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from .cli_common import JsonOpt, print_json, store_of
 from .units import fmt_bytes
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 RemoteArg = Annotated[Optional[str], typer.Argument(
     help="Remote name (default: the only one, or 'origin').")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", "-f", help="Overwrite the ref even if it moved or diverged.")]
 
 
-def _store(ctx: typer.Context):
-    from .store import Store
-
-    return Store(ctx.find_root().obj)
-
-
-def _json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _tty(as_json: bool) -> bool:
@@ -61,7 +52,7 @@ def register(app: typer.Typer) -> None:
         """Add a remote (only its name and URL are stored; never credentials)."""
         from .remote import add_remote
 
-        stored = add_remote(_store(ctx), name, url)
+        stored = add_remote(store_of(ctx), name, url)
         typer.echo(f"added remote {name} -> {stored}")
 
     @remote_app.command("list")
@@ -69,11 +60,11 @@ def register(app: typer.Typer) -> None:
         """List remotes and what this store last saw of their refs."""
         from .remote import list_remotes, tracking_refs
 
-        store = _store(ctx)
+        store = store_of(ctx)
         remotes = list_remotes(store) if store.root.is_dir() else {}
         tracked = tracking_refs(store) if remotes else {}
         if as_json:
-            return _json([{"name": n, "url": u, "refs": tracked.get(n, {})}
+            return print_json([{"name": n, "url": u, "refs": tracked.get(n, {})}
                           for n, u in remotes.items()])
         if not remotes:
             typer.echo("no remotes (add one with `mstore remote add origin URL`)")
@@ -88,7 +79,7 @@ def register(app: typer.Typer) -> None:
         """Remove a remote (nothing on the remote itself is touched)."""
         from .remote import remove_remote
 
-        url = remove_remote(_store(ctx), name)
+        url = remove_remote(store_of(ctx), name)
         typer.echo(f"removed remote {name} ({url})")
 
     app.add_typer(remote_app, name="remote")
@@ -106,10 +97,10 @@ def register(app: typer.Typer) -> None:
         """Send a model (objects, manifest chain, then the ref) to a remote."""
         from .remote import push as do_push
 
-        r = do_push(_store(ctx), name, remote, as_name=as_name, force=force,
+        r = do_push(store_of(ctx), name, remote, as_name=as_name, force=force,
                     progress=_tty(as_json), warn=_warn)
         if as_json:
-            return _json(r.to_json())
+            return print_json(r.to_json())
         if not r.ref_updated and r.objects_sent == 0:
             typer.echo(f"{r.remote} already has {r.name} at {r.commit[:12]}; "
                        "everything up to date")
@@ -133,10 +124,10 @@ def register(app: typer.Typer) -> None:
         """Fetch a model from a remote, verifying every object, and set the local ref."""
         from .remote import pull as do_pull
 
-        r = do_pull(_store(ctx), name, remote, as_name=as_name, force=force,
+        r = do_pull(store_of(ctx), name, remote, as_name=as_name, force=force,
                     progress=_tty(as_json))
         if as_json:
-            return _json(r.to_json())
+            return print_json(r.to_json())
         _print_pull(r)
 
     @app.command()
@@ -152,7 +143,7 @@ def register(app: typer.Typer) -> None:
 
         res = do_clone(url, dest, ref, progress=_tty(as_json))
         if as_json:
-            return _json(res.to_json())
+            return print_json(res.to_json())
         for r in res.refs:
             _print_pull(r)
         doc = res.to_json()
