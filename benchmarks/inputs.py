@@ -188,14 +188,3 @@ def link_store(src_root: Path, dst_root: Path, refs: list[str]) -> None:
         if not target.exists():
             os.link(src.objects.path(oid), target)
     dst.registry.update(lambda models: models.update(entries))
-
-
-def tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
