@@ -138,15 +138,21 @@ def touch(path: Path) -> None:
     os.utime(path, None)
 
 
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing this file's dirty pages now, without waiting, so
-    the disk works while the next objects are copied and the batch's sync has less left
-    to do (POSIX_FADV_DONTNEED starts writeback of dirty pages; it guarantees nothing,
-    durability still comes from the sync)."""
+def start_writeback(path: Path) -> None:
+    """Ask the kernel to start writing this file's dirty pages now, so the disk works while
+    the next objects are copied and the batch's sync has less left to do
+    (POSIX_FADV_DONTNEED starts writeback of dirty pages). It guarantees nothing:
+    durability still comes from the sync. A file already gone is no error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except (AttributeError, OSError):
         pass
+    finally:
+        os.close(fd)
 
 
 _libc = None

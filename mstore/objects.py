@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -207,6 +208,7 @@ class ObjectBatch:
     pending: dict[str, _Pending] = field(default_factory=dict)
     written: int = 0  # bytes newly written
     reused: int = 0  # bytes already present
+    _writeback: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "ObjectBatch":
         self.store.ensure_dirs()
@@ -261,8 +263,20 @@ class ObjectBatch:
             f.write(header)
             f.flush()
             copy_range(src_fd, f.fileno(), start, end - start)
-            fsio.start_writeback(f.fileno())
+        self._start_writeback(tmp)
         return self._stage(oid, tmp, size)
+
+    def _start_writeback(self, path: Path) -> None:
+        """Start the object's writeback on a helper thread: submitting it can block on a
+        busy disk, and the next copy should not wait for that."""
+        if self._writeback is None:
+            self._writeback = ThreadPoolExecutor(1, thread_name_prefix="mstore-writeback")
+        self._writeback.submit(fsio.start_writeback, path)
+
+    def _join_writeback(self) -> None:
+        if self._writeback is not None:
+            self._writeback.shutdown(wait=True)
+            self._writeback = None
 
     def reuse(self, oid: str, size: int) -> bool:
         """Count a known object as present (refreshing its mtime); False if it is gone."""
@@ -288,6 +302,7 @@ class ObjectBatch:
         return PutResult(oid, size, True)
 
     def commit(self) -> None:
+        self._join_writeback()
         if not self.pending:
             return
         fsio.sync_filesystem(self.store.tmp_dir)  # object bytes durable before any rename
@@ -300,6 +315,7 @@ class ObjectBatch:
         self.pending.clear()
 
     def abort(self) -> None:
+        self._join_writeback()
         for p in self.pending.values():
             fsio.unlink(p.tmp, missing_ok=True)
         self.pending.clear()
