@@ -15,9 +15,9 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from .cli_common import JsonOpt, print_json, store_of
 from .cli_remote import register as _register_remotes
 from .errors import MStoreError
-from .cli_common import JsonOpt, print_json, store_of
 from .units import fmt_bytes, fmt_count
 
 DEBUG_ENV = "MSTORE_DEBUG"
