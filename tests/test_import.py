@@ -291,3 +291,16 @@ def test_stat_cache_pointing_at_collected_objects_is_not_trusted(store, model_di
     res = importer.import_model(store, str(folder), name="b", accept_license=True)
     assert not res.already and res.bytes_written > 0
     assert_round_trip(store, "b", folder)
+
+
+def test_too_little_free_disk_is_refused_before_anything_is_written(cli, store, hub_repos,
+                                                                    monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    res = cli("import", "tiny/Qwen2-Tiny", "--accept-license", ok=False)
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("error: not enough free disk")
+    assert not store.root.exists()
