@@ -202,6 +202,13 @@ class BadSource(MStoreError):
     """A local folder or download that is not a usable Hugging Face model folder."""
 
 
+class GcRefused(MStoreError):
+    """gc cannot tell what is reachable, so it deletes nothing."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"gc refused, nothing deleted: {reason}")
+
+
 class ConfigError(MStoreError):
     """A training config that cannot be used; the message names the key."""
 
@@ -229,3 +236,122 @@ class Interrupted(MStoreError):
 
 def _short(oid: str | None) -> str:
     return oid[:12] if oid else "nothing"
+
+
+# -- remotes (mstore/remote.py) -----------------------------------------------------
+class RemoteError(MStoreError):
+    """Anything about a remote: its configuration, reaching it, or what it holds."""
+
+
+class BadRemoteName(RemoteError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"bad remote name {name!r}: use 1-128 characters of a-z 0-9 . _ - "
+                         "starting with a letter or digit")
+
+
+class BadRemoteURL(RemoteError):
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"bad remote URL {url!r}: {reason}")
+
+
+class UnknownRemote(RemoteError):
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        have = ", ".join(known) if known else "none (add one with `mstore remote add NAME URL`)"
+        super().__init__(f"unknown remote {name!r}; configured remotes: {have}")
+
+
+class RemoteExists(RemoteError):
+    def __init__(self, name: str, url: str):
+        self.name, self.url = name, url
+        super().__init__(f"remote {name!r} already exists ({url}); `mstore remote rm {name}` "
+                         "first to change it")
+
+
+class NoDefaultRemote(RemoteError):
+    def __init__(self, known: list[str]):
+        self.known = known
+        if not known:
+            msg = "no remote configured; add one with `mstore remote add origin URL`"
+        else:
+            msg = (f"which remote? several are configured ({', '.join(known)}) and none is "
+                   "named 'origin'; name one")
+        super().__init__(msg)
+
+
+class RemoteUnavailable(RemoteError):
+    def __init__(self, url: str, detail: str):
+        self.url, self.detail = url, detail
+        super().__init__(f"cannot use remote {url}: {detail}")
+
+
+class RemoteNotAStore(RemoteError):
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"{url} is not an mstore store ({reason})")
+
+
+class RemoteRefMissing(RemoteError):
+    def __init__(self, name: str, remote: str, available: list[str]):
+        self.name, self.remote = name, remote
+        have = ", ".join(available[:10]) if available else "nothing"
+        super().__init__(f"remote {remote!r} has no model {name!r} (it has: {have})")
+
+
+class RemoteRefMoved(RemoteError):
+    """A push would overwrite a remote ref that someone else moved since we last saw it."""
+
+    def __init__(self, name: str, remote: str, found: str, known: str | None):
+        self.name, self.remote, self.found, self.known = name, remote, found, known
+        super().__init__(f"remote ref {name!r} on {remote!r} moved to {found[:12]} since your "
+                         "last pull/push; pull first or use --force")
+
+
+class NotFastForward(RemoteError):
+    """A pull would replace a local ref whose commit the remote's does not descend from."""
+
+    def __init__(self, name: str, local: str, remote_commit: str, remote: str):
+        self.name, self.local, self.remote_commit = name, local, remote_commit
+        super().__init__(f"local {name!r} ({local[:12]}) and {remote!r}'s ({remote_commit[:12]}) "
+                         "have diverged; pull with --as NEW_NAME to keep both, or --force to "
+                         "replace the local ref")
+
+
+class RemoteObjectMissing(RemoteError):
+    def __init__(self, oid: str, remote: str, what: str = "object"):
+        self.oid, self.remote = oid, remote
+        super().__init__(f"{what} {oid} is missing on remote {remote!r} (its ref names it; "
+                         "push it again from a store that has it)")
+
+
+class RemoteObjectCorrupt(RemoteError):
+    def __init__(self, oid: str, got: str, remote: str):
+        self.oid, self.got, self.remote = oid, got, remote
+        super().__init__(f"object {oid} received from {remote!r} is corrupt (its bytes hash to "
+                         f"{got[:12]}); refused, nothing was published locally. Delete it on "
+                         "the remote and push it again from a good copy")
+
+
+class RemoteLocked(RemoteError):
+    exit_code = 75
+
+    def __init__(self, url: str, holder: str, waited: float):
+        self.url, self.holder = url, holder
+        super().__init__(f"remote registry {url} is locked by {holder} (waited {waited:.0f}s; "
+                         f"try again later, or delete registry.json.lock there if that push died)")
+
+
+class RemoteBusy(RemoteError):
+    exit_code = 75
+
+    def __init__(self, url: str, tries: int):
+        super().__init__(f"remote registry {url} kept changing under us ({tries} tries); "
+                         "try again")
+
+
+class DestinationNotEmpty(RemoteError):
+    def __init__(self, path: str):
+        super().__init__(f"destination {path} exists and is not empty (clone into a new or "
+                         "empty folder)")

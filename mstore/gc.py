@@ -20,15 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import failpoints, fsio
-from .errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .errors import GcRefused, ObjectCorrupt, ObjectMissing
 from .store import Store
 
 DEFAULT_GRACE = 3600.0
-
-
-class GcRefused(MStoreError):
-    def __init__(self, reason: str):
-        super().__init__(f"gc refused, nothing deleted: {reason}")
 
 
 @dataclass

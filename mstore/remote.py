@@ -48,7 +48,12 @@ from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from . import failpoints, fsio
-from .errors import MStoreError, ObjectCorrupt, ObjectMissing, StoreNotFound
+from .errors import (  # noqa: F401 - the remote errors are part of this module's API
+    BadRemoteName, BadRemoteURL, DestinationNotEmpty, MStoreError, NoDefaultRemote,
+    NotFastForward, ObjectCorrupt, ObjectMissing, RemoteBusy, RemoteError, RemoteExists,
+    RemoteLocked, RemoteNotAStore, RemoteObjectCorrupt, RemoteObjectMissing,
+    RemoteRefMissing, RemoteRefMoved, RemoteUnavailable, StoreNotFound, UnknownRemote,
+)
 from .locks import StoreLock, lock_wait
 from .manifest import Manifest
 from .objects import OBJECT_MODE, hash_bytes, hash_file, is_oid
@@ -66,125 +71,6 @@ BATCH_OBJECTS = 2000
 # Protocols whose put of a whole object is atomic (an object store: the key appears complete
 # or not at all), so objects are put straight to their final key.
 ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "hf", "memory"}
-
-
-# -- errors ------------------------------------------------------------------------------
-class RemoteError(MStoreError):
-    """Anything about a remote: its configuration, reaching it, or what it holds."""
-
-
-class BadRemoteName(RemoteError):
-    def __init__(self, name: str):
-        self.name = name
-        super().__init__(f"bad remote name {name!r}: use 1-128 characters of a-z 0-9 . _ - "
-                         "starting with a letter or digit")
-
-
-class BadRemoteURL(RemoteError):
-    def __init__(self, url: str, reason: str):
-        self.url, self.reason = url, reason
-        super().__init__(f"bad remote URL {url!r}: {reason}")
-
-
-class UnknownRemote(RemoteError):
-    def __init__(self, name: str, known: list[str]):
-        self.name, self.known = name, known
-        have = ", ".join(known) if known else "none (add one with `mstore remote add NAME URL`)"
-        super().__init__(f"unknown remote {name!r}; configured remotes: {have}")
-
-
-class RemoteExists(RemoteError):
-    def __init__(self, name: str, url: str):
-        self.name, self.url = name, url
-        super().__init__(f"remote {name!r} already exists ({url}); `mstore remote rm {name}` "
-                         "first to change it")
-
-
-class NoDefaultRemote(RemoteError):
-    def __init__(self, known: list[str]):
-        self.known = known
-        if not known:
-            msg = "no remote configured; add one with `mstore remote add origin URL`"
-        else:
-            msg = (f"which remote? several are configured ({', '.join(known)}) and none is "
-                   "named 'origin'; name one")
-        super().__init__(msg)
-
-
-class RemoteUnavailable(RemoteError):
-    def __init__(self, url: str, detail: str):
-        self.url, self.detail = url, detail
-        super().__init__(f"cannot use remote {url}: {detail}")
-
-
-class RemoteNotAStore(RemoteError):
-    def __init__(self, url: str, reason: str):
-        self.url, self.reason = url, reason
-        super().__init__(f"{url} is not an mstore store ({reason})")
-
-
-class RemoteRefMissing(RemoteError):
-    def __init__(self, name: str, remote: str, available: list[str]):
-        self.name, self.remote = name, remote
-        have = ", ".join(available[:10]) if available else "nothing"
-        super().__init__(f"remote {remote!r} has no model {name!r} (it has: {have})")
-
-
-class RemoteRefMoved(RemoteError):
-    """A push would overwrite a remote ref that someone else moved since we last saw it."""
-
-    def __init__(self, name: str, remote: str, found: str, known: str | None):
-        self.name, self.remote, self.found, self.known = name, remote, found, known
-        super().__init__(f"remote ref {name!r} on {remote!r} moved to {found[:12]} since your "
-                         "last pull/push; pull first or use --force")
-
-
-class NotFastForward(RemoteError):
-    """A pull would replace a local ref whose commit the remote's does not descend from."""
-
-    def __init__(self, name: str, local: str, remote_commit: str, remote: str):
-        self.name, self.local, self.remote_commit = name, local, remote_commit
-        super().__init__(f"local {name!r} ({local[:12]}) and {remote!r}'s ({remote_commit[:12]}) "
-                         "have diverged; pull with --as NEW_NAME to keep both, or --force to "
-                         "replace the local ref")
-
-
-class RemoteObjectMissing(RemoteError):
-    def __init__(self, oid: str, remote: str, what: str = "object"):
-        self.oid, self.remote = oid, remote
-        super().__init__(f"{what} {oid} is missing on remote {remote!r} (its ref names it; "
-                         "push it again from a store that has it)")
-
-
-class RemoteObjectCorrupt(RemoteError):
-    def __init__(self, oid: str, got: str, remote: str):
-        self.oid, self.got, self.remote = oid, got, remote
-        super().__init__(f"object {oid} received from {remote!r} is corrupt (its bytes hash to "
-                         f"{got[:12]}); refused, nothing was published locally. Delete it on "
-                         "the remote and push it again from a good copy")
-
-
-class RemoteLocked(RemoteError):
-    exit_code = 75
-
-    def __init__(self, url: str, holder: str, waited: float):
-        self.url, self.holder = url, holder
-        super().__init__(f"remote registry {url} is locked by {holder} (waited {waited:.0f}s; "
-                         f"try again later, or delete {REMOTE_LOCK} there if that push died)")
-
-
-class RemoteBusy(RemoteError):
-    exit_code = 75
-
-    def __init__(self, url: str, tries: int):
-        super().__init__(f"remote registry {url} kept changing under us ({tries} tries); "
-                         "try again")
-
-
-class DestinationNotEmpty(RemoteError):
-    def __init__(self, path: str):
-        super().__init__(f"destination {path} exists and is not empty (clone into a new or "
-                         "empty folder)")
 
 
 # -- results -----------------------------------------------------------------------------
