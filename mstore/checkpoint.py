@@ -15,7 +15,6 @@ import torch
 
 from . import torch_io
 from .adapters.base import Checkpoint
-from .errors import NameTaken, RefChanged
 from .manifest import Manifest
 from .store import Store
 
@@ -59,14 +58,7 @@ def commit_checkpoint(store: Store, ckpt: Checkpoint, *, architecture: str, mode
                         parent=parent, message=message, tied_weights=ckpt.tied_weights,
                         training=training)
     commit = store.put_manifest(manifest)
-    for _attempt in range(10):
-        target = name or store.next_free_name(stem, name_fmt, start=1)
-        entry = store.registry_entry(target, commit, manifest, fine_tuned_from)
-        try:
-            store.registry.set_ref(entry, expected=None)
-        except RefChanged:
-            if name:
-                raise NameTaken(name, store.next_free_name(name)) from None
-            continue  # a concurrent train took that number: take the next
-        return CommitResult(target, commit, batch.written, batch.reused)
-    raise NameTaken(stem)
+    target = store.add_ref(commit, manifest, name,
+                           lambda: store.next_free_name(stem, name_fmt, start=1),
+                           fine_tuned_from)
+    return CommitResult(target, commit, batch.written, batch.reused)

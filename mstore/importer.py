@@ -21,8 +21,8 @@ from typing import Callable
 
 from . import failpoints, hub
 from .errors import (
-    BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt, ObjectMissing, PickleOnly,
-    RefChanged, SourceNotFound, TooLarge, UnsupportedArchitecture,
+    BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt, ObjectMissing,
+    PickleOnly, SourceNotFound, TooLarge, UnsupportedArchitecture,
 )
 from .import_cache import ImportCache
 from .manifest import Manifest, TensorEntry
@@ -394,19 +394,11 @@ def _commit(store: Store, plan: SourcePlan, manifest: Manifest, batch: ObjectBat
                             batch.reused, plan.source, plan.license, already=True,
                             held_by=held)
     stem = _default_stem(plan.default_stem)
-    for _attempt in range(10):
-        target = name or (stem if store.name_is_free(stem) else store.next_free_name(stem))
-        commit = store.put_manifest(manifest)
-        entry = store.registry_entry(target, commit, manifest, fine_tuned_from=None)
-        try:
-            store.registry.set_ref(entry, expected=None)
-        except RefChanged:
-            if name:
-                raise NameTaken(name, store.next_free_name(name)) from None
-            continue  # another import took the name between our check and our write
-        return ImportResult(target, commit, manifest.parameters, batch.written,
-                            batch.reused, plan.source, plan.license)
-    raise NameTaken(stem)
+    commit = store.put_manifest(manifest)
+    target = store.add_ref(commit, manifest, name, lambda: stem if store.name_is_free(stem)
+                           else store.next_free_name(stem))
+    return ImportResult(target, commit, manifest.parameters, batch.written, batch.reused,
+                        plan.source, plan.license)
 
 
 def _content_key(store: Store, commit: str) -> bytes | None:

@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import fsio
 from .errors import (
@@ -154,6 +154,21 @@ class Store:
             "created_at": manifest.created_at, "fine_tuned_from": fine_tuned_from,
             "parameters": manifest.parameters, "size_bytes": size,
         }
+
+    def add_ref(self, commit: str, manifest: Manifest, name: str | None,
+                choose_name: Callable[[], str], fine_tuned_from: str | None = None) -> str:
+        """Point a new ref at `commit`: `name` if given (an error if taken), else the name
+        `choose_name()` picks, picked again if a concurrent writer takes it first."""
+        for _attempt in range(10):
+            target = name or choose_name()
+            entry = self.registry_entry(target, commit, manifest, fine_tuned_from)
+            try:
+                self.registry.set_ref(entry, expected=None)
+                return target
+            except RefChanged:
+                if name:
+                    raise NameTaken(name, self.next_free_name(name)) from None
+        raise NameTaken(choose_name())
 
     # -- ref commands -------------------------------------------------------------------
     def tag(self, ref: str, new: str) -> str:
