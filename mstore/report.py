@@ -32,24 +32,26 @@ def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = No
     return True
 
 
+def _entry(store: Store, oid: str, m: Manifest | None, names: dict[str, list[str]],
+           present: dict[str, bool]) -> dict[str, Any]:
+    """One commit as `log --json` prints it (a missing manifest says so)."""
+    if m is None:
+        return {"commit": oid, "names": sorted(names.get(oid, [])), "parent": None,
+                "created_at": None, "message": "(manifest missing)", "training": None,
+                "weights_present": False, "missing": True}
+    return {
+        "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
+        "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
+        "model_id": m.model_id, "source": m.source, "license": m.license,
+        "training": m.training, "weights_present": weights_present(store, m, present),
+    }
+
+
 def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
     """The lineage of `commit`, newest first, as `mstore log --json` prints it."""
     names = store.names_by_commit()
-    out: list[dict[str, Any]] = []
-    seen: dict[str, bool] = {}
-    for oid, m in store.lineage(commit):
-        if m is None:
-            out.append({"commit": oid, "names": names.get(oid, []), "parent": None,
-                        "created_at": None, "message": "(manifest missing)", "training": None,
-                        "weights_present": False, "missing": True})
-            break
-        out.append({
-            "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
-            "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
-            "model_id": m.model_id, "source": m.source, "license": m.license,
-            "training": m.training, "weights_present": weights_present(store, m, seen),
-        })
-    return out
+    present: dict[str, bool] = {}
+    return [_entry(store, oid, m, names, present) for oid, m in store.lineage(commit)]
 
 
 def all_commits_graph(store: Store) -> list[dict[str, Any]]:
@@ -61,13 +63,7 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
         for oid, m in store.lineage(entry["commit"]):
             if oid in seen:
                 break
-            seen[oid] = {
-                "commit": oid, "names": sorted(names.get(oid, [])),
-                "parent": m.parent if m else None,
-                "created_at": m.created_at if m else "", "message": m.message if m else
-                "(manifest missing)", "training": m.training if m else None,
-                "weights_present": bool(m) and weights_present(store, m, present),
-            }
+            seen[oid] = _entry(store, oid, m, names, present)
     return sorted(seen.values(), key=lambda e: (e["created_at"] or "", e["commit"]), reverse=True)
 
 
