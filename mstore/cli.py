@@ -449,4 +449,40 @@ _register_remotes(app)
 
 
 def main() -> None:
-    app(prog_name="mstore")
+    try:
+        app(prog_name="mstore")
+    except SystemExit as e:
+        _exit(e.code)
+
+
+def _exit(code) -> None:
+    """Exit with `code`; once torch is loaded, without the interpreter's teardown.
+
+    Freeing torch's and transformers' modules and libtorch's C++ statics at exit costs
+    0.5 s to 0.9 s on this machine (measured: `import torch` alone, 1.51 s with a normal
+    exit, 1.02 s with os._exit) and serves nothing: every file mstore writes is closed and
+    synced before its command returns. atexit handlers still run and stdio is flushed; a
+    live non-daemon thread (which a normal exit would wait for) gets the normal exit.
+    """
+    import threading
+
+    if "torch" not in sys.modules or any(
+            t.is_alive() and not t.daemon and t is not threading.main_thread()
+            for t in threading.enumerate()):
+        raise SystemExit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): printed, status 1, as the interpreter does
+        print(code, file=sys.stderr)
+        status = 1
+    import atexit
+
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: the status Python gives it
+        status = status or 120
+    os._exit(status)
