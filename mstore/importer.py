@@ -321,7 +321,8 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
     """Every tensor of one shard into its own object.
 
     A helper thread hashes tensor i+1 while tensor i is copied by the kernel (both release
-    the GIL; two copies at once were slower). A shard the stat cache knows, whose objects
+    the GIL; two copies at once were slower); a copy whose hash is not ready yet (the first
+    tensor, always) starts anyway. A shard the stat cache knows, whose objects
     are all present, is not read at all.
     """
     with open(path, "rb") as f:
@@ -346,7 +347,7 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
                 for info, oid in zip(infos, oids):
                     if info.name in tensors:
                         raise BadSource(f"tensor {info.name!r} appears in two shards")
-                    put = batch.put_tensor(oid.result(), info.dtype, info.shape, f.fileno(),
+                    put = batch.put_tensor(oid, info.dtype, info.shape, f.fileno(),
                                            info.start, info.end)
                     tensors[info.name] = TensorEntry(put.oid, info.dtype, list(info.shape))
                     if bar:

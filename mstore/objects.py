@@ -17,7 +17,7 @@ import mmap
 import os
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -248,21 +248,39 @@ class ObjectBatch:
             copy_range(src.fileno(), f.fileno(), 0, size)
         return self._stage(oid, tmp, size)
 
-    def put_tensor(self, oid: str, dtype: str, shape, src_fd: int, start: int,
-                   end: int) -> PutResult:
+    def put_tensor(self, oid: "str | Future[str]", dtype: str, shape, src_fd: int,
+                   start: int, end: int) -> PutResult:
         """A tensor object from bytes [start, end) of an open safetensors file, whose id the
-        caller computed with `hash_tensor_range` (so hashing can run ahead of copying, on
+        caller computes with `hash_tensor_range` (so hashing runs ahead of copying, on
         another thread). The copy goes file-to-file through copy_file_range: the bytes
-        never pass through Python, and their writeback starts at once."""
+        never pass through Python, and their writeback starts once the object is known new.
+
+        `oid` may be the Future of an id still being hashed: rather than wait, the copy
+        starts at once (a temp file needs no name), and is dropped if the id turns out to be
+        an object already present. A known id never copies a duplicate.
+        """
         header = object_header(dtype, shape, end - start)
         size = len(header) + end - start
-        hit = self._record(oid, size)
-        if hit:
-            return hit
+        if isinstance(oid, Future) and oid.done():
+            oid = oid.result()
+        if isinstance(oid, str):
+            hit = self._record(oid, size)
+            if hit:
+                return hit
         with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
             f.write(header)
             f.flush()
             copy_range(src_fd, f.fileno(), start, end - start)
+        if not isinstance(oid, str):
+            try:
+                oid = oid.result()
+            except BaseException:
+                fsio.unlink(tmp, missing_ok=True)
+                raise
+            hit = self._record(oid, size)
+            if hit:
+                fsio.unlink(tmp, missing_ok=True)
+                return hit
         self._start_writeback(tmp)
         return self._stage(oid, tmp, size)
 

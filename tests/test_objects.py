@@ -4,12 +4,13 @@ import json
 import os
 import stat
 import struct
+from concurrent.futures import Future
 
 import pytest
 
 from mstore.errors import BadName, BadObjectId, ObjectCorrupt, RefChanged, RegistryCorrupt
 from mstore.manifest import Manifest, TensorEntry, canonical_json
-from mstore.objects import ObjectStore, hash_bytes, hash_file
+from mstore.objects import ObjectStore, hash_bytes, hash_file, tensor_oid
 from mstore.registry import Registry, validate_name
 from mstore.safetensors_io import object_header, read_header_from_file
 from mstore.store import Store
@@ -87,6 +88,55 @@ def test_tensor_object_from_a_shard_range_equals_one_from_bytes(tmp_path):
     with objects.batch() as batch:
         from_bytes = batch.put_tensor_bytes("F32", [16], payload)
     assert from_range.oid == from_bytes.oid and not from_bytes.new
+
+
+class LateId(Future):
+    """An id still being hashed when put_tensor starts: computed only when it is asked for."""
+
+    def __init__(self, compute):
+        super().__init__()
+        self.compute = compute
+
+    def result(self, timeout=None):
+        if not self.done():
+            try:
+                self.set_result(self.compute())
+            except Exception as e:  # noqa: BLE001 - handed to the caller, as a Future does
+                self.set_exception(e)
+        return super().result(timeout)
+
+
+def test_put_tensor_copies_while_the_id_is_still_being_hashed(tmp_path):
+    """A pending id: the copy runs first; a new object is staged under the id, a duplicate's
+    copy is dropped, and a failed hash leaves no temp file."""
+    objects = ObjectStore(tmp_path)
+    shard = tmp_path / "shard.bin"
+    known, other = os.urandom(64), os.urandom(64)
+    with objects.batch() as batch:
+        expected = batch.put_tensor_bytes("F32", [16], known).oid
+
+    def after_copy(value):
+        def compute():
+            assert len(list(objects.tmp_dir.iterdir())) == 1  # the copy came first
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return LateId(compute)
+
+    shard.write_bytes(b"junk" + other + b"tail")
+    with open(shard, "rb") as f, objects.batch() as batch:
+        new = batch.put_tensor(after_copy(tensor_oid("F32", [16], other)), "F32", [16],
+                               f.fileno(), 4, 68)
+    assert new.new and objects.read_bytes(new.oid)[-64:] == other
+
+    shard.write_bytes(b"junk" + known + b"tail")
+    with open(shard, "rb") as f, objects.batch() as batch:
+        dup = batch.put_tensor(after_copy(expected), "F32", [16], f.fileno(), 4, 68)
+        assert (dup.oid, dup.new) == (expected, False)
+        assert list(objects.tmp_dir.iterdir()) == []
+        with pytest.raises(OSError, match="read error"):
+            batch.put_tensor(after_copy(OSError("read error")), "F32", [16], f.fileno(), 4, 68)
+        assert list(objects.tmp_dir.iterdir()) == []
 
 
 def test_batch_publishes_nothing_when_it_fails(tmp_path):
