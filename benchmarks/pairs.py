@@ -339,7 +339,9 @@ def _train_pair(b: Bench, shape: str) -> Pair:
                 ("ratio_le", 1.05),
                 notes=[f"{steps} steps per run, {len(res['per_repeat']['mstore'])} run(s) per side; "
                        "step times are differences of step-end stamps (so the first step never "
-                       f"counts), {skip} more dropped as warm-up"],
+                       f"counts), {skip} more dropped as warm-up",
+                       "mstore's loop uses torch's fused AdamW; the baseline, AdamW's default "
+                       "(as a plain loop would)"],
                 extra={"per_repeat": res["per_repeat"]})
 
 

@@ -307,3 +307,29 @@ def test_tokenizer_override_for_the_custom_transformer(cli, store, tmp_path, cor
                                                   tokenizer=str(tmp_path / "nowhere"),
                                                   **SCRATCH), ok=False)
     assert "unknown model" in res.stderr or "config key 'tokenizer'" in res.stderr
+
+
+def test_optimizer_is_fused_adamw_and_steps_as_adamw_does():
+    import torch
+
+    from mstore.config import TrainConfig
+    from mstore.train import _adamw
+
+    cfg = TrainConfig(dataset="unused.txt", learning_rate=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 7, generator=gen), torch.randn(7, generator=gen)]
+    grads = [torch.randn(p.shape, generator=gen) for p in start]
+    results = []
+    for make in (lambda ps: _adamw(ps, cfg),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append((opt.defaults["fused"], [p.detach() for p in params]))
+    (fused, got), (_, want) = results
+    assert fused is True
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want))
+    assert not all(torch.equal(a, b) for a, b in zip(got, start))
