@@ -15,7 +15,7 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
-from . import report
+from . import inputs, report
 from .inputs import REPO_ROOT
 from .measure import Pair
 from .pairs import PAIRS, Bench, Options, pair_names
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n in wanted]
 
     started, t0 = report.now_utc(), time.perf_counter()
+    compiled = inputs.compile_mstore()
     bench = Bench(opts)
     print(f"benchmarks: {size} shape, repeats {repeats}{' (quick)' if ns.quick else ''}, "
           f"work folder {workdir}", flush=True)
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine_info(workdir),
         "model": bench.__dict__.get("model", (None, None))[1],
         "setup_s": bench.setup_seconds, "pair_wall_s": timings,
+        "mstore_bytecode_written": compiled,
         # the benchmark process itself stays small (children forked from it start with its RSS)
         "runner_imported_torch": "torch" in sys.modules,
         "pairs": [p.to_json() for p in pairs],
