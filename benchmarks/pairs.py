@@ -322,15 +322,17 @@ def _train_pair(b: Bench, shape: str) -> Pair:
     tiny = shape == "tiny"
     ref = TINY_REF if tiny else BASE_REF
     folder = b.tiny_dir if tiny else b.model_dir
-    if tiny:
+    if tiny:  # runs of a second: as many alternations as the sub-second commands get
         batch, steps, skip = 4, (10 if b.opts.quick else 40), (2 if b.opts.quick else 5)
+        repeats = b.opts.fast_repeats
     else:
         batch, steps, skip = 1, 4, 0
+        repeats = b.opts.repeats
     cfg = b.write_train_config(f"train-{shape}", model_name=ref, batch_size=batch, seq_len=64,
                                max_steps=steps, eval_interval=10_000)
     res = b.worker("train", {"store": str(b.main_store), "ref": ref, "dir": str(folder),
                              "config": str(cfg), "steps": steps, "skip": skip,
-                             "repeats": b.opts.repeats, "budget_s": None if tiny else 240})
+                             "repeats": repeats, "budget_s": None if tiny else 240})
     return Pair(f"train-{shape}", f"training step time, {shape} shape, batch {batch} x 64 tokens, "
                 "fp32 AdamW, clip 1.0",
                 "mstore.train.train(store, cfg) (step-end callback)",
