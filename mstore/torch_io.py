@@ -9,6 +9,7 @@ caught on every load; `verify=True` also re-hashes it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Iterable
@@ -45,7 +46,7 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
     nbytes = math.prod(entry.shape) * DTYPE_SIZES.get(entry.dtype, 0)
     if dtype is None:
         raise ObjectCorrupt(entry.object, f"dtype {entry.dtype} unsupported by this torch", what)
-    start = len(object_header(entry.dtype, entry.shape, nbytes))
+    start = _data_start(entry.dtype, tuple(entry.shape), nbytes)
     path = objects.path_str(entry.object)
     try:
         size = os.stat(path).st_size
@@ -61,6 +62,12 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)[start:]
     return flat.view(dtype).reshape(entry.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _data_start(dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
+    """Where a tensor object's data starts; a model repeats a few shapes in every layer."""
+    return len(object_header(dtype, shape, nbytes))
 
 
 def load_state_dict(objects: ObjectStore, tensors: dict[str, TensorEntry],
