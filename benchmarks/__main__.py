@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine_info(workdir),
         "model": bench.__dict__.get("model", (None, None))[1],
         "setup_s": bench.setup_seconds, "pair_wall_s": timings,
-        "mstore_bytecode_written": compiled,
+        "mstore_bytecode_written_now": compiled,  # 0: it was already current
         # the benchmark process itself stays small (children forked from it start with its RSS)
         "runner_imported_torch": "torch" in sys.modules,
         "pairs": [p.to_json() for p in pairs],
