@@ -28,7 +28,7 @@ from .import_cache import ImportCache
 from .manifest import Manifest, TensorEntry
 from .objects import ObjectBatch, hash_tensor_range
 from .registry import validate_name
-from .safetensors_io import DTYPE_SIZES, object_header, parse_header
+from .safetensors_io import DTYPE_SIZES, object_data_start, parse_header
 from .store import Store
 from .units import fmt_bytes, fmt_count
 
@@ -360,8 +360,8 @@ def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:
     entries = {}
     for name, oid, dtype, shape in known:
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        if name in tensors or not batch.reuse(oid, len(object_header(dtype, shape, nbytes))
-                                              + nbytes):
+        size = object_data_start(dtype, tuple(shape), nbytes) + nbytes
+        if name in tensors or not batch.reuse(oid, size):
             return False
         entries[name] = TensorEntry(oid, dtype, list(shape))
         if bar:

@@ -304,12 +304,13 @@ class ObjectBatch:
         """A tensor object from an in-memory buffer (training results, tests)."""
         buf = memoryview(data).cast("B")
         oid = tensor_oid(dtype, shape, buf)
-        size = len(object_header(dtype, shape, buf.nbytes)) + buf.nbytes
+        header = object_header(dtype, shape, buf.nbytes)
+        size = len(header) + buf.nbytes
         hit = self._record(oid, size)
         if hit:
             return hit
         with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
-            f.write(object_header(dtype, shape, buf.nbytes))
+            f.write(header)
             f.write(buf)
         return self._stage(oid, tmp, size)
 

@@ -8,6 +8,7 @@ makes is checked against the file before any byte is trusted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -132,3 +133,10 @@ def object_header(dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -
     ).encode()
     body += b" " * (-(8 + len(body)) % 8)  # data starts 8-byte aligned: zero-copy views
     return struct.pack("<Q", len(body)) + body
+
+
+@functools.lru_cache(maxsize=4096)
+def object_data_start(dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
+    """Where a tensor object's data starts (the length of its header), without building the
+    header each time: a model repeats a few shapes in every layer."""
+    return len(object_header(dtype, shape, nbytes))

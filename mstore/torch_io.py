@@ -9,7 +9,6 @@ caught on every load; `verify=True` also re-hashes it.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Iterable
@@ -19,7 +18,7 @@ import torch
 from .errors import ObjectCorrupt, ObjectMissing
 from .manifest import TensorEntry
 from .objects import ObjectBatch, ObjectStore, hash_file
-from .safetensors_io import DTYPE_SIZES, object_header
+from .safetensors_io import DTYPE_SIZES, object_data_start
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,7 +45,7 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
     nbytes = math.prod(entry.shape) * DTYPE_SIZES.get(entry.dtype, 0)
     if dtype is None:
         raise ObjectCorrupt(entry.object, f"dtype {entry.dtype} unsupported by this torch", what)
-    start = _data_start(entry.dtype, tuple(entry.shape), nbytes)
+    start = object_data_start(entry.dtype, tuple(entry.shape), nbytes)
     path = objects.path_str(entry.object)
     try:
         size = os.stat(path).st_size
@@ -62,12 +61,6 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)[start:]
     return flat.view(dtype).reshape(entry.shape)
-
-
-@functools.lru_cache(maxsize=4096)
-def _data_start(dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
-    """Where a tensor object's data starts; a model repeats a few shapes in every layer."""
-    return len(object_header(dtype, shape, nbytes))
 
 
 def load_state_dict(objects: ObjectStore, tensors: dict[str, TensorEntry],
