@@ -107,21 +107,16 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
         """Times load_checkpoint() and tokenizer() and counts the tokens generate_stream
         yields; the adapter itself is untouched (measurement only)."""
         adapter = real_adapter_for(st, commit)
-        load, tok, stream = adapter.load_checkpoint, adapter.tokenizer, adapter.generate_stream
+        stream = adapter.generate_stream
 
-        def load_checkpoint(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return load(*args, **kw)
-            finally:
-                probe["load"] += time.perf_counter() - t0
-
-        def tokenizer(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return tok(*args, **kw)
-            finally:
-                probe["load"] += time.perf_counter() - t0
+        def counted_as_load(fn):
+            def timed(*args, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    probe["load"] += time.perf_counter() - t0
+            return timed
 
         def generate_stream(*args, **kw):
             for t in stream(*args, **kw):
@@ -129,7 +124,8 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
                 probe["ids"].append(t)
                 yield t
 
-        adapter.load_checkpoint, adapter.tokenizer = load_checkpoint, tokenizer
+        adapter.load_checkpoint = counted_as_load(adapter.load_checkpoint)
+        adapter.tokenizer = counted_as_load(adapter.tokenizer)
         adapter.generate_stream = generate_stream
         return adapter
 
