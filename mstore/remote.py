@@ -8,6 +8,12 @@ e.g. AWS_* variables or ~/.aws for s3fs), and what this store last saw of each r
 kept in `remote-refs.json` (git's refs/remotes), the "expected" value of a push's
 compare-and-swap.
 
+What travels is what gc keeps for the ref moved (`reachability.closure`, the one rule):
+the manifest chain, and the objects of the commit's own manifest, not its parents' weights.
+Refs are checked before anything is transferred, so a refused push or pull writes nothing.
+Invalid entries in a remote's registry.json are returned (`skipped`), never fatal, never
+used as paths; a push leaves them as they are.
+
 Order of a push, each step complete before the next: objects the remote lacks (found by
 listing its fan-out folders, in parallel), then the manifest chain (parents first), then the
 remote ref by compare-and-swap. A pull is the reverse: every object is re-hashed before it is
