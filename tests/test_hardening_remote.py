@@ -20,7 +20,9 @@ from mstore import remote as R
 from mstore.gc import reachable
 from mstore.store import Store
 from tests.conftest import Cli, snapshot
-from tests.test_remote import count_uploads, fsck_clean, make_child
+from tests.test_remote import (  # noqa: F401 - s3_endpoint and s3_env are fixtures
+    count_uploads, fsck_clean, make_child, new_bucket, s3_endpoint, s3_env,
+)
 
 
 def objects_of(store: Store) -> set[str]:
@@ -285,10 +287,16 @@ def test_pull_and_clone_ref_of_invalid_entry(hostile_remote, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("kind", ["path", "memory"])
-def test_push_keeps_invalid_entries_as_they_are(kind, cli, store, model_dirs, tmp_path):
-    url = (str(tmp_path / "remote") if kind == "path"
-           else f"memory://mstore-{uuid.uuid4().hex[:8]}/models")
+@pytest.mark.parametrize("kind", ["path", "memory", "s3"])
+def test_push_keeps_invalid_entries_as_they_are(kind, cli, store, model_dirs, tmp_path,
+                                                request):
+    """Each way of swapping the remote registry: the store's lock, a lock object, If-Match."""
+    if kind == "s3":
+        url = f"s3://{new_bucket(request.getfixturevalue('s3_env'))}/models"
+    elif kind == "memory":
+        url = f"memory://mstore-{uuid.uuid4().hex[:8]}/models"
+    else:
+        url = str(tmp_path / "remote")
     cli("import", model_dirs["qwen2"], "--accept-license", "--name", "m")
     cli("remote", "add", "origin", url)
     cli("push", "m")
