@@ -32,6 +32,13 @@ def _warn(msg: str) -> None:
     typer.echo(f"warning: {msg}", err=True)
 
 
+def _warn_skipped(remote: str, skipped: list[dict[str, str]]) -> None:
+    """One line per invalid entry of a remote's registry (the library only returns them)."""
+    for s in skipped:
+        _warn(f"remote {remote!r} has an invalid entry {s['name']!r} ({s['reason']}); "
+              "ignored")
+
+
 def register(app: typer.Typer) -> None:
     """Add `remote`, `push`, `pull` and `clone` to `app` (idempotent)."""
     if getattr(app, "_mstore_remotes_registered", False):
@@ -99,6 +106,7 @@ def register(app: typer.Typer) -> None:
 
         r = do_push(store_of(ctx), name, remote, as_name=as_name, force=force,
                     progress=_tty(as_json), warn=_warn)
+        _warn_skipped(r.remote, r.skipped)
         if as_json:
             return print_json(r.to_json())
         if not r.ref_updated and r.objects_sent == 0:
@@ -126,6 +134,7 @@ def register(app: typer.Typer) -> None:
 
         r = do_pull(store_of(ctx), name, remote, as_name=as_name, force=force,
                     progress=_tty(as_json))
+        _warn_skipped(r.remote, r.skipped)
         if as_json:
             return print_json(r.to_json())
         _print_pull(r)
@@ -142,6 +151,7 @@ def register(app: typer.Typer) -> None:
         from .remote import clone as do_clone
 
         res = do_clone(url, dest, ref, progress=_tty(as_json))
+        _warn_skipped("origin", res.skipped)
         if as_json:
             return print_json(res.to_json())
         for r in res.refs:

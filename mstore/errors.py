@@ -355,3 +355,23 @@ class DestinationNotEmpty(RemoteError):
     def __init__(self, path: str):
         super().__init__(f"destination {path} exists and is not empty (clone into a new or "
                          "empty folder)")
+
+
+# -- hardening: remote
+class LocalRefWouldMove(RemoteError):
+    """A pull would move a local ref that is not this store's copy of the ref pulled."""
+
+    def __init__(self, name: str, local: str, remote_name: str, remote_ref: str, commit: str):
+        self.name, self.local, self.remote_ref, self.commit = name, local, remote_ref, commit
+        super().__init__(f"local ref {name!r} already points at {local[:12]}; pulling "
+                         f"{remote_ref!r} from {remote_name!r} would move it to {commit[:12]}; "
+                         "pull with --as NEW_NAME to keep both, or --force to move it")
+
+
+class RemoteRefInvalid(RemoteError, ValueError):
+    """The remote's registry entry for the ref asked for cannot be used."""
+
+    def __init__(self, name: str, remote: str, reason: str):
+        self.name, self.remote, self.reason = name, remote, reason
+        super().__init__(f"remote {remote!r} has an invalid entry {name!r} ({reason}); "
+                         "it was not used")

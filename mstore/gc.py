@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import failpoints, fsio
 from .errors import GcRefused, ObjectCorrupt, ObjectMissing
+from .reachability import ref_closure
 from .store import Store
 
 DEFAULT_GRACE = 3600.0
@@ -47,20 +48,14 @@ class GcPlan:
 
 
 def reachable(store: Store) -> tuple[set[str], set[str]]:
-    """(manifests to keep, tensor/file objects to keep); raises GcRefused when unsure."""
-    manifests: set[str] = set()
-    objects: set[str] = set()
-    for name, entry in store.refs().items():
-        head = True
-        for oid, m in store.lineage(entry["commit"]):
-            if m is None:
-                raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
-                                "run `mstore fsck`")
-            manifests.add(oid)
-            if head:
-                objects |= m.object_ids()
-                head = False
-    return manifests, objects
+    """(manifests to keep, tensor/file objects to keep); raises GcRefused when unsure.
+    The rule itself is `reachability.closure`, shared with push, pull and clone."""
+    c = ref_closure(store)
+    if c.unreadable:
+        oid, name = c.unreadable[0]
+        raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
+                        "run `mstore fsck`")
+    return set(c.manifests), c.objects
 
 
 def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:

@@ -8,6 +8,12 @@ e.g. AWS_* variables or ~/.aws for s3fs), and what this store last saw of each r
 kept in `remote-refs.json` (git's refs/remotes), the "expected" value of a push's
 compare-and-swap.
 
+What travels is what gc keeps for the ref moved (`reachability.closure`, the one rule):
+the manifest chain, and the objects of the commit's own manifest, not its parents' weights.
+Refs are checked before anything is transferred, so a refused push or pull writes nothing.
+Invalid entries in a remote's registry.json are returned (`skipped`), never fatal, never
+used as paths; a push leaves them as they are.
+
 Order of a push, each step complete before the next: objects the remote lacks (found by
 listing its fan-out folders, in parallel), then the manifest chain (parents first), then the
 remote ref by compare-and-swap. A pull is the reverse: every object is re-hashed before it is
@@ -52,12 +58,14 @@ from .errors import (  # noqa: F401 - the remote errors are part of this module'
     BadRemoteName, BadRemoteURL, DestinationNotEmpty, MStoreError, NoDefaultRemote,
     NotFastForward, ObjectCorrupt, ObjectMissing, RemoteBusy, RemoteError, RemoteExists,
     RemoteLocked, RemoteNotAStore, RemoteObjectCorrupt, RemoteObjectMissing,
-    RemoteRefMissing, RemoteRefMoved, RemoteUnavailable, StoreNotFound, UnknownRemote,
+    LocalRefWouldMove, RegistryCorrupt, RemoteRefInvalid, RemoteRefMissing, RemoteRefMoved,
+    RemoteUnavailable, StoreNotFound, UnknownRemote,
 )
 from .locks import StoreLock, lock_wait
 from .manifest import Manifest
 from .objects import OBJECT_MODE, hash_bytes, hash_file, is_oid
-from .registry import ENTRY_FIELDS, NAME_RE, VERSION, parse_registry, validate_name
+from .reachability import Closure, closure, store_loader
+from .registry import ENTRY_FIELDS, NAME_RE, VERSION, validate_name
 from .store import Store
 
 REMOTES_FILE = "remotes.json"
@@ -88,6 +96,8 @@ class TransferResult:
     manifests: int = 0  # manifests in the chain transferred
     forced: bool = False
     note: str = ""
+    # invalid entries of the remote's registry, reported and left alone: [{name, reason}]
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +108,11 @@ class CloneResult:
     dir: str
     url: str
     refs: list[TransferResult] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # invalid remote entries
 
     def to_json(self) -> dict[str, Any]:
         return {"dir": self.dir, "url": self.url, "refs": [r.to_json() for r in self.refs],
+                "skipped": self.skipped,
                 "objects_received": sum(r.objects_sent for r in self.refs),
                 "bytes_received": sum(r.bytes_sent for r in self.refs)}
 
@@ -254,6 +266,53 @@ def _registry_bytes(models: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
+def _parse_registry_entries(raw: bytes, where: str
+                             ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
+    """(valid entries, [(name, reason)] of the invalid ones) of a registry.json.
+
+    Stand-in, same signature, for `registry.parse_registry_entries` (added on another
+    branch): a file that is not a registry at all raises RegistryCorrupt; one bad entry
+    (a hostile name, not an object, a name that differs from its key, no commit id) is
+    returned as invalid so that it never stops the valid ones, and is never used as a path.
+    """
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RegistryCorrupt(where, f"not valid JSON: {e.__class__.__name__}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
+        raise RegistryCorrupt(where, "expected an object with a 'models' table")
+    if doc.get("version") != VERSION:
+        raise RegistryCorrupt(where, f"version {doc.get('version')!r} is not {VERSION}")
+    valid: dict[str, dict[str, Any]] = {}
+    invalid: list[tuple[str, str]] = []
+    for name, entry in doc["models"].items():
+        if not NAME_RE.fullmatch(name) or ".." in name:
+            invalid.append((name, "not a valid model name"))
+        elif not isinstance(entry, dict):
+            invalid.append((name, "entry is not an object"))
+        elif entry.get("model_name") != name:
+            invalid.append((name, f"its model_name {entry.get('model_name')!r} differs"))
+        elif not (isinstance(entry.get("commit"), str) and is_oid(entry["commit"])):
+            invalid.append((name, "commit is not an object id"))
+        else:
+            valid[name] = entry
+    return valid, invalid
+
+
+def _registry_with_kept(raw: bytes | None, where: str
+                        ) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
+    """(valid, invalid, the invalid entries as they are): a push rewrites only its own entry."""
+    if raw is None:
+        return {}, [], {}
+    valid, invalid = _parse_registry_entries(raw, where)
+    table = json.loads(raw.decode("utf-8"))["models"]
+    return valid, invalid, {k: v for k, v in table.items() if k not in valid}
+
+
+def _merged_registry(models: dict[str, Any], kept: dict[str, Any]) -> bytes:
+    return _registry_bytes({**{k: v for k, v in kept.items() if k not in models}, **models})
+
+
 class _NoChange(Exception):
     """Raised inside a registry update whose check found nothing to write."""
 
@@ -350,14 +409,27 @@ class Transport:
             return None
 
     # registry
-    def read_registry(self) -> dict[str, dict[str, Any]] | None:
-        """The remote's models table; None when it has no registry.json yet."""
+    def read_registry_raw(self) -> bytes | None:
         self.fs.invalidate_cache(self.registry_key)
         try:
-            raw = self.fs.cat_file(self.registry_key)
+            return self.fs.cat_file(self.registry_key)
         except FileNotFoundError:
             return None
-        return parse_registry(raw, self.url + "/registry.json")
+
+    def read_registry_entries(self) -> tuple[dict[str, dict[str, Any]],
+                                             list[tuple[str, str]]] | None:
+        """(valid refs, [(name, reason)] of invalid ones); None when it has no registry.json."""
+        raw = self.read_registry_raw()
+        return None if raw is None else _parse_registry_entries(raw, self.where)
+
+    def read_registry(self) -> dict[str, dict[str, Any]] | None:
+        """The remote's valid refs; None when it has no registry.json yet."""
+        got = self.read_registry_entries()
+        return None if got is None else got[0]
+
+    @property
+    def where(self) -> str:
+        return self.url.rstrip("/") + "/registry.json"
 
     def update_registry(self, change: Callable[[dict[str, Any]], None],
                         warn: Callable[[str], None]) -> None:
@@ -366,13 +438,13 @@ class Transport:
         token = uuid.uuid4().hex
         self._acquire(lock, token, warn)
         try:
-            models = self.read_registry() or {}
+            models, _invalid, kept = _registry_with_kept(self.read_registry_raw(), self.where)
             try:
                 change(models)
             except _NoChange:
                 return
             self._check_lock(lock, token)
-            self._write_registry(_registry_bytes(models))
+            self._write_registry(_merged_registry(models, kept))
         finally:
             try:
                 if self._lock_token(lock) == token:
@@ -473,12 +545,12 @@ class S3Transport(Transport):
                 raw = self.fs.cat_file(key)
             except FileNotFoundError:
                 etag, raw = None, None
-            models = parse_registry(raw, self.url + "/registry.json") if raw is not None else {}
+            models, _invalid, kept = _registry_with_kept(raw, self.where)
             try:
                 change(models)
             except _NoChange:
                 return
-            data = _registry_bytes(models)
+            data = _merged_registry(models, kept)
             try:
                 if etag is None:
                     self.fs.pipe_file(key, data, mode="create")  # If-None-Match: *
@@ -561,16 +633,28 @@ class LocalTransport(Transport):
         except FileNotFoundError:
             return None
 
-    def read_registry(self):
-        if not self.store.registry.exists():
+    def read_registry_raw(self) -> bytes | None:
+        try:
+            return self.store.registry.path.read_bytes()
+        except FileNotFoundError:
             return None
-        return self.store.registry.load()
+
+    @property
+    def where(self) -> str:
+        return str(self.store.registry.path)
 
     def update_registry(self, change, warn) -> None:
-        try:
-            self.store.registry.update(change)
-        except _NoChange:
-            pass
+        """The remote store's own registry lock, re-read, check, atomic rewrite (as
+        Registry.update does), keeping the entries this mstore cannot read as they are."""
+        reg = self.store.registry
+        with StoreLock(reg.lock_path, shared=False, purpose="registry update"):
+            models, _invalid, kept = _registry_with_kept(self.read_registry_raw(), self.where)
+            try:
+                change(models)
+            except _NoChange:
+                return
+            fsio.write_atomic(reg.path, _merged_registry(models, kept),
+                              reg.tmp_dir if reg.tmp_dir.is_dir() else None)
 
 
 def _protocol(fs) -> str:
@@ -604,6 +688,10 @@ def _is_ancestor(store: Store, ancestor: str, commit: str) -> bool:
     return any(oid == ancestor for oid, _m in store.lineage(commit))
 
 
+def _skipped(invalid: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"name": n, "reason": why} for n, why in invalid]
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -624,7 +712,8 @@ def _remote_error(url: str, e: Exception) -> MStoreError:
 def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | None = None,
          force: bool = False, progress: bool = False,
          warn: Callable[[str], None] = lambda s: None) -> TransferResult:
-    """Send `ref`'s commit (manifest chain and objects) to a remote and set its ref there."""
+    """Send `ref`'s commit to a remote and set its ref there: exactly what gc keeps for it
+    (`reachability.closure`): its manifest chain, and its own manifest's objects only."""
     if not store.exists():
         raise StoreNotFound(str(store.root))
     remote_name, url = resolve_remote(store, remote)
@@ -638,27 +727,41 @@ def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | No
         r = store.resolve(ref)
         commit = r.commit
         head = store.read_manifest(commit)
-        # The chain: head first, then parents as far as their manifests are here.
-        chain: list[tuple[str, Manifest]] = []
-        for oid, m in store.lineage(commit):
-            if m is None:
-                break
-            chain.append((oid, m))
-        required = head.object_ids()
-        for oid in sorted(required):
+        plan = closure({name: commit}, store_loader(store))  # parents end where none is here
+        for oid in sorted(plan.objects):
             if not store.objects.exists(oid):
                 raise ObjectMissing(oid, "object of the pushed commit")
-        optional = set()
-        for _oid, m in chain[1:]:
-            optional |= {o for o in m.object_ids() if o not in required
-                         and store.objects.exists(o)}
-        objects = sorted(required | optional)
-        manifests = [oid for oid, _m in reversed(chain)]  # parents first, head last
+        objects = sorted(plan.objects)
+        manifests = plan.order  # parents first, head last
         entry = store.registry_entry(name, commit, head,
                                      (r.entry or {}).get("fine_tuned_from"))
         known = tracking_refs(store, remote_name).get(name)
+        state: dict[str, Any] = {}
+
+        def check(models):
+            """The push rule, applied before anything is sent and again in the swap."""
+            current = models.get(name, {}).get("commit")
+            state["previous"] = current
+            if current == commit and not force:
+                raise _NoChange()
+            moved_on = current is not None and current != known and current not in plan.manifests
+            if moved_on and not force:
+                raise RemoteRefMoved(name, remote_name, current, known)
+            state["forced"] = moved_on
+
+        def change(models):
+            check(models)
+            models[name] = {k: entry.get(k) for k in ENTRY_FIELDS}
+            state["written"] = True
+
         try:
             with transport.session(writing=True):
+                listing = transport.read_registry_entries()
+                models, skipped = listing if listing is not None else ({}, [])
+                try:
+                    check(models)
+                except _NoChange:
+                    pass
                 present = transport.present(objects + manifests)
                 to_send = [o for o in objects if o not in present]
                 sizes = {o: store.objects.size(o) for o in to_send}
@@ -668,22 +771,6 @@ def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | No
                         _upload_one(store, transport, oid)
                         sent += 1
                 failpoints.hit("push.objects-sent")
-                state: dict[str, Any] = {}
-
-                def change(models):
-                    current = models.get(name, {}).get("commit")
-                    state["previous"] = current
-                    if current == commit and not force:
-                        raise _NoChange()
-                    if (current is not None and not force and current != known
-                            and not _is_ancestor(store, current, commit)):
-                        raise RemoteRefMoved(name, remote_name, current, known)
-                    state["forced"] = bool(force and current is not None and current != known
-                                           and current != commit
-                                           and not _is_ancestor(store, current, commit))
-                    models[name] = {k: entry.get(k) for k in ENTRY_FIELDS}
-                    state["written"] = True
-
                 transport.update_registry(change, warn)
                 failpoints.hit("push.ref-updated")
         except (MStoreError, KeyboardInterrupt):
@@ -698,7 +785,8 @@ def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | No
         previous=state.get("previous"), ref_updated=bool(state.get("written")),
         objects_sent=sent, bytes_sent=bytes_sent if sent else 0,
         objects_present=len(set(objects + manifests) & set(present)),
-        manifests=len(manifests), forced=bool(state.get("forced")))
+        manifests=len(manifests), forced=bool(state.get("forced") and state.get("written")),
+        skipped=_skipped(skipped))
 
 
 def _upload_one(store: Store, transport: Transport, oid: str) -> None:
@@ -742,28 +830,35 @@ def pull(store: Store, name: str, remote: str | None = None, *, as_name: str | N
 def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
                as_name: str | None = None, force: bool = False, progress: bool = False,
                transport: Transport | None = None) -> TransferResult:
+    """Plan (read the chain, decide the local ref), then transfer, then set the ref: a pull
+    that is refused has written nothing."""
     validate_name(name)
     local_name = validate_name(as_name or name)
     transport = transport or open_transport(url)
     try:
         with store.writer_lock("pull"), transport.session(writing=False):
-            models = transport.read_registry()
-            if models is None:
+            listing = transport.read_registry_entries()
+            if listing is None:
                 raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
+            models, invalid = listing
             entry = models.get(name)
             if entry is None:
+                reason = dict(invalid).get(name)
+                if reason is not None:
+                    raise RemoteRefInvalid(name, remote_name, reason)
                 raise RemoteRefMissing(name, remote_name, sorted(models))
             commit = entry["commit"]
-            if not is_oid(commit):
-                raise RemoteError(f"remote {remote_name!r} names a bad commit {commit!r} "
-                                  f"for {name!r}")
-            received, nbytes, present, chain = _fetch_commit(
-                store, transport, remote_name, commit, progress)
+            plan, fetched = _plan_fetch(store, transport, remote_name, commit)
             result = TransferResult(
                 remote=remote_name, url=url, name=local_name, commit=commit,
-                previous=None, ref_updated=False, objects_sent=received,
-                bytes_sent=nbytes, objects_present=present, manifests=chain)
-            _set_local_ref(store, local_name, commit, entry, remote_name, force, result)
+                previous=None, ref_updated=False, manifests=len(plan.order),
+                skipped=_skipped(invalid))
+            move = _decide_local_ref(store, local_name, name, commit, plan, remote_name,
+                                     force, result)
+            if move or result.note == "up to date":
+                _fetch(store, transport, remote_name, plan, fetched, progress, result)
+            if move:
+                _set_local_ref(store, local_name, commit, entry, result)
     except (MStoreError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001
@@ -772,77 +867,94 @@ def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
     return result
 
 
-def _set_local_ref(store: Store, local_name: str, commit: str, remote_entry: dict[str, Any],
-                   remote_name: str, force: bool, result: TransferResult) -> None:
+def _decide_local_ref(store: Store, local_name: str, name: str, commit: str, plan: Closure,
+                      remote_name: str, force: bool, result: TransferResult) -> bool:
+    """Whether the pull sets the local ref; raises (before anything is written) if it may not.
+
+    An existing local ref moves without --force only when it is this store's copy of the
+    ref pulled: the same name, holding what this store last saw of it on that remote, and
+    the remote's commit descends from it (a fast-forward). Anything else needs --force."""
     current = (store.refs().get(local_name) or {}).get("commit")
     result.previous = current
+    if current is None:
+        return True
     if current == commit:
         result.note = "up to date"
-        return
-    if current is not None and not force:
-        if _is_ancestor(store, commit, current):
-            result.note = f"local {local_name} is ahead of {remote_name}"
-            return
-        if not _is_ancestor(store, current, commit):
+        return False
+    fast_forward = current in plan.manifests
+    if not force:
+        if not fast_forward and _is_ancestor(store, commit, current):
+            result.note = (f"local {local_name} is ahead of {remote_name}" if local_name == name
+                           else f"local {local_name} is ahead of {remote_name}'s {name}")
+            return False
+        if not fast_forward:
             raise NotFastForward(local_name, current, commit, remote_name)
+        tracked = tracking_refs(store, remote_name).get(name)
+        if local_name != name or tracked != current:
+            raise LocalRefWouldMove(local_name, current, remote_name, name, commit)
+    result.forced = force and not (fast_forward and local_name == name
+                                   and tracking_refs(store, remote_name).get(name) == current)
+    return True
+
+
+def _set_local_ref(store: Store, local_name: str, commit: str, remote_entry: dict[str, Any],
+                   result: TransferResult) -> None:
     head = store.read_manifest(commit)
     parent = remote_entry.get("fine_tuned_from")
-    local_entry = store.registry_entry(local_name, commit, head,
-                                       parent if isinstance(parent, str) else None)
-    store.registry.set_ref(local_entry, expected=current)
+    if not (isinstance(parent, str) and NAME_RE.fullmatch(parent) and ".." not in parent):
+        parent = None  # a remote's hostile parent name is not copied into this registry
+    local_entry = store.registry_entry(local_name, commit, head, parent)
+    store.registry.set_ref(local_entry, expected=result.previous)
     result.ref_updated = True
-    result.forced = bool(force and current is not None and not _is_ancestor(store, current, commit))
 
 
-def _fetch_commit(store: Store, transport: Transport, remote_name: str, commit: str,
-                  progress: bool) -> tuple[int, int, int, int]:
-    """Manifest chain and objects of `commit` into the local store, verified before publishing.
+def _plan_fetch(store: Store, transport: Transport, remote_name: str, commit: str
+                ) -> tuple[Closure, dict[str, bytes]]:
+    """What gc would keep for `commit` (`reachability.closure`), read from here or the
+    remote: (the closure, the verified bytes of the manifests only the remote has). The
+    walk ends at a parent the remote lacks; the head itself must be there."""
+    fetched: dict[str, bytes] = {}
 
-    Returns (objects received, bytes received, objects already present, manifests in chain).
-    """
-    # 1. The manifest chain, each verified; parents the remote lacks end the walk.
-    chain: list[tuple[str, bytes | None, Manifest]] = []  # bytes None: already local
-    seen: set[str] = set()
-    oid: str | None = commit
-    while oid and oid not in seen:
-        seen.add(oid)
+    def load(oid: str) -> Manifest | None:
         if store.objects.exists(oid):
-            m = store.read_manifest(oid)
-            chain.append((oid, None, m))
-        else:
-            data = transport.read_object(oid)
-            if data is None:
-                if oid == commit:
-                    raise RemoteObjectMissing(oid, remote_name, "manifest")
-                break
-            got = hash_bytes(data)
-            if got != oid:
-                raise RemoteObjectCorrupt(oid, got, remote_name)
-            chain.append((oid, data, Manifest.from_bytes(data, oid)))
-        oid = chain[-1][2].parent
-    head = chain[0][2]
-    required = head.object_ids()
-    optional: set[str] = set()
-    for _oid, _d, m in chain[1:]:
-        optional |= m.object_ids()
-    optional -= required
-    wanted = sorted(o for o in required | optional if not store.objects.exists(o))
-    already = len((required | optional)) - len(wanted) + sum(1 for c in chain if c[1] is None)
+            return store.read_manifest(oid, light=True)
+        data = transport.read_object(oid)
+        if data is None:
+            return None
+        got = hash_bytes(data)
+        if got != oid:
+            raise RemoteObjectCorrupt(oid, got, remote_name)
+        m = Manifest.from_bytes(data, oid, light=True)
+        fetched[oid] = data
+        return m
+
+    plan = closure({commit: commit}, load)
+    if commit not in plan.manifests:
+        raise RemoteObjectMissing(commit, remote_name, "manifest")
+    return plan, fetched
+
+
+def _fetch(store: Store, transport: Transport, remote_name: str, plan: Closure,
+           fetched: dict[str, bytes], progress: bool, result: TransferResult) -> None:
+    """Objects the plan needs and this store lacks, verified; then the new manifests,
+    parents first, each durable before the next; the head last."""
+    wanted = sorted(o for o in plan.objects if not store.objects.exists(o))
     remote_has = transport.present(wanted)
-    for o in sorted(required):
-        if o in wanted and o not in remote_has:
+    for o in wanted:
+        if o not in remote_has:
             raise RemoteObjectMissing(o, remote_name)
-    fetch = [o for o in wanted if o in remote_has]
-    received, nbytes = _download(store, transport, remote_name, fetch, remote_has, progress)
-    # 2. Manifests, parents first, each durable before the next; the head last.
-    for oid, data, _m in reversed(chain):
-        if data is not None:
-            res = store.objects.put_bytes(data)
-            if res.oid != oid:  # cannot happen: verified above
-                raise RemoteObjectCorrupt(oid, res.oid, remote_name)
-            received += 1
-            nbytes += len(data)
-    return received, nbytes, already, len(chain)
+    received, nbytes = _download(store, transport, remote_name, wanted, remote_has, progress)
+    for oid in plan.order:
+        data = fetched.get(oid)
+        if data is None:
+            continue
+        res = store.objects.put_bytes(data)
+        if res.oid != oid:  # cannot happen: verified above
+            raise RemoteObjectCorrupt(oid, res.oid, remote_name)
+        received += 1
+        nbytes += len(data)
+    result.objects_sent, result.bytes_sent = received, nbytes
+    result.objects_present = len(plan.keep()) - len(wanted) - len(fetched)
 
 
 def _download(store: Store, transport: Transport, remote_name: str, oids: list[str],
@@ -912,22 +1024,26 @@ def clone(url: str, dest: Path | str, ref: str | None = None, *, progress: bool 
     transport = open_transport(url)
     try:
         with transport.session(writing=False):
-            models = transport.read_registry()
+            listing = transport.read_registry_entries()
     except (MStoreError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001
         raise _remote_error(url, e) from e
-    if models is None:
+    if listing is None:
         raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
-    if ref is not None and ref not in models:
-        raise RemoteRefMissing(ref, url, sorted(models))
-    names = [ref] if ref is not None else sorted(models)
-    for name in names:
-        validate_name(name)  # a malformed remote registry is refused before anything is made
+    models, invalid = listing
+    if ref is not None:
+        validate_name(ref)
+        reason = dict(invalid).get(ref)
+        if reason is not None:
+            raise RemoteRefInvalid(ref, url, reason)
+        if ref not in models:
+            raise RemoteRefMissing(ref, url, sorted(models))
+    names = [ref] if ref is not None else sorted(models)  # invalid entries: reported, skipped
     store.init()
     if remote_name not in list_remotes(store):
         add_remote(store, remote_name, url)
-    result = CloneResult(str(dest), url)
+    result = CloneResult(str(dest), url, skipped=_skipped(invalid))
     for name in names:
         result.refs.append(_pull_from(store, remote_name, url, name, progress=progress,
                                       transport=transport))
