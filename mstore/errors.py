@@ -355,3 +355,24 @@ class DestinationNotEmpty(RemoteError):
     def __init__(self, path: str):
         super().__init__(f"destination {path} exists and is not empty (clone into a new or "
                          "empty folder)")
+
+
+# -- hardening: validate
+class ConfigMismatch(ImportRefused, ValueError):
+    """config.json and the tensors disagree, or config.json holds a size no model can have.
+
+    `where` names the model (a source at import, a commit at load); the message names the
+    first mismatch found.
+    """
+
+    def __init__(self, where: str, detail: str):
+        self.where, self.detail = where, detail
+        super().__init__(f"{where}: {detail}")
+
+
+class BadTokenizer(ImportRefused, ValueError):
+    """A tokenizer file that does not load, or whose ids do not fit the embedding."""
+
+    def __init__(self, where: str, detail: str):
+        self.where, self.detail = where, detail
+        super().__init__(f"{where}: {detail}")
