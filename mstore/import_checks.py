@@ -9,10 +9,10 @@ Only headers and small files are read; no torch, no transformers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .adapters.base import TOKENIZER_FILES, adapter_class
-from .errors import BadSource
+from .errors import BadSource, MStoreError
 from .safetensors_io import read_header_from_file
 
 if TYPE_CHECKING:
@@ -21,7 +21,19 @@ if TYPE_CHECKING:
 MAX_SIDE_FILE = 256 * 1024 * 1024  # a tokenizer file bigger than this is not one
 
 
-def check_source(plan: "SourcePlan", folder: Path) -> None:
+def check_source(plan: "SourcePlan", folder: Path,
+                 on_refusal: Callable[[], None] | None = None) -> None:
+    """Refuse the source before any object is written; `on_refusal` runs first (import
+    removes a download: a retry would be refused the same way, nothing to resume)."""
+    try:
+        _check(plan, folder)
+    except MStoreError:
+        if on_refusal is not None:
+            on_refusal()
+        raise
+
+
+def _check(plan: "SourcePlan", folder: Path) -> None:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for shard in plan.weight_files:
         header = read_header_from_file(folder / shard, where=shard)

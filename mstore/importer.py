@@ -114,7 +114,7 @@ def import_model(store: Store, source: str, *, name: str | None = None,
     with store.writer_lock("import"):
         folder, downloaded = _materialise(store, plan, quiet)
         if downloaded:
-            check_source(plan, folder)
+            check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
         cache = ImportCache(store.root)
         manifest, batch = _convert(store, plan, folder, quiet, cache)
         result = _commit(store, plan, manifest, batch, name)

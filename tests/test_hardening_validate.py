@@ -438,3 +438,19 @@ def test_import_refuses_a_malformed_shard(cli, initialised, model_dirs, tmp_path
         body_tail += b"\0" * 16
     path.write_bytes(_raw(text.encode(), body_tail))
     refused(cli, initialised, folder, "invalid safetensors file model.safetensors")
+
+
+def test_hub_import_of_a_mismatched_model_leaves_no_download_behind(cli, initialised,
+                                                                     model_dirs, hub_server,
+                                                                     tmp_path):
+    folder = copy_model(model_dirs["qwen3"], tmp_path / "m", config={"intermediate_size": 64})
+    hub_server.add_repo("tiny/Mismatched", folder)
+    before = snapshot(initialised)
+    result = cli("import", "tiny/Mismatched", "--accept-license", ok=False)
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tiny/Mismatched: tensor model.layers.0.mlp.gate_proj.weight "
+                           "has shape [128, 64]"), result.stderr
+    after = snapshot(initialised)
+    after.pop(".lock", None)  # the writer lock's (empty) file: a download needs the lock
+    assert after == before
