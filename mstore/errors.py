@@ -375,3 +375,24 @@ class RemoteRefInvalid(RemoteError, ValueError):
         self.name, self.remote, self.reason = name, remote, reason
         super().__init__(f"remote {remote!r} has an invalid entry {name!r} ({reason}); "
                          "it was not used")
+
+
+# -- hardening: validate
+class ConfigMismatch(ImportRefused, ValueError):
+    """config.json and the tensors disagree, or config.json holds a size no model can have.
+
+    `where` names the model (a source at import, a commit at load); the message names the
+    first mismatch found.
+    """
+
+    def __init__(self, where: str, detail: str):
+        self.where, self.detail = where, detail
+        super().__init__(f"{where}: {detail}")
+
+
+class BadTokenizer(ImportRefused, ValueError):
+    """A tokenizer file that does not load, or whose ids do not fit the embedding."""
+
+    def __init__(self, where: str, detail: str):
+        self.where, self.detail = where, detail
+        super().__init__(f"{where}: {detail}")

@@ -25,6 +25,7 @@ from .errors import (
     PickleOnly, SourceNotFound, TooLarge, UnsupportedArchitecture,
 )
 from .import_cache import ImportCache
+from .import_checks import check_source
 from .manifest import Manifest, TensorEntry
 from .objects import ObjectBatch, hash_tensor_range
 from .registry import validate_name
@@ -108,8 +109,12 @@ def import_model(store: Store, source: str, *, name: str | None = None,
     if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
         raise LicenseNotAccepted(license)
 
+    if plan.folder is not None:  # local or HF cache: refused before the store is touched
+        check_source(plan, plan.folder)
     with store.writer_lock("import"):
         folder, downloaded = _materialise(store, plan, quiet)
+        if downloaded:
+            check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
         cache = ImportCache(store.root)
         manifest, batch = _convert(store, plan, folder, quiet, cache)
         result = _commit(store, plan, manifest, batch, name)

@@ -53,38 +53,84 @@ class Header:
 def parse_header(prefix: bytes, file_size: int, where: str) -> Header:
     """Parse and validate a safetensors header from the file's first bytes.
 
-    `prefix` must hold at least 8 + header length bytes (see `header_length`).
+    `prefix` must hold at least 8 + header length bytes (see `header_length`). Refuses what
+    the safetensors spec (and its Rust reader) forbids: a header that is not a UTF-8 JSON
+    object starting with '{', duplicate keys, a `__metadata__` that is not a str -> str
+    map, unknown dtypes, bad shapes, and data offsets that do not tile the data section
+    exactly (no gap, no overlap, begin <= end, nothing past or short of the file's end).
     """
     n = header_length(prefix[:8], file_size, where)
     raw = prefix[8 : 8 + n]
     if len(raw) != n:
         raise InvalidSafetensors(where, "file ends inside the header")
+    if not raw.startswith(b"{"):
+        raise InvalidSafetensors(where, "header does not start with '{'")
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidSafetensors(where, "header is not valid UTF-8") from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise InvalidSafetensors(where, f"header has the key {e.key!r} twice") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise InvalidSafetensors(where, f"header is not JSON ({e.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise InvalidSafetensors(where, "header is not a JSON object")
     data_start = 8 + n
     data_len = file_size - data_start
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InvalidSafetensors(where, "__metadata__ is not an object")
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict)
+            and all(isinstance(v, str) for v in metadata.values())):
+        raise InvalidSafetensors(where, "__metadata__ is not a map of strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, info in doc.items():
         tensors[name] = _tensor_info(name, info, data_start, data_len, where)
-    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.nbytes)
-    for (s0, e0, a), (s1, _e1, b) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise InvalidSafetensors(where, f"tensors {a!r} and {b!r} overlap")
+    _check_tiling(tensors, data_start, data_len, where)
     return Header(tensors, metadata, data_start)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys: a tensor would silently vanish."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_tiling(tensors: dict[str, TensorInfo], data_start: int, data_len: int,
+                  where: str) -> None:
+    """The tensors' byte ranges, in offset order, must cover the data section exactly."""
+    pos, prev = data_start, None
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if t.start < pos:
+            raise InvalidSafetensors(where, f"tensors {prev!r} and {t.name!r} overlap")
+        if t.start > pos:
+            after = f" after {prev!r}" if prev is not None else ""
+            raise InvalidSafetensors(where, f"data bytes {pos - data_start}..{t.start - data_start}"
+                                     f"{after} belong to no tensor (a gap before {t.name!r})")
+        pos, prev = t.end, t.name
+    if pos != data_start + data_len:
+        raise InvalidSafetensors(where, f"tensors end at data byte {pos - data_start} but the "
+                                 f"file holds {data_len} data bytes")
 
 
 def header_length(first8: bytes, file_size: int, where: str) -> int:
     if len(first8) < 8:
         raise InvalidSafetensors(where, "shorter than 8 bytes")
     (n,) = struct.unpack("<Q", first8)
-    if n > MAX_HEADER or 8 + n > file_size:
+    if n > MAX_HEADER:
+        raise InvalidSafetensors(where, f"header length {n} is over the {MAX_HEADER} byte limit")
+    if 8 + n > file_size:
         raise InvalidSafetensors(where, f"header length {n} exceeds the file ({file_size} bytes)")
     return n
 
@@ -93,32 +139,39 @@ def _tensor_info(name, info, data_start, data_len, where) -> TensorInfo:
     if not isinstance(info, dict):
         raise InvalidSafetensors(where, f"entry {name!r} is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InvalidSafetensors(where, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise InvalidSafetensors(where, f"tensor {name!r} has a bad shape {shape!r}")
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2
-        and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len
-    ):
-        raise InvalidSafetensors(where, f"tensor {name!r} has offsets out of range {offsets!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets)):
+        raise InvalidSafetensors(where, f"tensor {name!r} has bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise InvalidSafetensors(where, f"tensor {name!r} has data_offsets out of order "
+                                 f"{offsets!r} (begin after end)")
+    if end > data_len:
+        raise InvalidSafetensors(where, f"tensor {name!r} has data_offsets {offsets!r} past the "
+                                 f"end of the data ({data_len} bytes)")
     need = math.prod(shape) * DTYPE_SIZES[dtype]
-    if offsets[1] - offsets[0] != need:
+    if end - begin != need:
         raise InvalidSafetensors(
             where, f"tensor {name!r}: {dtype}{shape} needs {need} bytes, header gives "
-            f"{offsets[1] - offsets[0]}"
+            f"{end - begin}"
         )
-    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def read_header_from_file(path) -> Header:
-    """Header of a safetensors file on disk (reads only the header bytes)."""
+def read_header_from_file(path, where: str | None = None) -> Header:
+    """Header of a safetensors file on disk (reads only the header bytes); errors name the
+    file as `where` (default: the path)."""
     import os
 
+    where = str(path) if where is None else where
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        n = header_length(f.read(8), size, str(path))
-        return parse_header(struct.pack("<Q", n) + f.read(n), size, str(path))
+        n = header_length(f.read(8), size, where)
+        return parse_header(struct.pack("<Q", n) + f.read(n), size, where)
 
 
 def object_header(dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -> bytes:

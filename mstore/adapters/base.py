@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ..errors import ObjectCorrupt, ObjectMissing, UnknownAdapter
 
@@ -104,6 +104,32 @@ class Adapter(abc.ABC):
 
     def tied_weights(self) -> dict[str, str]:
         return dict(self.manifest.tied_weights)
+
+    # -- checks before anything is written or allocated (torch-free) ----------------------
+    @classmethod
+    def check_tensors(cls, config: dict, tensors: Mapping[str, tuple[str, Sequence[int]]],
+                      where: str) -> None:
+        """Refuse (`ConfigMismatch`, one line naming the first mismatch) unless config.json's
+        sizes are usable and `tensors` ({name: (dtype, shape)}, tied weights left out) are
+        exactly what the architecture builds from them. `where` names the model in the
+        message. Import calls it on the safetensors headers before writing any object;
+        loading on the manifest's tensor table before mapping any tensor. The default
+        accepts everything (an adapter that checks nothing keeps working)."""
+
+    @classmethod
+    def check_tokenizer(cls, config: dict, files: Mapping[str, bytes],
+                        tensors: Mapping[str, tuple[str, Sequence[int]]], where: str) -> None:
+        """Refuse (`BadTokenizer`) tokenizer files (`files`: name -> bytes, the model's
+        non-weight files) that do not load, or whose ids do not fit the input embedding
+        (found in `tensors`, already checked by `check_tensors`). Called by import before
+        writing any object. The default accepts everything."""
+
+    def check_manifest(self) -> None:
+        """`check_tensors` on the bound manifest: a store written by an older mstore, or
+        a config.json that does not match, fails in one line before any allocation."""
+        where = f"commit {self.commit[:12]}" if self.commit else f"model {self.manifest.model_id}"
+        tensors = {n: (e.dtype, e.shape) for n, e in self.manifest.tensors.items()}
+        type(self).check_tensors(self.get_config(), tensors, where)
 
     # -- tokenizer ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_io
-from ..errors import ObjectCorrupt
+from ..errors import BadTokenizer, ConfigMismatch, ObjectCorrupt
 from ..nn.char_tokenizer import CharTokenizer
 from ..nn.transformer import Transformer, TransformerConfig
 from .base import Adapter, Checkpoint, Tokenizer
+from .checks import Expected, match_tensors
 
 ARCHITECTURE = "custom-transformer"
 TOKENIZER_FILE = "tokenizer.json"
@@ -53,8 +54,59 @@ def new_model(cfg: TransformerConfig, seed: int) -> Transformer:
         torch.random.set_rng_state(gen_state)
 
 
+def expected_tensors(cfg: TransformerConfig):
+    """The module's state dict without the tied lm_head, as `save_checkpoint` stores it."""
+    d, v = cfg.d_model, cfg.vocab_size
+    D = f"d_model={d}"
+    yield Expected("tok_emb.weight", (v, d), f"vocab_size={v}, {D}")
+    yield Expected("pos_emb.weight", (cfg.block_size, d), f"block_size={cfg.block_size}, {D}")
+    for i in range(cfg.n_layers):
+        b, L = f"blocks.{i}.", f"block {i} of n_layers={cfg.n_layers}, {D}"
+        for name, shape in (("ln1.weight", (d,)), ("ln1.bias", (d,)),
+                            ("attn.qkv.weight", (3 * d, d)), ("attn.qkv.bias", (3 * d,)),
+                            ("attn.proj.weight", (d, d)), ("attn.proj.bias", (d,)),
+                            ("ln2.weight", (d,)), ("ln2.bias", (d,)),
+                            ("mlp.fc.weight", (4 * d, d)), ("mlp.fc.bias", (4 * d,)),
+                            ("mlp.proj.weight", (d, 4 * d)), ("mlp.proj.bias", (d,))):
+            yield Expected(b + name, shape, L)
+    yield Expected("ln_f.weight", (d,), D)
+    yield Expected("ln_f.bias", (d,), D)
+    yield Expected("lm_head.weight", (v, d), f"vocab_size={v}, {D}", required=False)
+
+
+def _config_of(config: dict, where: str) -> TransformerConfig:
+    d = dict(config) if isinstance(config, dict) else config
+    if isinstance(d, dict):
+        d.pop("model_type", None)
+    try:
+        return TransformerConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ConfigMismatch(where, f"config.json: {e}") from None
+
+
 class CustomTransformerAdapter(Adapter):
     architectures = (ARCHITECTURE,)
+
+    @classmethod
+    def check_tensors(cls, config, tensors, where: str) -> None:
+        match_tensors(expected_tensors(_config_of(config, where)), tensors, where, ARCHITECTURE)
+
+    @classmethod
+    def check_tokenizer(cls, config, files, tensors, where: str) -> None:
+        """The character vocabulary loads and has no more ids than the embedding rows."""
+        embed = tensors.get("tok_emb.weight")
+        vocab_rows = embed[1][0] if embed else None
+        data = files.get(TOKENIZER_FILE)
+        if data is None:
+            raise BadTokenizer(where, f"no {TOKENIZER_FILE} (the character vocabulary)")
+        try:
+            tok = CharTokenizer.from_json(data)
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
+            raise BadTokenizer(where, f"{TOKENIZER_FILE} is not a character vocabulary "
+                               f"({str(e).splitlines()[0][:120]})") from None
+        if vocab_rows is not None and tok.vocab_size > vocab_rows:
+            raise BadTokenizer(where, f"{TOKENIZER_FILE} has {tok.vocab_size} characters but "
+                               f"the embedding has {vocab_rows} rows: the vocabulary does not fit")
 
     def get_config(self) -> dict[str, Any]:
         return json.loads(self.store.objects.read_bytes(self.manifest.config))
@@ -71,6 +123,7 @@ class CustomTransformerAdapter(Adapter):
     def load_checkpoint(self, device: str = "cpu", dtype: torch.dtype | None = None,
                         verify: bool = False) -> torch.nn.Module:
         cfg = self.transformer_config()
+        self.check_manifest()
         with torch.device("meta"):
             model = Transformer(cfg, init_weights=False)
         state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
@@ -104,9 +157,15 @@ class CustomTransformerAdapter(Adapter):
             raise ObjectCorrupt(self.commit or "?", "no tokenizer.json in the manifest",
                                 "manifest")
         try:
-            return CharTokenizerAdapter(CharTokenizer.from_json(self.store.objects.read_bytes(oid)))
+            tok = CharTokenizer.from_json(self.store.objects.read_bytes(oid))
         except ValueError as e:
             raise ObjectCorrupt(oid, f"bad character vocabulary: {e}", "file object") from None
+        rows = self.transformer_config().vocab_size
+        if tok.vocab_size > rows:
+            raise BadTokenizer(f"commit {(self.commit or '?')[:12]}",
+                               f"{TOKENIZER_FILE} has {tok.vocab_size} characters but the "
+                               f"embedding has {rows} rows: the vocabulary does not fit")
+        return CharTokenizerAdapter(tok)
 
     def tokenizer_from_files(self, files: dict[str, bytes]) -> Tokenizer:
         from ..errors import ConfigError
