@@ -163,4 +163,5 @@ def _wait(proc: subprocess.Popen) -> int:
             continue
 
 
-_LAUNCHER_ERROR = re.compile(rb"\[?E\d{4} \d\d:\d\d:\d\d")  # torch's error log lines: E1201 19:42:07...
+# torch's error log lines (`E1201 19:42:07.123 ...`), which start torchrun's failure report
+_LAUNCHER_ERROR = re.compile(rb"\[?E\d{4} \d\d:\d\d:\d\d")

@@ -45,12 +45,12 @@ def default_dirs(requested: Path | None) -> list[Path]:
 def save(ckpt: Checkpoint, files: dict[str, bytes], commit_args: dict[str, Any],
          requested: Path | None = None) -> Path:
     """Write a recovery folder at the first place that takes it; returns that folder.
-    Raises OSError (the last place's) when none does."""
-    error: OSError | None = None
+    Raises the last place's error when none does."""
+    error: Exception | None = None
     for folder in default_dirs(requested):
         try:
             return _write(folder, ckpt, files, commit_args)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a full disk is an OSError or a SafetensorError
             error = e
     assert error is not None
     raise error
@@ -76,7 +76,7 @@ def _write(folder: Path, ckpt: Checkpoint, files: dict[str, bytes],
         meta = {"format": FORMAT, **commit_args, "files": names,
                 "tied_weights": ckpt.tied_weights}
         (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    except OSError:
+    except BaseException:
         _remove(folder)
         raise
     return folder

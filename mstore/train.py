@@ -519,7 +519,7 @@ def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],
                 config=ckpt.config, tied_weights=ckpt.tied_weights)
             every_file = {n: store.objects.read_bytes(o) for n, o in files.items()}
             folder = recovery.save(kept, {**every_file, **ckpt.files}, args, recovery_dir)
-        except (OSError, MStoreError) as save_error:
+        except Exception as save_error:  # noqa: BLE001 - reported with the commit's error
             raise CommitFailed(reason, None, _reason(save_error)) from e
         raise CommitFailed(reason, _shown(folder)) from e
 
