@@ -371,9 +371,9 @@ def generate(
     if name is None:
         if config is None:
             raise typer.BadParameter("name a model or pass --config", param_hint="NAME")
-        from .config import load_config
+        from .config import config_model_name
 
-        name = load_config(config).model_name
+        name = config_model_name(config)
         if not name:
             raise typer.BadParameter(f"{config} has model_name: null; name a model",
                                      param_hint="NAME")
@@ -404,7 +404,8 @@ def export(ctx: typer.Context, name: NameArg,
 @app.command()
 def train(
     ctx: typer.Context,
-    config: Annotated[Path, typer.Option("--config", "-c", help="Training config (YAML).")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c",
+                                                   help="Training config (YAML).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the new model.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a config key: --set learning_rate=1e-4 (repeatable).")] = None,
@@ -412,9 +413,23 @@ def train(
         "--commit-on-interrupt", help="On Ctrl-C, commit the model as it is.")] = False,
     nproc: Annotated[int, typer.Option(
         "--nproc", min=1, help="Processes on this node (launches torchrun).")] = 1,
+    recovery_dir: Annotated[Optional[Path], typer.Option(
+        "--recovery-dir", help="Where a model whose commit fails is kept (default: "
+        "./mstore-train-recovery-<time>, else the temp folder).")] = None,
+    resume_commit: Annotated[Optional[Path], typer.Option(
+        "--resume-commit", help="Commit the model kept in this recovery folder "
+        "instead of training.")] = None,
     as_json: JsonOpt = False,
 ):
     """Fine-tune a model (or train the custom transformer from scratch) and commit it."""
+    if resume_commit is not None:
+        if config is not None or overrides:
+            raise typer.BadParameter("--resume-commit commits a trained model: give no "
+                                     "--config or --set", param_hint="--resume-commit")
+        return _resume_commit(ctx, resume_commit, name, as_json)
+    if config is None:
+        raise typer.BadParameter("give --config FILE (or --resume-commit DIR)",
+                                 param_hint="--config")
     from .config import load_config
 
     cfg = load_config(config, overrides or [], name)
@@ -426,12 +441,13 @@ def train(
             argv += ["--set", item]
         argv += (["--name", name] if name else []) + (["--json"] if as_json else [])
         argv += ["--commit-on-interrupt"] if commit_on_interrupt else []
+        argv += ["--recovery-dir", str(recovery_dir)] if recovery_dir else []
         raise typer.Exit(launch(nproc, argv))
     from .train import train as run_training
 
     result = run_training(store_of(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
                           log=lambda s: typer.echo(s, err=True),
-                          progress=None if not as_json else False)
+                          progress=None if not as_json else False, recovery_dir=recovery_dir)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     if as_json:
@@ -443,6 +459,16 @@ def train(
                f"{fmt_bytes(result.bytes_written)} written, "
                f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
                + (" [interrupted]" if result.interrupted else ""))
+
+
+def _resume_commit(ctx: typer.Context, folder: Path, name: Optional[str], as_json: bool):
+    from .recovery import commit
+
+    result = commit(store_of(ctx), folder, name)
+    if as_json:
+        return print_json({**result.__dict__, "recovered_from": str(folder)})
+    typer.echo(f"committed {result.name}  commit {result.commit[:12]} from {folder}; "
+               f"{fmt_bytes(result.bytes_written)} written (the folder can now be deleted)")
 
 
 _register_remotes(app)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ for _f in fields(TrainConfig):
 _OPTIONAL = {f.name for f in fields(TrainConfig) if "None" in str(f.type)}
 _CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "strategy": ("ddp", "fsdp"),
             "dtype": ("float32", "bfloat16", "float16")}
+_INT_RE = re.compile(r"[-+]?[0-9][0-9_]*")
 _POSITIVE = ("batch_size", "max_steps", "seq_len", "grad_accum_steps", "eval_interval",
              "n_layers", "d_model", "n_heads", "block_size")
 
@@ -85,6 +87,29 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = (),
                 name: str | None = None) -> TrainConfig:
     """Read, override, check. Raises ConfigError / DatasetError naming the key."""
     path = Path(path)
+    doc = _read_doc(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        doc[key.strip()] = _parse_override(key.strip(), value)
+    if name is not None:
+        doc["output_name"] = name
+    cfg = from_mapping(doc)
+    cfg.dataset = str(resolve_dataset(cfg.dataset, path.parent))
+    return cfg
+
+
+def config_model_name(path: Path | str) -> str | None:
+    """The `model_name` of a training config, for `generate --config`: generation uses no
+    dataset, so only this key is read and checked."""
+    doc = _read_doc(Path(path))
+    value = doc.get("model_name")
+    _check_type("model_name", value)
+    return value
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -101,16 +126,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = (),
         raise ConfigError(f"config {path} is not valid YAML{where}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config {path} must be a mapping of key: value")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        doc[key.strip()] = _parse_override(key.strip(), value)
-    if name is not None:
-        doc["output_name"] = name
-    cfg = from_mapping(doc)
-    cfg.dataset = str(resolve_dataset(cfg.dataset, path.parent))
-    return cfg
+    return doc
 
 
 def from_mapping(doc: dict[str, Any]) -> TrainConfig:
@@ -120,17 +136,11 @@ def from_mapping(doc: dict[str, Any]) -> TrainConfig:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
+    doc = {key: _number(key, value) for key, value in doc.items()}
     for key, value in doc.items():
         _check_type(key, value)
     if not doc.get("dataset"):
         raise ConfigError("config key 'dataset' is missing: name a .txt or .jsonl file")
-    if doc.get("model_name") is not None:
-        given = [k for k in ARCH_KEYS if doc.get(k) is not None]
-        if given:
-            raise ConfigError(
-                f"config key {given[0]!r} is an architecture parameter: it comes from the "
-                f"model's own config.json and cannot be given with model_name"
-            )
     cfg = TrainConfig(**doc)
     for key in _POSITIVE:
         v = getattr(cfg, key)
@@ -150,14 +160,31 @@ def from_mapping(doc: dict[str, Any]) -> TrainConfig:
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, "
                               f"got {getattr(cfg, key)!r}")
-    import re
-
     for pattern in cfg.freeze:
         try:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"config key 'freeze': bad regex {pattern!r} ({e})") from None
     return cfg
+
+
+def _number(key: str, value: Any) -> Any:
+    """A numeric key's value as the number it spells. YAML 1.1 reads `1e-4`, `-2e3` and
+    `+1e-4` as strings (its floats need a dot and a signed exponent), and people quote
+    numbers; those are numbers. An int key takes an integral spelling (`1e3`, `1_000`).
+    Anything else is returned as is, for `_check_type` to refuse with the usual message."""
+    typ = _TYPES.get(key, (None,))[0]
+    if typ not in (int, float) or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if typ is int and _INT_RE.fullmatch(text) else float(text)
+        except ValueError:
+            return value
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _check_type(key: str, value: Any) -> None:
@@ -186,10 +213,11 @@ def _parse_override(key: str, value: str) -> Any:
     if value.strip().lower() in ("null", "none", "~") and key in _OPTIONAL:
         return None
     try:
-        if typ is int:
-            return int(value)
-        if typ is float:
-            return float(value)
+        if typ in (int, float):
+            number = _number(key, value)
+            if isinstance(number, str) or (typ is int and not isinstance(number, int)):
+                raise ValueError(value)
+            return number
         if typ is list:
             parsed = yaml.safe_load(value)
             return parsed if isinstance(parsed, list) else [value]

@@ -10,6 +10,7 @@ DistributedDataParallel (or sharded by FSDP2's `fully_shard`), and only rank 0 c
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -108,10 +109,59 @@ def shutdown(ctx: DistContext) -> None:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run this `mstore` command under torchrun with `nproc` processes on this node."""
+    """Re-run this `mstore` command under torchrun with `nproc` processes on this node.
+
+    Every rank fails alike on a bad config, and torchrun then reports the failure with a
+    traceback of its own: the workers' stderr is passed through only until the first
+    `error:` line, which is the one line the user sees; what follows (the other ranks'
+    copies, torchrun's report) is dropped. With --debug everything is shown."""
     if nproc < 1:
         raise MStoreError("--nproc must be >= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "mstore", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    if os.environ.get("MSTORE_DEBUG"):
+        return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    failed = _relay_until_failure(proc.stderr, sys.stderr.buffer)
+    code = _wait(proc)
+    if code != 0 and failed is None:
+        raise MStoreError(f"the training processes failed (torchrun exited {code}); rerun "
+                          "with --debug to see their output")
+    return code
+
+
+def _relay_until_failure(src, dst) -> bytes | None:
+    """Copy lines from `src` to `dst` until the first `error:` line (copied) or the start
+    of a traceback or a launcher error log (not copied); then drain `src` silently.
+    Returns the error line, if one came. Ctrl-C reaches the workers too: keep reading
+    while they stop."""
+    error, quiet = None, False
+    while True:
+        try:
+            line = src.readline()
+        except KeyboardInterrupt:
+            continue
+        if not line:
+            return error
+        if quiet:
+            continue
+        if line.startswith(b"error: "):
+            error, quiet = line, True
+        elif line.startswith(b"Traceback ") or _LAUNCHER_ERROR.match(line):
+            quiet = True
+            continue
+        dst.write(line)
+        dst.flush()
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+# torch's error log lines (`E1201 19:42:07.123 ...`), which start torchrun's failure report
+_LAUNCHER_ERROR = re.compile(rb"\[?E\d{4} \d\d:\d\d:\d\d")

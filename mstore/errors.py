@@ -396,3 +396,24 @@ class BadTokenizer(ImportRefused, ValueError):
     def __init__(self, where: str, detail: str):
         self.where, self.detail = where, detail
         super().__init__(f"{where}: {detail}")
+
+
+# -- hardening: train
+class RecoveryError(MStoreError, ValueError):
+    """A `train --resume-commit` folder that cannot be committed."""
+
+
+class CommitFailed(MStoreError):
+    """Training finished but its commit failed; the model was kept in a recovery folder
+    (or, if even that failed, the message says so)."""
+
+    def __init__(self, reason: str, folder: str | None, save_error: str | None = None):
+        self.reason, self.folder = reason, folder
+        if folder is not None:
+            msg = (f"commit failed ({reason}); nothing was committed. The trained model is "
+                   f"saved in {folder}: once the store has room, commit it with "
+                   f"`mstore train --resume-commit {folder}`")
+        else:
+            msg = (f"commit failed ({reason}), and the trained model could not be saved "
+                   f"either ({save_error}); nothing was committed")
+        super().__init__(msg)

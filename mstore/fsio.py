@@ -85,11 +85,12 @@ def open_tmp(tmp_dir: Path, stem: str = "w") -> Iterator[tuple[Path, BinaryIO]]:
     f = os.fdopen(fd, "wb")
     try:
         yield path, f
+        f.close()  # flushes: on a full disk this is where the write fails
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()  # a second failed flush must not keep the file from being removed
         unlink(path, missing_ok=True)
         raise
-    f.close()
 
 
 def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None,
@@ -99,9 +100,14 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None,
     with open_tmp(tmp_dir, path.name) as (tmp, f):
         f.write(data)
         fsync_file(f, tmp)
-    if before_replace:
-        before_replace()
-    publish(tmp, path, overwrite=True)
+    try:
+        if before_replace:
+            before_replace()
+        replace(tmp, path)
+    except BaseException:
+        unlink(tmp, missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def replace(src: Path, dst: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -20,8 +21,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import distributed, failpoints
-from .adapters.base import TOKENIZER_FILES, Adapter, Tokenizer, adapter_for
+from . import distributed, failpoints, recovery
+from .adapters.base import TOKENIZER_FILES, Adapter, Checkpoint, Tokenizer, adapter_for
 from .adapters.custom import (
     ARCHITECTURE as CUSTOM, TOKENIZER_FILE, CharTokenizerAdapter, CustomTransformerAdapter,
     new_model,
@@ -29,8 +30,8 @@ from .adapters.custom import (
 from .checkpoint import (
     FINETUNE_FMT, SCRATCH_FMT, SCRATCH_STEM, CommitResult, commit_checkpoint, finetune_stem,
 )
-from .config import TrainConfig
-from .errors import ConfigError, DatasetError, Interrupted, NameTaken
+from .config import ARCH_KEYS, TrainConfig
+from .errors import CommitFailed, ConfigError, DatasetError, Interrupted, MStoreError, NameTaken
 from .generate import pick_device
 from .nn.char_tokenizer import CharTokenizer
 from .nn.transformer import TransformerConfig
@@ -156,6 +157,7 @@ def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Set
         return _Setup(adapter, model, tok, None, None, override)
     resolved = store.resolve(cfg.model_name)
     adapter = adapter_for(store, resolved.commit)
+    _check_architecture(store, cfg, adapter.manifest)
     model = adapter.load_checkpoint(device=device, dtype=torch.float32)
     parent_name = resolved.name or next(iter(store.names_by_commit().get(resolved.commit, [])),
                                         None)
@@ -164,6 +166,34 @@ def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Set
         raise ConfigError(f"config key 'tokenizer': its vocabulary of {tok.vocab_size} tokens "
                           f"does not fit the model's embedding of {adapter.vocab_rows(model)}")
     return _Setup(adapter, model, tok, resolved.commit, parent_name, override)
+
+
+def _check_architecture(store: Store, cfg: TrainConfig, manifest) -> None:
+    """Architecture keys given with model_name must agree with the model's config.json: the
+    config a from-scratch model was trained with fine-tunes it as it is, and any key that
+    differs (or that the model's architecture does not have) is an error naming both."""
+    given = {k: getattr(cfg, k) for k in ARCH_KEYS if getattr(cfg, k) is not None}
+    if not given and manifest.architecture != CUSTOM:
+        return
+    try:
+        own = json.loads(store.objects.read_bytes(manifest.config))
+    except ValueError:
+        own = {}
+    for key, value in given.items():
+        if key not in own:
+            raise ConfigError(
+                f"config key {key!r} is an architecture parameter of the custom transformer; "
+                f"model {cfg.model_name} ({manifest.architecture}) takes its architecture "
+                f"from its own config.json: remove the key")
+        if own[key] != value:
+            raise ConfigError(
+                f"config key {key!r} is an architecture parameter: model {cfg.model_name} "
+                f"has {key} {own[key]!r}, the config gives {value!r} (an existing model's "
+                f"architecture cannot change; remove the key or give the model's value)")
+    block = own.get("block_size")
+    if isinstance(block, int) and cfg.seq_len > block:
+        raise ConfigError(f"config key 'seq_len' ({cfg.seq_len}) is longer than the context "
+                          f"of model {cfg.model_name} (block_size {block})")
 
 
 def tokenizer_files(store: Store, spec: str) -> dict[str, bytes]:
@@ -208,9 +238,11 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 
 def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
           callbacks: list[Any] = (), log: Callable[[str], None] = lambda s: None,
-          progress: bool | None = None) -> TrainResult | None:
+          progress: bool | None = None,
+          recovery_dir: Path | None = None) -> TrainResult | None:
     """Train and commit. Under torchrun every rank calls this; rank 0 commits and returns
-    the result, the other ranks return None."""
+    the result, the other ranks return None. A failed commit keeps the model in
+    `recovery_dir` (default: see `mstore.recovery`) and raises CommitFailed naming it."""
     started = time.time()
     if cfg.output_name is not None and not store.name_is_free(cfg.output_name):
         raise NameTaken(cfg.output_name, store.next_free_name(cfg.output_name))
@@ -222,13 +254,14 @@ def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
         return _train(store, cfg, ctx, distributed.device_for(ctx, device), docs, data_path,
                       started, commit_on_interrupt, callbacks if ctx.is_main else (),
                       log if ctx.is_main else (lambda s: None),
-                      (sys.stderr.isatty() if progress is None else progress) and ctx.is_main)
+                      (sys.stderr.isatty() if progress is None else progress) and ctx.is_main,
+                      recovery_dir)
     finally:
         distributed.shutdown(ctx)
 
 
 def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrupt, callbacks,
-           log, show_bar) -> TrainResult | None:
+           log, show_bar, recovery_dir) -> TrainResult | None:
     if cfg.batch_size % ctx.world:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by "
                           f"the number of processes ({ctx.world})")
@@ -257,7 +290,7 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
             s.model = _unsharded_copy(store, cfg, s, full)
         failpoints.hit("train.trained")
         result = _commit(store, cfg, s, loop, frozen, data_path, started, device, interrupted,
-                         ctx)
+                         ctx, recovery_dir)
     for cb in callbacks:
         if hasattr(cb, "on_commit"):
             cb.on_commit(result)
@@ -430,7 +463,7 @@ def _versions() -> dict[str, str]:
 
 def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list[str],
             data_path: Path, started: float, device: str, interrupted: bool,
-            ctx: distributed.DistContext) -> CommitResult:
+            ctx: distributed.DistContext, recovery_dir: Path | None) -> CommitResult:
     training = {
         "config": cfg.to_dict(),
         "dataset": {"path": str(data_path), "blake3": hash_file(data_path)},
@@ -444,23 +477,73 @@ def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list
     ckpt = s.adapter.save_checkpoint(s.model)
     if s.parent is None:
         ckpt.files.update(s.new_files)
-        return commit_checkpoint(
-            store, ckpt, architecture=CUSTOM, model_id="custom",
-            source={"type": "scratch"}, license=None, parent=None, files={},
-            message=f"train custom transformer from scratch on {data_path.name}",
-            training=training, name=cfg.output_name, stem=SCRATCH_STEM, name_fmt=SCRATCH_FMT,
-            fine_tuned_from=None)
+        args = dict(architecture=CUSTOM, model_id="custom", source={"type": "scratch"},
+                    license=None, parent=None,
+                    message=f"train custom transformer from scratch on {data_path.name}",
+                    training=training, name=cfg.output_name, stem=SCRATCH_STEM,
+                    name_fmt=SCRATCH_FMT, fine_tuned_from=None)
+        return _commit_or_keep(store, ckpt, {}, {}, args, recovery_dir)
     m = s.adapter.manifest
     files = dict(m.files)
     if s.new_files:  # a tokenizer override replaces the parent's tokenizer files
         files = {n: o for n, o in files.items() if n not in TOKENIZER_FILES}
         ckpt.files.update(s.new_files)
     dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in m.tensors.items() if t.dtype in TORCH_DTYPES}
-    stem = finetune_stem(s.parent_name or m.model_id.split("/")[-1].lower())
-    return commit_checkpoint(
-        store, ckpt, architecture=m.architecture, model_id=m.model_id,
-        source={"type": "finetune", "parent": s.parent, "parent_name": s.parent_name},
-        license=m.license, parent=s.parent, files=files,
-        message=f"fine-tune {s.parent_name or s.parent[:12]} on {data_path.name}",
-        training=training, name=cfg.output_name, stem=stem, name_fmt=FINETUNE_FMT,
-        fine_tuned_from=s.parent_name, dtypes=dtypes)
+    args = dict(architecture=m.architecture, model_id=m.model_id,
+                source={"type": "finetune", "parent": s.parent, "parent_name": s.parent_name},
+                license=m.license, parent=s.parent,
+                message=f"fine-tune {s.parent_name or s.parent[:12]} on {data_path.name}",
+                training=training, name=cfg.output_name,
+                stem=finetune_stem(s.parent_name or m.model_id.split("/")[-1].lower()),
+                name_fmt=FINETUNE_FMT, fine_tuned_from=s.parent_name)
+    return _commit_or_keep(store, ckpt, files, dtypes, args, recovery_dir)
+
+
+def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],
+                    dtypes: dict[str, torch.dtype], args: dict[str, Any],
+                    recovery_dir: Path | None) -> CommitResult:
+    """Commit; if that fails for any reason (a full disk, most likely), remove the temp
+    files this commit made and keep the trained model in a recovery folder outside the
+    store, named in the error, for `mstore train --resume-commit DIR`."""
+    before = _own_tmp_files(store)
+    try:
+        return commit_checkpoint(store, ckpt, files=files, dtypes=dtypes, **args)
+    except (Exception, KeyboardInterrupt) as e:
+        for leftover in _own_tmp_files(store) - before:
+            leftover.unlink(missing_ok=True)
+        reason = _reason(e)
+        try:
+            kept = Checkpoint(
+                tensors={n: t.to(dtypes[n]) if n in dtypes and t.dtype != dtypes[n] else t
+                         for n, t in ckpt.tensors.items()},
+                config=ckpt.config, tied_weights=ckpt.tied_weights)
+            every_file = {n: store.objects.read_bytes(o) for n, o in files.items()}
+            folder = recovery.save(kept, {**every_file, **ckpt.files}, args, recovery_dir)
+        except Exception as save_error:  # noqa: BLE001 - reported with the commit's error
+            raise CommitFailed(reason, None, _reason(save_error)) from e
+        raise CommitFailed(reason, _shown(folder)) from e
+
+
+def _own_tmp_files(store: Store) -> set[Path]:
+    """This process's temp files in the store's tmp/ (fsio names them `*.<pid>.*`)."""
+    marker = f".{os.getpid()}."
+    try:
+        return {p for p in (store.root / "tmp").iterdir() if marker in p.name and p.is_file()}
+    except OSError:
+        return set()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e) if isinstance(e, MStoreError) else f"{type(e).__name__}: {e}"
+
+
+def _shown(folder: Path) -> str:
+    """The folder as the user can retype it: relative when under the working folder."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
