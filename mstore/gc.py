@@ -9,13 +9,16 @@ history. Two mechanisms keep a writer in flight safe:
   2. the grace period: unreachable objects younger than it are kept, and a dedup hit
      refreshes an object's mtime, so even a writer that bypassed the lock keeps its objects.
 gc refuses to delete anything if registry.json or any manifest on a ref's chain cannot be
-read: it cannot know what is reachable.
+read, or if registry.json is missing while objects exist: it cannot know what is reachable.
+A registry entry that is skipped as invalid still protects the commit it names.
+`--dry-run` takes no lock and writes nothing.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,9 +53,14 @@ def reachable(store: Store) -> tuple[set[str], set[str]]:
     """(manifests to keep, tensor/file objects to keep); raises GcRefused when unsure."""
     manifests: set[str] = set()
     objects: set[str] = set()
-    for name, entry in store.refs().items():
+    roots = [(name, entry["commit"], True) for name, entry in store.refs().items()]
+    # skipped entries protect what they name, but cannot hold gc back
+    roots += [(None, c, False) for c in sorted(store.registry.invalid_commits())]
+    for name, commit, strict in roots:
         head = True
-        for oid, m in store.lineage(entry["commit"]):
+        for oid, m in store.lineage(commit):
+            if m is None and not strict:
+                break
             if m is None:
                 raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
                                 "run `mstore fsck`")
@@ -88,7 +96,8 @@ def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -
 
 def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GcPlan:
     """Plan and (unless dry_run) delete, under the exclusive store lock."""
-    with store.gc_lock():
+    store.require()
+    with nullcontext() if dry_run else store.gc_lock():
         p = plan(store, grace)
         failpoints.hit("gc.planned")
         if not dry_run:
