@@ -277,10 +277,9 @@ def fsck(
     as_json: JsonOpt = False,
     subset: Annotated[Optional[str], typer.Option(
         "--read-data-subset", help="Re-hash only slice n of t (e.g. 1/5).")] = None,
-    lost_found: Annotated[bool, typer.Option(
-        "--lost-found", help="Name each dangling commit lost-found-<id>; rebuild a missing "
-        "or damaged registry.json (a damaged one is kept as registry.json.corrupt-<time>).")]
-        = False,
+    lost_found: Annotated[bool, typer.Option("--lost-found", help=(
+        "Name each dangling commit lost-found-<id>; rebuild a missing or damaged "
+        "registry.json (a damaged one is kept as registry.json.corrupt-<time>)."))] = False,
 ):
     """Re-hash every object and check every ref; exit 1 on any problem."""
     from .fsck import check, to_json

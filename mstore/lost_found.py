@@ -110,8 +110,8 @@ def recover(store: Store) -> Recovery:
                 continue
             name = _free_name(LOST_FOUND_PREFIX + d.commit[:12], taken)
             m = store.read_manifest(d.commit)
-            parent_names = sorted(store.names_by_commit().get(m.parent, [])) if m.parent else []
-            entry = store.registry_entry(name, d.commit, m, parent_names[0] if parent_names else None)
+            parents = sorted(store.names_by_commit().get(m.parent, [])) if m.parent else []
+            entry = store.registry_entry(name, d.commit, m, parents[0] if parents else None)
             store.registry.set_ref(entry, expected=None)
             taken.add(name)
             rec.named.append((name, d.commit))
