@@ -226,6 +226,8 @@ class Store:
             r = self.resolve(ref)
             m = self.read_manifest(r.commit)
             parent_name = (r.entry or {}).get("fine_tuned_from")
+            if r.entry is None and m.parent:  # named by commit id: the parent's ref, if any
+                parent_name = next(iter(sorted(self.names_by_commit().get(m.parent, []))), None)
             entry = self.registry_entry(new, r.commit, m, parent_name)
             try:
                 self.registry.set_ref(entry, expected=None)

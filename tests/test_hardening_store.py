@@ -99,6 +99,26 @@ def test_writers_refuse_a_damaged_store_and_leave_it_byte_identical(cli, two_mod
         assert snapshot(store.root) == before, args
 
 
+@pytest.mark.parametrize("how", ["missing", "truncated"])
+def test_pull_and_push_refuse_a_damaged_store(cli, two_models, tmp_path, how):
+    store = two_models
+    cli("remote", "add", "origin", str(tmp_path / "remote"))
+    cli("push", "q2")
+    _damage(store, how)
+    before = snapshot(store.root)
+    for args in (["pull", "q2"], ["pull", "q2", "--as", "q2-copy"], ["push", "q3"]):
+        res = cli(*args, ok=False)
+        assert res.exit_code == 1 and "damaged" in _one_error_line(res), args
+        assert snapshot(store.root) == before
+
+
+def test_tag_of_a_dangling_child_records_its_parents_name(cli, two_models):
+    child = two_models.resolve("q2-child").commit
+    cli("rm", "q2-child")
+    cli("tag", child[:8], "child-back")
+    assert two_models.refs()["child-back"]["fine_tuned_from"] == "q2"
+
+
 def test_registry_missing_message_is_exact(cli, two_models):
     _damage(two_models, "missing")
     res = cli("tag", "q2", "other", ok=False)
