@@ -45,6 +45,7 @@ def commit_checkpoint(store: Store, ckpt: Checkpoint, *, architecture: str, mode
     """Write `ckpt` as a new manifest and ref. `dtypes` casts tensors back to the parent's
     storage dtypes (bf16 -> fp32 for training -> bf16 is exact for untouched tensors)."""
     dtypes = dtypes or {}
+    store.init()  # registry before objects: a new store is made, a damaged one refused
     with store.objects.batch() as batch:
         state = ((n, t.to(dtypes[n]) if n in dtypes and t.dtype != dtypes[n] else t)
                  for n, t in sorted(ckpt.tensors.items()))

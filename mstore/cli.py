@@ -133,7 +133,11 @@ def import_(
 def _list(ctx: typer.Context, as_json: bool):
     from .report import list_rows
 
-    rows = list_rows(store_of(ctx))
+    store = store_of(ctx, must_exist=True)
+    rows = list_rows(store)
+    for key, reason in store.registry.invalid_entries():
+        typer.echo(f"warning: skipped registry entry {key!r}: {reason} (see `mstore fsck`)",
+                   err=True)
     if as_json:
         return print_json(rows)
     if not rows:
@@ -168,7 +172,7 @@ def ls(ctx: typer.Context, as_json: JsonOpt = False):
 def _show(ctx: typer.Context, name: str, as_json: bool, tensors: bool):
     from .report import show
 
-    doc = show(store_of(ctx), name)
+    doc = show(store_of(ctx, must_exist=True), name)
     if as_json:
         return print_json(doc)
     from .render import render_show
@@ -205,7 +209,7 @@ def log(
     from . import report
     from .render import render_graph, render_log
 
-    store = store_of(ctx)
+    store = store_of(ctx, must_exist=True)
     if all_ or name is None:
         if not all_:
             raise typer.BadParameter("name a model, or pass --all", param_hint="NAME")
@@ -220,7 +224,7 @@ def log(
 @app.command()
 def tag(ctx: typer.Context, name: NameArg,
         new: Annotated[str, typer.Argument(help="New ref name.")]):
-    """Add a second ref to the same commit."""
+    """Add a second ref to the same commit (or name a commit no ref reaches)."""
     commit = store_of(ctx).tag(name, new)
     typer.echo(f"tagged {new} -> {commit[:12]}")
 
@@ -258,13 +262,7 @@ def gc(
         seconds = parse_duration(grace)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--grace")
-    store = store_of(ctx)
-    if not store.exists():
-        if as_json:
-            return print_json({"dry_run": dry_run, "objects_deleted": 0, "bytes_freed": 0})
-        typer.echo("nothing to collect (no store)")
-        return
-    p = collect(store, grace=seconds, dry_run=dry_run)
+    p = collect(store_of(ctx, must_exist=True), grace=seconds, dry_run=dry_run)
     if as_json:
         return print_json(p.to_json(dry_run))
     verb = "would delete" if dry_run else "deleted"
@@ -279,6 +277,9 @@ def fsck(
     as_json: JsonOpt = False,
     subset: Annotated[Optional[str], typer.Option(
         "--read-data-subset", help="Re-hash only slice n of t (e.g. 1/5).")] = None,
+    lost_found: Annotated[bool, typer.Option("--lost-found", help=(
+        "Name each dangling commit lost-found-<id>; rebuild a missing or damaged "
+        "registry.json (a damaged one is kept as registry.json.corrupt-<time>)."))] = False,
 ):
     """Re-hash every object and check every ref; exit 1 on any problem."""
     from .fsck import check, to_json
@@ -292,16 +293,40 @@ def fsck(
             part = (n, t)
         except ValueError:
             raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
-    findings = check(store_of(ctx), part)
+    store = store_of(ctx, must_exist=True)
+    findings = check(store, part)
     errors = [f for f in findings if f.error]
+    recovery = None
+    if lost_found:
+        from .lost_found import recover
+
+        recovery = recover(store)
     if as_json:
-        print_json(to_json(findings))
+        doc = to_json(findings)
+        if recovery is not None:
+            doc["lost_found"] = recovery.to_json()
+        print_json(doc)
     else:
         for f in findings:
             typer.echo(("error " if f.error else "info  ") + f.line())
+        if recovery is not None:
+            _print_recovery(recovery)
         typer.echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
     if errors:
         raise typer.Exit(1)
+
+
+def _print_recovery(rec) -> None:
+    if rec.registry_moved_to:
+        typer.echo(f"moved the damaged registry.json to {rec.registry_moved_to}")
+    if rec.registry_created:
+        typer.echo("wrote a new registry.json")
+    for name, commit in rec.named:
+        typer.echo(f"restored {name} -> {commit[:12]}")
+    for commit, why in rec.skipped:
+        typer.echo(f"not restored {commit[:12]}: {why}")
+    if not rec.named and not rec.registry_created:
+        typer.echo("nothing to restore: no dangling commits")
 
 
 @app.command()
@@ -309,7 +334,7 @@ def du(ctx: typer.Context, as_json: JsonOpt = False):
     """Logical bytes (sum over refs) against physical bytes on disk."""
     from .report import du as du_report
 
-    doc = du_report(store_of(ctx))
+    doc = du_report(store_of(ctx, must_exist=True))
     if as_json:
         return print_json(doc)
     table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
@@ -330,7 +355,7 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
     """Tensors added, removed, changed (relative L2) and shared between two models."""
     from .report import diff as diff_report
 
-    doc = diff_report(store_of(ctx), a, b)
+    doc = diff_report(store_of(ctx, must_exist=True), a, b)
     if as_json:
         return print_json(doc)
     for n in doc["added"]:
@@ -382,7 +407,7 @@ def generate(
     opts = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, chat=chat, verify=verify, device=device,
                            dtype=dtype)
-    generate_text(store_of(ctx), name, prompt, opts,
+    generate_text(store_of(ctx, must_exist=True), name, prompt, opts,
                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     sys.stdout.write("\n")
 
@@ -394,7 +419,7 @@ def export(ctx: typer.Context, name: NameArg,
     """Write a Hugging Face-format folder (config, safetensors, tokenizer, metadata.json)."""
     from .export import export_model
 
-    doc = export_model(store_of(ctx), name, dest)
+    doc = export_model(store_of(ctx, must_exist=True), name, dest)
     if as_json:
         return print_json(doc)
     typer.echo(f"exported {doc['name'] or doc['commit'][:12]} to {doc['dir']}: "

@@ -10,11 +10,15 @@ import typer
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
-def store_of(ctx: typer.Context):
-    """The store named by the global --store (else $MSTORE_HOME, else ./models)."""
+def store_of(ctx: typer.Context, must_exist: bool = False):
+    """The store named by the global --store (else $MSTORE_HOME, else ./models).
+    `must_exist`: for commands that only read it, a missing store is an error (StoreNotFound)."""
     from .store import Store
 
-    return Store(ctx.find_root().obj)
+    store = Store(ctx.find_root().obj)
+    if must_exist:
+        store.require()
+    return store
 
 
 def print_json(obj: Any) -> None:

@@ -75,8 +75,8 @@ class RegistryCorrupt(MStoreError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
         super().__init__(
-            f"registry {path} is damaged ({reason}); it was not modified. "
-            "Fix it by hand or restore it; `mstore fsck` lists the manifests that remain"
+            f"registry {path} is damaged ({reason}); it was not modified. Restore it, or "
+            "run `mstore fsck --lost-found` to set it aside and name the commits that remain"
         )
 
 
@@ -417,3 +417,41 @@ class CommitFailed(MStoreError):
             msg = (f"commit failed ({reason}), and the trained model could not be saved "
                    f"either ({save_error}); nothing was committed")
         super().__init__(msg)
+
+
+# -- hardening: store
+class RegistryMissing(RegistryCorrupt):
+    """registry.json is gone but objects remain: the refs are lost, the store is not empty."""
+
+    def __init__(self, path: str):
+        self.path, self.reason = path, "missing"
+        MStoreError.__init__(
+            self, f"registry {path} is missing but the store holds objects: the store is "
+            "damaged and nothing was changed; `mstore fsck` lists its commits and "
+            "`mstore fsck --lost-found` names them again")
+
+
+class CommitLikeName(BadName, ValueError):
+    """7+ hex digits would be read as a commit id prefix and shadow (or be shadowed by) it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        MStoreError.__init__(
+            self, f"bad model name {name!r}: 7 or more hex digits (0-9 a-f) read as a commit "
+            "id prefix; put a character outside 0-9 a-f in it (e.g. a '-v1' suffix)")
+
+
+class NotACommit(MStoreError, ValueError):
+    def __init__(self, oid: str):
+        self.oid = oid
+        super().__init__(f"object {oid[:12]} is not a commit (it is not a manifest)")
+
+
+class NameHeldByInvalidEntry(MStoreError):
+    """registry.json holds an entry under this key that mstore cannot use (and keeps)."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(
+            f"registry.json holds an invalid entry under {name!r} ({reason}); fix or remove "
+            "it by hand first; nothing was written")

@@ -1,8 +1,10 @@
 """fsck: re-hash every object, check every ref's chain, and report findings, never stop early.
 
 Errors (exit 1): a missing or corrupt object a ref needs, a manifest that does not parse,
-a ref whose commit is gone, a damaged registry. Informational (exit 0): unreachable objects
-(gc's to collect) and leftovers in tmp/.
+a ref whose commit is gone, a damaged (or, beside objects, missing) registry, a registry
+entry that had to be skipped. Informational (exit 0): dangling commits (tips of the
+manifests no ref reaches: `--lost-found` names them), unreachable objects (gc's to
+collect) and leftovers in tmp/.
 """
 
 from __future__ import annotations
@@ -11,19 +13,30 @@ import os
 from dataclasses import asdict, dataclass
 
 from .errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .lost_found import dangling_commits
 from .store import Store
 
 
 @dataclass
 class Finding:
-    problem: str  # missing | corrupt | dangling-ref | bad-registry | unreachable | tmp-leftover
+    problem: str  # missing | corrupt | dangling-ref | bad-registry | bad-registry-entry
+    #               | dangling-commit | unreachable | tmp-leftover
     object: str | None
     detail: str
     error: bool = True
 
     def line(self) -> str:
         what = self.object or ""
+        if self.problem == "dangling-commit":
+            what = what[:12]
         return f"{self.problem}: {what} {self.detail}".replace("  ", " ").strip()
+
+
+@dataclass
+class DanglingCommit(Finding):
+    created_at: str = ""
+    message: str = ""
+    weights_present: bool = True
 
 
 def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
@@ -39,8 +52,12 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
             bad_hash[oid] = problem
             findings.append(Finding("corrupt", oid, problem))
 
+    store.require()
     try:
         refs = store.refs()
+        for key, reason in store.registry.invalid_entries():
+            findings.append(Finding("bad-registry-entry", None,
+                                    f"entry {key!r} of registry.json is skipped: {reason}"))
     except MStoreError as e:
         findings.append(Finding("bad-registry", None, str(e)))
         refs = {}
@@ -64,6 +81,11 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
                 reachable |= m.object_ids()
             head = False
 
+    for d in dangling_commits(store, refs):
+        gone = "" if d.weights_present else " [weights missing]"
+        findings.append(DanglingCommit(
+            "dangling-commit", d.commit, f"{d.created_at} {d.subject}{gone}", False,
+            d.created_at, d.message, d.weights_present))
     for oid in sorted(set(on_disk) - reachable):
         findings.append(Finding("unreachable", oid, "no ref needs it (gc will collect it)", False))
     if store.objects.tmp_dir.is_dir():
@@ -101,4 +123,8 @@ def _check_head(store, name, m, on_disk, bad_hash) -> list[Finding]:
 def to_json(findings: list[Finding]) -> dict:
     errors = [f for f in findings if f.error]
     return {"ok": not errors, "errors": [asdict(f) for f in errors],
-            "info": [asdict(f) for f in findings if not f.error]}
+            "info": [asdict(f) for f in findings if not f.error],
+            "dangling": [{"commit": f.object, "short_commit": f.object[:12],
+                          "created_at": f.created_at, "message": f.message,
+                          "weights_present": f.weights_present}
+                         for f in findings if isinstance(f, DanglingCommit)]}

@@ -9,13 +9,16 @@ history. Two mechanisms keep a writer in flight safe:
   2. the grace period: unreachable objects younger than it are kept, and a dedup hit
      refreshes an object's mtime, so even a writer that bypassed the lock keeps its objects.
 gc refuses to delete anything if registry.json or any manifest on a ref's chain cannot be
-read: it cannot know what is reachable.
+read, or if registry.json is missing while objects exist: it cannot know what is reachable.
+A registry entry that is skipped as invalid still protects the commit it names.
+`--dry-run` takes no lock and writes nothing.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +86,8 @@ def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -
 
 def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GcPlan:
     """Plan and (unless dry_run) delete, under the exclusive store lock."""
-    with store.gc_lock():
+    store.require()
+    with nullcontext() if dry_run else store.gc_lock():
         p = plan(store, grace)
         failpoints.hit("gc.planned")
         if not dry_run:

@@ -28,7 +28,7 @@ from .import_cache import ImportCache
 from .import_checks import check_source
 from .manifest import Manifest, TensorEntry
 from .objects import ObjectBatch, hash_tensor_range
-from .registry import validate_name
+from .registry import COMMIT_LIKE_RE, validate_name
 from .safetensors_io import DTYPE_SIZES, object_data_start, parse_header
 from .store import Store
 from .units import fmt_bytes, fmt_count
@@ -423,4 +423,6 @@ def _same_source(store: Store, entry: dict, plan: SourcePlan) -> bool:
 
 def _default_stem(text: str) -> str:
     stem = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._") or "model"
+    if COMMIT_LIKE_RE.fullmatch(stem[:120]):  # e.g. a snapshot folder named by its sha
+        stem = "model-" + stem
     return validate_name(stem[:120])

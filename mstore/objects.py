@@ -114,6 +114,21 @@ class ObjectStore:
                 if is_oid(oid) and entry.is_file(follow_symlinks=False):
                     yield oid, entry.stat(follow_symlinks=False)
 
+    def holds_any(self) -> bool:
+        """At least one object is on disk (stops at the first: cheap on any store)."""
+        try:
+            fans = os.scandir(self.objects_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        with fans:
+            for fan in fans:
+                if fan.is_dir() and len(fan.name) == 2:
+                    with os.scandir(fan.path) as entries:
+                        if any(is_oid(fan.name + e.name) and e.is_file(follow_symlinks=False)
+                               for e in entries):
+                            return True
+        return False
+
     # -- reading ------------------------------------------------------------------------
     def read_bytes(self, oid: str, verify: bool = True) -> bytes:
         try:

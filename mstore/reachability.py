@@ -33,17 +33,24 @@ class Closure:
         return set(self.manifests) | self.objects
 
 
-def closure(roots: Mapping[str, str], load: Callable[[str], Manifest | None]) -> Closure:
-    """The objects `roots` (label -> commit id) keep alive, read through `load`."""
+def closure(roots: Mapping[str, str], load: Callable[[str], Manifest | None],
+            lenient: Mapping[str, str] | None = None) -> Closure:
+    """The objects `roots` (label -> commit id) keep alive, read through `load`.
+
+    `lenient` roots keep what they reach too, but a manifest they cannot read is not
+    reported: they are registry entries that are skipped as invalid (they protect what
+    they name, yet must never hold gc back)."""
     out = Closure()
-    for label, commit in roots.items():
+    strict = list(roots.items())
+    for label, commit in strict + [(None, c) for c in (lenient or {}).values()]:
         chain: list[str] = []
         oid: str | None = commit
         head = True
         while oid and oid not in out.manifests and oid not in chain:
             m = load(oid)
             if m is None:
-                out.unreadable.append((oid, label))
+                if label is not None:
+                    out.unreadable.append((oid, label))
                 break
             out.manifests[oid] = m
             chain.append(oid)
@@ -70,5 +77,6 @@ def store_loader(store) -> Callable[[str], Manifest | None]:
 
 
 def ref_closure(store) -> Closure:
-    """What the store's refs keep (gc's keep set)."""
-    return closure({name: e["commit"] for name, e in store.refs().items()}, store_loader(store))
+    """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
+    return closure({name: e["commit"] for name, e in store.refs().items()}, store_loader(store),
+                   lenient={c: c for c in sorted(store.registry.invalid_commits())})

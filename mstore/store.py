@@ -15,14 +15,16 @@ from typing import Any, Callable, Iterator
 
 from . import fsio
 from .errors import (
-    AmbiguousRef, NameTaken, ObjectCorrupt, ObjectMissing, RefChanged, UnknownModel,
+    AmbiguousRef, NameTaken, NotACommit, ObjectCorrupt, ObjectMissing, RefChanged, StoreNotFound,
+    UnknownModel,
 )
 from .locks import StoreLock
 from .manifest import Manifest
-from .objects import ObjectStore, is_oid
+from .objects import ObjectStore, hash_bytes, is_oid
 from .registry import Registry, validate_name
 
 DEFAULT_STORE = "models"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # larger objects are weights, not commits
 
 
 def default_store_path() -> Path:
@@ -48,8 +50,16 @@ class Store:
     def exists(self) -> bool:
         return self.registry.exists() or self.objects.objects_dir.is_dir()
 
+    def require(self) -> None:
+        """Commands that read (or write without creating) a store: a mistyped path is an
+        error, never an empty store made on the spot."""
+        if not self.exists():
+            raise StoreNotFound(str(self.root))
+
     def init(self) -> bool:
-        """Create the layout; returns False if it already existed (running twice is harmless)."""
+        """Create the layout; returns False if it already existed (running twice is harmless).
+        A damaged store (registry unreadable, or missing beside objects) is refused first."""
+        self.registry.load()
         existed = self.registry.exists()
         fsio.makedirs(self.root)
         self.objects.ensure_dirs()
@@ -57,14 +67,22 @@ class Store:
             self.registry.update(lambda models: None)  # writes an empty, valid registry
         return not existed
 
-    def writer_lock(self, purpose: str) -> StoreLock:
-        """Held (shared) by import/train/tag/rm for their whole run; gc waits for them."""
-        self.init()
+    def writer_lock(self, purpose: str, create: bool = True) -> StoreLock:
+        """Held (shared) by import/train/tag/rm for their whole run; gc waits for them.
+        `create`: make the store if absent (import, train, pull); else it must exist."""
+        if create:
+            self.init()
+        else:
+            self.require()
+            self.refs()
         return StoreLock(self.lock_path, shared=True, purpose=purpose)
 
-    def gc_lock(self) -> StoreLock:
-        self.init()
-        return StoreLock(self.lock_path, shared=False, purpose="gc")
+    def gc_lock(self, purpose: str = "gc") -> StoreLock:
+        """Exclusive; the store must exist and its registry be readable (checked first, so a
+        refused gc leaves even the lock file as it was)."""
+        self.require()
+        self.refs()
+        return StoreLock(self.lock_path, shared=False, purpose=purpose)
 
     # -- manifests ----------------------------------------------------------------------
     def read_manifest(self, oid: str, light: bool = False) -> Manifest:
@@ -80,6 +98,23 @@ class Store:
     def put_manifest(self, manifest: Manifest) -> str:
         return self.objects.put_bytes(manifest.to_bytes()).oid
 
+    def try_manifest(self, oid: str) -> Manifest | None:
+        """The (light) manifest if object `oid` is an intact one, else None. Canonical JSON
+        starts with '{"', which no tensor object does, so weights are never read whole."""
+        try:
+            with open(self.objects.path(oid), "rb") as f:
+                if f.read(2) != b'{"' or os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES:
+                    return None
+                data = b'{"' + f.read()
+        except OSError:
+            return None
+        if b'"tensors":' not in data or hash_bytes(data) != oid:
+            return None
+        try:
+            return Manifest.from_bytes(data, oid, light=True)
+        except ObjectCorrupt:
+            return None
+
     # -- refs ---------------------------------------------------------------------------
     def refs(self) -> dict[str, dict[str, Any]]:
         return self.registry.load()
@@ -91,21 +126,34 @@ class Store:
         return out
 
     def resolve(self, ref: str) -> Resolved:
-        """A model name, a full commit id, or a unique prefix (>= 7 hex) of a known commit."""
+        """A model name, a full commit id, or a unique prefix (>= 7 hex) of a known commit;
+        a commit no ref reaches (a dangling one) is found on disk when nothing else matches."""
         refs = self.refs()
         if ref in refs:
             return Resolved(refs[ref]["commit"], ref, refs[ref])
         low = ref.lower()
         if len(low) >= 7 and all(c in "0123456789abcdef" for c in low):
             if is_oid(low) and self.objects.exists(low):
+                if self.try_manifest(low) is None and low not in self.known_commits(refs):
+                    raise NotACommit(low)
                 return Resolved(low, None, None)
-            matches = sorted({c for c in self.known_commits(refs) if c.startswith(low)})
+            matches = sorted({c for c in self.known_commits(refs) if c.startswith(low)}) \
+                or self._manifests_with_prefix(low)
             if len(matches) == 1:
                 return Resolved(matches[0], None, None)
             if len(matches) > 1:
                 raise AmbiguousRef(ref, matches)
         close = difflib.get_close_matches(ref, list(refs), n=1)
         raise UnknownModel(ref, close[0] if close else None)
+
+    def _manifests_with_prefix(self, prefix: str) -> list[str]:
+        """Manifests on disk whose id starts with `prefix` (one fan-out folder is listed)."""
+        try:
+            names = os.listdir(self.objects.objects_dir / prefix[:2])
+        except OSError:
+            return []
+        return sorted(prefix[:2] + n for n in names if n.startswith(prefix[2:])
+                      and is_oid(prefix[:2] + n) and self.try_manifest(prefix[:2] + n))
 
     def known_commits(self, refs: dict[str, dict[str, Any]] | None = None) -> set[str]:
         """Every commit reachable from a ref through `parent` (what prefixes resolve against)."""
@@ -174,10 +222,12 @@ class Store:
     def tag(self, ref: str, new: str) -> str:
         """A second ref to the commit `ref` resolves to; the new name must be free."""
         validate_name(new)
-        with self.writer_lock("tag"):
+        with self.writer_lock("tag", create=False):
             r = self.resolve(ref)
             m = self.read_manifest(r.commit)
             parent_name = (r.entry or {}).get("fine_tuned_from")
+            if r.entry is None and m.parent:  # named by commit id: the parent's ref, if any
+                parent_name = next(iter(sorted(self.names_by_commit().get(m.parent, []))), None)
             entry = self.registry_entry(new, r.commit, m, parent_name)
             try:
                 self.registry.set_ref(entry, expected=None)
@@ -188,7 +238,7 @@ class Store:
 
     def remove(self, name: str) -> str:
         """Drop a ref (by name only: removing by commit id would be too easy to get wrong)."""
-        with self.writer_lock("rm"):
+        with self.writer_lock("rm", create=False):
             entry = self.refs().get(name)
             if entry is None:
                 self.resolve(name)  # raises UnknownModel with a suggestion

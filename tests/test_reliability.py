@@ -486,10 +486,15 @@ def test_repo_file_names_outside_the_repo_are_refused(name):
 
 def test_registry_of_the_wrong_shape(cli, store, model_dirs):
     cli("import", model_dirs["qwen2"], "--accept-license")
-    for bad in ['{"version": 1, "models": []}', '{"version": 1, "models": {"x": 1}}',
-                '{"version": 1, "models": {"x": {"commit": "c", "model_name": "y"}}}', "null"]:
+    for bad in ['{"version": 1, "models": []}', '{"models": {}}', "{}", "null"]:
         (store.root / "registry.json").write_text(bad)
         before = snapshot(store.root)
         res = cli("list", ok=False)
         assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "damaged" in res.stderr
         assert snapshot(store.root) == before
+    # a bad entry is skipped with a warning, never fatal to the others (issue 11, item 12)
+    for bad in ['{"version": 1, "models": {"x": 1}}',
+                '{"version": 1, "models": {"x": {"commit": "c", "model_name": "y"}}}']:
+        (store.root / "registry.json").write_text(bad)
+        res = cli("list")
+        assert res.stderr.startswith("warning: skipped registry entry 'x'")
