@@ -65,7 +65,7 @@ from .locks import StoreLock, lock_wait
 from .manifest import Manifest
 from .objects import OBJECT_MODE, hash_bytes, hash_file, is_oid
 from .reachability import Closure, closure, store_loader
-from .registry import ENTRY_FIELDS, NAME_RE, VERSION, validate_name
+from .registry import ENTRY_FIELDS, NAME_RE, VERSION, parse_registry_entries, validate_name
 from .store import Store
 
 REMOTES_FILE = "remotes.json"
@@ -266,45 +266,12 @@ def _registry_bytes(models: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
-def _parse_registry_entries(raw: bytes, where: str
-                             ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
-    """(valid entries, [(name, reason)] of the invalid ones) of a registry.json.
-
-    Stand-in, same signature, for `registry.parse_registry_entries` (added on another
-    branch): a file that is not a registry at all raises RegistryCorrupt; one bad entry
-    (a hostile name, not an object, a name that differs from its key, no commit id) is
-    returned as invalid so that it never stops the valid ones, and is never used as a path.
-    """
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RegistryCorrupt(where, f"not valid JSON: {e.__class__.__name__}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
-        raise RegistryCorrupt(where, "expected an object with a 'models' table")
-    if doc.get("version") != VERSION:
-        raise RegistryCorrupt(where, f"version {doc.get('version')!r} is not {VERSION}")
-    valid: dict[str, dict[str, Any]] = {}
-    invalid: list[tuple[str, str]] = []
-    for name, entry in doc["models"].items():
-        if not NAME_RE.fullmatch(name) or ".." in name:
-            invalid.append((name, "not a valid model name"))
-        elif not isinstance(entry, dict):
-            invalid.append((name, "entry is not an object"))
-        elif entry.get("model_name") != name:
-            invalid.append((name, f"its model_name {entry.get('model_name')!r} differs"))
-        elif not (isinstance(entry.get("commit"), str) and is_oid(entry["commit"])):
-            invalid.append((name, "commit is not an object id"))
-        else:
-            valid[name] = entry
-    return valid, invalid
-
-
 def _registry_with_kept(raw: bytes | None, where: str
                         ) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
     """(valid, invalid, the invalid entries as they are): a push rewrites only its own entry."""
     if raw is None:
         return {}, [], {}
-    valid, invalid = _parse_registry_entries(raw, where)
+    valid, invalid = parse_registry_entries(raw, where)
     table = json.loads(raw.decode("utf-8"))["models"]
     return valid, invalid, {k: v for k, v in table.items() if k not in valid}
 
@@ -420,7 +387,7 @@ class Transport:
                                              list[tuple[str, str]]] | None:
         """(valid refs, [(name, reason)] of invalid ones); None when it has no registry.json."""
         raw = self.read_registry_raw()
-        return None if raw is None else _parse_registry_entries(raw, self.where)
+        return None if raw is None else parse_registry_entries(raw, self.where)
 
     def read_registry(self) -> dict[str, dict[str, Any]] | None:
         """The remote's valid refs; None when it has no registry.json yet."""

@@ -212,9 +212,9 @@ HOSTILE = {
     "UPPER": "not a valid model name",
     "a/b": "not a valid model name",
     "\x1b[2Jx": "not a valid model name",
-    "renamed": "its model_name 'other' differs",
+    "renamed": "its model_name differs from its key",
     "notdict": "entry is not an object",
-    "nocommit": "commit is not an object id",
+    "nocommit": "commit is not a 64-hex object id",
 }
 
 
@@ -275,15 +275,15 @@ def test_pull_and_clone_ref_of_invalid_entry(hostile_remote, tmp_path):
     res = other("pull", "renamed", ok=False)
     assert res.exit_code == 1
     assert res.stderr.splitlines()[-1] == ("error: remote 'origin' has an invalid entry "
-                                           "'renamed' (its model_name 'other' differs); it was "
+                                           "'renamed' (its model_name differs from its key); it was "
                                            "not used")
     assert snapshot(tmp_path / "other") == before
     res = other("pull", "../../evil", ok=False)
     assert res.exit_code == 1 and res.stderr.startswith("error: bad model name '../../evil'")
     res = other("clone", hostile_remote, tmp_path / "c", "--ref", "nocommit", ok=False)
     assert res.exit_code == 1 and res.stderr == (
-        f"error: remote {hostile_remote!r} has an invalid entry 'nocommit' (commit is not an "
-        "object id); it was not used\n")
+        f"error: remote {hostile_remote!r} has an invalid entry 'nocommit' (commit is not a "
+        "64-hex object id); it was not used\n")
     assert not (tmp_path / "c").exists()
 
 
