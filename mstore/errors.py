@@ -186,7 +186,7 @@ class DownloadFailed(HubError):
     def __init__(self, repo_id: str, detail: str):
         self.repo_id = repo_id
         super().__init__(
-            f"download of {repo_id!r} was cut off ({detail}); run the same import again to resume"
+            f"download of {repo_id!r} failed ({detail}); run the same import again to resume"
         )
 
 
