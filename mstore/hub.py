@@ -181,7 +181,8 @@ def cached_snapshot(repo_id: str, revision: str | None,
     `names` is None), else None. snapshot_download alone does not check completeness."""
     hf = _hub()
     try:
-        path = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=names,
+        path = Path(hf.snapshot_download(repo_id, revision=revision,
+                                         allow_patterns=_exact(names),
                                          local_files_only=True))
     except Exception:
         return None
@@ -197,8 +198,15 @@ def download_snapshot(repo_id: str, sha: str, patterns: list[str], dest: Path,
     if quiet:
         hf.utils.disable_progress_bars()
     with hub_errors(repo_id, sha, downloading=True):
-        return Path(hf.snapshot_download(repo_id, revision=sha, allow_patterns=patterns,
+        return Path(hf.snapshot_download(repo_id, revision=sha, allow_patterns=_exact(patterns),
                                          local_dir=dest))
+
+
+def _exact(names: list[str] | None) -> list[str] | None:
+    """allow_patterns are fnmatch patterns: escape `*?[` so a name matches only itself."""
+    import glob
+
+    return None if names is None else [glob.escape(n) for n in names]
 
 
 def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
@@ -206,6 +214,8 @@ def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
     is deleted (so that a retry downloads it again) and refused as not matching."""
     for name in names:
         path = folder / name
+        if not path.is_file():
+            raise DownloadFailed(info.repo_id, f"{name!r} did not arrive")
         size = path.stat().st_size
         if name in info.files and info.files[name] and size != info.files[name]:
             fsio.unlink(path)

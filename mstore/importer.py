@@ -96,6 +96,8 @@ def import_model(store: Store, source: str, *, name: str | None = None,
     plan = plan_source(source, revision, store)
     if plan.held is None:
         _check_architecture(plan.config)
+    elif name is not None:
+        plan.held = _held_by_source(store, plan.source, name) or plan.held
     if name is not None:
         _check_name(store, plan, name)
     _describe(plan, echo)
@@ -238,7 +240,8 @@ def _plan_hub(spec: hub.HubSpec, store: Store | None = None) -> SourcePlan:
 
 
 def _held_by_source(store: Store, source: dict, prefer: str | None = None) -> str | None:
-    """The ref (`prefer` if it is one) whose commit was imported from this Hub revision.
+    """The ref (`prefer` if it is one) whose commit was imported from this Hub revision and
+    has every object present (a re-import is how a lost object is restored).
 
     Only a Hub revision names its content (a local folder can change under the same path,
     so a folder's re-import is recognised by its content instead, in `_commit`)."""
@@ -249,10 +252,11 @@ def _held_by_source(store: Store, source: dict, prefer: str | None = None) -> st
         if entry.get("source") != "huggingface":
             continue
         try:
-            if store.read_manifest(entry["commit"], light=True).source == source:
-                holders.append(ref)
+            m = store.read_manifest(entry["commit"], light=True)
         except (ObjectMissing, ObjectCorrupt):
             continue
+        if m.source == source and all(store.objects.exists(o) for o in m.object_ids()):
+            holders.append(ref)
     if not holders:
         return None
     return prefer if prefer in holders else holders[0]

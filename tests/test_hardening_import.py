@@ -372,3 +372,41 @@ def test_a_held_hub_revision_under_a_new_name_is_a_second_ref_without_download(
     # the name is the holder now: asking again adds nothing
     res = cli("import", "tiny/Qwen2-Tiny", "--accept-license", "--name", "alias")
     assert "held by alias" in res.stdout and "nothing added" in res.stdout
+
+
+def test_a_held_revision_with_a_lost_object_is_downloaded_again_to_restore_it(
+        cli, store, hub_server, hub_repos):
+    cli("import", "tiny/Qwen2-Tiny", "--accept-license")
+    m = store.read_manifest(store.resolve("qwen2-tiny").commit)
+    lost = store.objects.path(next(iter(m.tensors.values())).object)
+    lost.unlink()
+    hub_server.reset()
+    res = cli("import", "tiny/Qwen2-Tiny", "--accept-license")
+    assert "identical content is held by qwen2-tiny" in res.stdout
+    assert any(p.endswith("model.safetensors") for p in resolves(hub_server))
+    assert lost.is_file()
+    assert cli("fsck").exit_code == 0
+
+
+def test_a_second_name_for_a_held_revision_is_reported_as_its_holder(cli, store, hub_repos):
+    cli("import", "tiny/Qwen2-Tiny", "--accept-license", "--name", "b-first")
+    cli("tag", "b-first", "z-second")
+    res = cli("import", "tiny/Qwen2-Tiny", "--accept-license", "--name", "z-second")
+    assert "held by z-second" in res.stdout and "nothing added" in res.stdout
+    assert sorted(store.refs()) == ["b-first", "z-second"]
+
+
+def test_hub_file_names_with_glob_characters_are_downloaded_as_themselves(cli, store,
+                                                                          hub_server, model_dirs):
+    files = {p.name: p.read_bytes() for p in model_dirs["qwen2"].iterdir() if p.is_file()}
+    files["extra[1]*?.json"] = b'{"odd": true}'
+    files["extra1x.json"] = b'{"plain": true}'  # what the name, read as a pattern, matches
+    hub_server.add_repo("odd/Globs", files)
+    try:
+        cli("import", "odd/Globs", "--accept-license")
+    finally:
+        hub_server.remove_repo("odd/Globs")
+    m = store.read_manifest(store.resolve("globs").commit)
+    got = store.objects.read_bytes(m.files["extra[1]*?.json"])
+    assert got == b'{"odd": true}'
+    assert list((store.root / "tmp").iterdir()) == []
