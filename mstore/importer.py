@@ -4,9 +4,11 @@ Everything that can refuse an import (a damaged registry, name, architecture, pi
 file names, size, disk, license) is checked before the first byte is written to the store
 (objects or tmp/). A Hub revision the store already holds is recognised from the manifests'
 `source` before anything is downloaded. Two imports of one source take turns (import_lock):
-the second finds the first's result instead of racing it for the download folder. Conversion streams each tensor's bytes from the mmapped
-shard into its own object (kernel copy, no torch round trip); the objects are made durable
-together, then the manifest, then the ref.
+the second finds the first's result instead of racing it for the download folder.
+
+Conversion streams each tensor's bytes from the mmapped shard into its own object (kernel
+copy, no torch round trip); the objects are made durable together, then the manifest, then
+the ref.
 """
 
 from __future__ import annotations
