@@ -186,7 +186,7 @@ class DownloadFailed(HubError):
     def __init__(self, repo_id: str, detail: str):
         self.repo_id = repo_id
         super().__init__(
-            f"download of {repo_id!r} was cut off ({detail}); run the same import again to resume"
+            f"download of {repo_id!r} failed ({detail}); run the same import again to resume"
         )
 
 
@@ -455,3 +455,38 @@ class NameHeldByInvalidEntry(MStoreError):
         super().__init__(
             f"registry.json holds an invalid entry under {name!r} ({reason}); fix or remove "
             "it by hand first; nothing was written")
+
+
+# -- hardening: import
+class ChecksumMismatch(HubError):
+    """A downloaded file differs from the size or sha256 the Hub published for it."""
+
+    def __init__(self, repo_id: str, filename: str, detail: str):
+        self.repo_id, self.filename, self.detail = repo_id, filename, detail
+        super().__init__(
+            f"{filename!r} downloaded from {repo_id!r} does not match its published checksum "
+            f"({detail}); the bad copy was deleted and nothing was imported. If a new try "
+            "fails the same way, the file on the Hub (or a proxy on the way) is damaged"
+        )
+
+
+class UnsafeRepoPath(BadSource, ValueError):
+    """A file name from a repo (or an index) that could escape the folder it lands in."""
+
+    def __init__(self, name: str, why: str):
+        self.name, self.why = name, why
+        super().__init__(f"refusing repo file name {name!r} ({why}); nothing was downloaded")
+
+
+class InvalidRepoId(HubError, ValueError):
+    def __init__(self, repo_id: str, detail: str):
+        self.repo_id = repo_id
+        super().__init__(f"{repo_id!r} is not a valid Hub repo id ({detail})")
+
+
+class HubClientError(HubError):
+    """huggingface_hub (or its HTTP stack) failed in a way it has no error class for."""
+
+    def __init__(self, repo_id: str, detail: str):
+        self.repo_id = repo_id
+        super().__init__(f"the Hub client failed for {repo_id!r} ({detail})")

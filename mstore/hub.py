@@ -20,7 +20,8 @@ from typing import Iterator
 
 from . import fsio
 from .errors import (
-    BadSource, DownloadFailed, GatedRepo, HubError, HubOffline, RepoNotFound, RevisionNotFound,
+    ChecksumMismatch, DownloadFailed, GatedRepo, HubClientError, HubError, HubOffline,
+    InvalidRepoId, MStoreError, RepoNotFound, RevisionNotFound, UnsafeRepoPath,
 )
 
 HUB_URL_RE = re.compile(
@@ -57,6 +58,7 @@ class RemoteInfo:
     license: str | None
     gated: bool
     offline: bool = False
+    blob_ids: dict[str, str] = field(default_factory=dict)  # git blob id of each file
     extra: dict = field(default_factory=dict)
 
 
@@ -74,7 +76,12 @@ def is_offline() -> bool:
 
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None, downloading: bool = False) -> Iterator[None]:
-    """Turn huggingface_hub's and httpx's exceptions into mstore's, one message each."""
+    """Turn huggingface_hub's and httpx's exceptions into mstore's, one message each.
+
+    Whatever else the client raises (a ValueError on a response it cannot parse, an OSError
+    without an errno for a failed consistency check) is still the Hub's side, not an mstore
+    bug: it becomes a one-line HubError too. OSErrors with an errno (disk full, permissions)
+    pass through, since they name a local file the user can act on."""
     from huggingface_hub import errors as e
 
     try:
@@ -94,15 +101,45 @@ def hub_errors(repo_id: str, revision: str | None, downloading: bool = False) ->
     except e.EntryNotFoundError as err:
         raise DownloadFailed(repo_id, f"a file went missing on the Hub: {_first_line(err)}") \
             from None
+    except e.HFValidationError as err:
+        raise InvalidRepoId(repo_id, _first_line(err)) from None
     except e.HfHubHTTPError as err:
         raise HubError(f"the Hub refused {repo_id!r}: {_first_line(err)}") from None
-    except Exception as err:  # httpx errors are not OSErrors; name them by module
-        if type(err).__module__.split(".")[0].startswith(("httpx", "httpcore")):
-            if downloading:
-                raise DownloadFailed(repo_id, f"{type(err).__name__}: {_first_line(err)}") \
-                    from None
-            raise HubOffline(repo_id, f"{type(err).__name__}: {_first_line(err)}") from None
+    except MStoreError:
         raise
+    except Exception as err:
+        if not _from_client(err):
+            raise
+        if isinstance(err, OSError) and err.errno is not None:
+            raise
+        detail = f"{type(err).__name__}: {_first_line(err)}"
+        if _module_root(type(err)).startswith(NETWORK_MODULES):
+            if downloading:
+                raise DownloadFailed(repo_id, detail) from None
+            raise HubOffline(repo_id, detail) from None
+        raise HubClientError(repo_id, detail) from None
+
+
+# Prefixes, not names: the HTTP stack may be httpx or a renamed fork (httpx2, httpcore2).
+NETWORK_MODULES = ("httpx", "httpcore", "h11", "h2", "anyio", "requests", "urllib3", "aiohttp")
+CLIENT_MODULES = ("huggingface_hub", "filelock", "tqdm", "hf_xet", *NETWORK_MODULES)
+
+
+def _module_root(obj) -> str:
+    return (getattr(obj, "__module__", None) or "").split(".")[0]
+
+
+def _from_client(err: BaseException) -> bool:
+    """Raised by the Hub client or its HTTP stack: its class or a frame on its way is theirs."""
+    if _module_root(type(err)).startswith(CLIENT_MODULES):
+        return True
+    tb = err.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
+        if module.startswith(CLIENT_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _first_line(err: BaseException) -> str:
@@ -115,17 +152,20 @@ def remote_info(spec: HubSpec) -> RemoteInfo:
     hf = _hub()
     with hub_errors(spec.repo_id, spec.revision):
         info = hf.HfApi().model_info(spec.repo_id, revision=spec.revision, files_metadata=True)
-    files, lfs = {}, {}
+    files, lfs, blobs = {}, {}, {}
     for s in info.siblings or []:
         files[s.rfilename] = s.size or 0
         if s.lfs is not None:
             lfs[s.rfilename] = s.lfs.sha256
+        if s.blob_id:
+            blobs[s.rfilename] = s.blob_id
     license = None
     if info.card_data is not None:
         license = getattr(info.card_data, "license", None)
         if license == "other":
             license = getattr(info.card_data, "license_name", None) or "other"
-    return RemoteInfo(spec.repo_id, info.sha, files, lfs, license, bool(info.gated))
+    return RemoteInfo(spec.repo_id, info.sha, files, lfs, license, bool(info.gated),
+                      blob_ids=blobs)
 
 
 def fetch_file(repo_id: str, filename: str, revision: str) -> Path:
@@ -141,7 +181,8 @@ def cached_snapshot(repo_id: str, revision: str | None,
     `names` is None), else None. snapshot_download alone does not check completeness."""
     hf = _hub()
     try:
-        path = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=names,
+        path = Path(hf.snapshot_download(repo_id, revision=revision,
+                                         allow_patterns=_exact(names),
                                          local_files_only=True))
     except Exception:
         return None
@@ -157,25 +198,50 @@ def download_snapshot(repo_id: str, sha: str, patterns: list[str], dest: Path,
     if quiet:
         hf.utils.disable_progress_bars()
     with hub_errors(repo_id, sha, downloading=True):
-        return Path(hf.snapshot_download(repo_id, revision=sha, allow_patterns=patterns,
+        return Path(hf.snapshot_download(repo_id, revision=sha, allow_patterns=_exact(patterns),
                                          local_dir=dest))
 
 
+def _exact(names: list[str] | None) -> list[str] | None:
+    """allow_patterns are fnmatch patterns: escape `*?[` so a name matches only itself."""
+    import glob
+
+    return None if names is None else [glob.escape(n) for n in names]
+
+
 def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
-    """Sizes and LFS sha256s as the Hub announced them: a corrupted transfer is refused."""
+    """Sizes, LFS sha256s and git blob ids as the Hub published them: a file that differs
+    is deleted (so that a retry downloads it again) and refused as not matching."""
     for name in names:
         path = folder / name
-        if name in info.files and info.files[name] and path.stat().st_size != info.files[name]:
-            raise DownloadFailed(info.repo_id, f"{name} has {path.stat().st_size} bytes, the Hub "
-                                 f"announced {info.files[name]}")
+        if not path.is_file():
+            raise DownloadFailed(info.repo_id, f"{name!r} did not arrive")
+        size = path.stat().st_size
+        if name in info.files and info.files[name] and size != info.files[name]:
+            fsio.unlink(path)
+            raise ChecksumMismatch(info.repo_id, name,
+                                   f"{size} bytes, published {info.files[name]}")
         want = info.lfs_sha256.get(name)
         if want and _sha256(path) != want:
-            fsio.unlink(path)  # so that a retry downloads it again
-            raise DownloadFailed(info.repo_id, f"{name} does not match the Hub's sha256")
+            fsio.unlink(path)
+            raise ChecksumMismatch(info.repo_id, name, "sha256 differs")
+        blob = info.blob_ids.get(name)
+        if not want and blob and _git_blob_sha1(path) != blob:
+            fsio.unlink(path)
+            raise ChecksumMismatch(info.repo_id, name, "git blob id differs")
 
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """The id git gives a file's bytes (what the Hub publishes for files outside LFS)."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         while chunk := f.read(8 * 1024 * 1024):
             h.update(chunk)
@@ -204,8 +270,20 @@ def card_license(folder: Path) -> str | None:
     return None
 
 
-def validate_repo_path(name: str) -> None:
-    """Repo file names come from the network: refuse `..`, absolute paths and the like."""
-    p = Path(name)
-    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or "\x00" in name:
-        raise BadSource(f"refusing repo file name {name!r} (absolute or outside the repo)")
+_DRIVE_RE = re.compile(r"[A-Za-z]:")
+
+
+def validate_repo_path(name: str) -> str:
+    """Repo file names come from the network (or an index file): refuse any name that is not
+    a plain relative path of ordinary components, since it becomes a path on this disk."""
+    if not isinstance(name, str) or not name:
+        raise UnsafeRepoPath(str(name), "empty")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise UnsafeRepoPath(name, "control characters")
+    if "\\" in name:
+        raise UnsafeRepoPath(name, "a backslash")
+    if name.startswith("/") or _DRIVE_RE.match(name):
+        raise UnsafeRepoPath(name, "an absolute path")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise UnsafeRepoPath(name, "an empty, '.' or '..' component")
+    return name

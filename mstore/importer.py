@@ -1,9 +1,14 @@
 """`mstore import`: a Hub repo or a local Hugging Face folder -> objects -> manifest -> ref.
 
-Everything that can refuse an import (name, architecture, pickles, size, disk, license) is
-checked before the store is touched. Conversion streams each tensor's bytes from the mmapped
-shard into its own object (kernel copy, no torch round trip); the objects are made durable
-together, then the manifest, then the ref.
+Everything that can refuse an import (a damaged registry, name, architecture, pickles, unsafe
+file names, size, disk, license) is checked before the first byte is written to the store
+(objects or tmp/). A Hub revision the store already holds is recognised from the manifests'
+`source` before anything is downloaded. Two imports of one source take turns (import_lock):
+the second finds the first's result instead of racing it for the download folder.
+
+Conversion streams each tensor's bytes from the mmapped shard into its own object (kernel
+copy, no torch round trip); the objects are made durable together, then the manifest, then
+the ref.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from typing import Callable
 from . import failpoints, hub
 from .errors import (
     BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt, ObjectMissing,
-    PickleOnly, SourceNotFound, TooLarge, UnsupportedArchitecture,
+    PickleOnly, RefChanged, SourceNotFound, TooLarge, UnsupportedArchitecture,
 )
 from .import_cache import ImportCache
 from .import_checks import check_source
+from .import_lock import ImportLock
 from .manifest import Manifest, TensorEntry
-from .objects import ObjectBatch, hash_tensor_range
+from .objects import ObjectBatch, PutResult, hash_file, hash_tensor_range
 from .registry import COMMIT_LIKE_RE, validate_name
 from .safetensors_io import DTYPE_SIZES, object_data_start, parse_header
 from .store import Store
@@ -71,6 +77,7 @@ class SourcePlan:
     folder: Path | None = None  # local folder, or the HF cache snapshot when complete there
     remote: hub.RemoteInfo | None = None
     notes: list[str] = field(default_factory=list)
+    held: str | None = None  # the ref already holding this Hub revision: nothing to fetch
 
     @property
     def architecture(self) -> str:
@@ -86,15 +93,52 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                  revision: str | None = None, accept_license: bool = False,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
                  echo: Callable[[str], None] = lambda s: None, quiet: bool = True) -> ImportResult:
-    plan = plan_source(source, revision)
-    _check_architecture(plan.config)
+    store.refs()  # a damaged registry refuses now, before anything is downloaded or written
     if name is not None:
         validate_name(name)
-        held = store.refs().get(name)
-        # a name taken by this same source may still hold identical content (a retry):
-        # conversion finds out, and only then is a differing model refused
-        if held and not _same_source(store, held, plan):
-            raise NameTaken(name, store.next_free_name(name))
+    plan = plan_source(source, revision, store)
+    if plan.held is None:
+        _check_architecture(plan.config)
+    elif name is not None:
+        plan.held = _held_by_source(store, plan.source, name) or plan.held
+    if name is not None:
+        _check_name(store, plan, name)
+    _describe(plan, echo)
+    _check_space(store, plan, max_size)
+    license = plan.license or "unknown"
+    echo(f"  license: {license}")
+    if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
+        raise LicenseNotAccepted(license)
+    if plan.held is not None:
+        return _already(store, plan, plan.held, name)
+    if plan.folder is not None:  # local or HF cache: refused before the store is touched
+        check_source(plan, plan.folder)
+
+    with store.writer_lock("import"):
+        store.refs()
+        wait_note = f"  waiting for another import of {plan.model_id} to finish"
+        with ImportLock(store.objects.tmp_dir, _lock_key(plan), lambda: echo(wait_note)):
+            held = _held_by_source(store, plan.source, name)
+            if held is not None:  # a concurrent import of this revision finished first
+                return _already(store, plan, held, name, locked=True)
+            folder, downloaded = _materialise(store, plan, quiet)
+            if downloaded:
+                check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
+            cache = ImportCache(store.root)
+            manifest, batch = _convert(store, plan, folder, quiet, cache)
+            result = _commit(store, plan, manifest, batch, name)
+            if not downloaded:  # files that stay where they are: worth remembering
+                cache.save()
+            if downloaded:
+                shutil.rmtree(downloaded, ignore_errors=True)
+    return result
+
+
+def _describe(plan: SourcePlan, echo: Callable[[str], None]) -> None:
+    if plan.held is not None:
+        echo(f"{plan.model_id}@{plan.source.get('revision', '')[:12]} is already imported "
+             f"({plan.held}): nothing to download")
+        return
     params, dtype = plan.estimate_params()
     echo(f"{plan.model_id} ({plan.architecture}): {fmt_bytes(plan.total_bytes)} in "
          f"{len(plan.weight_files) + len(plan.other_files)} files, ~{fmt_count(params)} "
@@ -103,46 +147,34 @@ def import_model(store: Store, source: str, *, name: str | None = None,
          f"~{fmt_bytes(params * TRAIN_BYTES_PER_PARAM)}")
     for note in plan.notes:
         echo(f"  {note}")
-    _check_space(store, plan, max_size)
-    license = plan.license or "unknown"
-    echo(f"  license: {license}")
-    if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
-        raise LicenseNotAccepted(license)
 
-    if plan.folder is not None:  # local or HF cache: refused before the store is touched
-        check_source(plan, plan.folder)
-    with store.writer_lock("import"):
-        folder, downloaded = _materialise(store, plan, quiet)
-        if downloaded:
-            check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
-        cache = ImportCache(store.root)
-        manifest, batch = _convert(store, plan, folder, quiet, cache)
-        result = _commit(store, plan, manifest, batch, name)
-        if not downloaded:  # files that stay where they are: worth remembering
-            cache.save()
-        if downloaded:
-            shutil.rmtree(downloaded, ignore_errors=True)
-    return result
+def _lock_key(plan: SourcePlan) -> str:
+    return json.dumps(plan.source, sort_keys=True)
 
 
 # -- planning --------------------------------------------------------------------------
-def plan_source(source: str, revision: str | None) -> SourcePlan:
+def plan_source(source: str, revision: str | None, store: Store | None = None) -> SourcePlan:
+    """`store`: where to look for a Hub revision already imported (then nothing is fetched)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _plan_local(path.resolve())
     spec = hub.parse_hub_source(source, revision)
     if spec is None:
         raise SourceNotFound(source)
-    return _plan_hub(spec)
+    return _plan_hub(spec, store)
 
 
 def _plan_local(folder: Path, link_root: Path | None = None) -> SourcePlan:
-    """`link_root`: where symlinks may point (the HF cache repo folder for snapshots, whose
-    files link to ../../blobs); a user's folder may not link outside itself."""
+    """`link_root`: where symlinks may point. A user's folder may not link outside itself;
+    an HF cache snapshot (what `hf download` prints: snapshots/<sha>, whose files link to
+    ../../blobs) may link anywhere inside its own `models--org--name` folder, no further."""
+    cache_repo = _hf_cache_repo(folder)
+    root = (link_root or cache_repo or folder).resolve()
     names = []
     for p in sorted(folder.iterdir()):
-        if p.is_symlink() and not _inside(p.resolve(), (link_root or folder).resolve()):
-            raise BadSource(f"{p.name} in {folder} is a symlink pointing outside the folder")
+        if p.is_symlink() and not _inside(p.resolve(), root):
+            where = "its HF cache repo folder" if root != folder else "the folder"
+            raise BadSource(f"{p.name} in {folder} is a symlink pointing outside {where}")
         if p.is_file():
             names.append(p.name)
     if "config.json" not in names:
@@ -151,22 +183,40 @@ def _plan_local(folder: Path, link_root: Path | None = None) -> SourcePlan:
     weights = _weight_files(names, lambda n: _read_json(folder / n), str(folder), config)
     others = [n for n in names if _keep(n) and n not in weights and n != INDEX_FILE]
     sizes = {n: (folder / n).stat().st_size for n in names}
+    model_id = _cache_repo_id(cache_repo) if cache_repo else folder.name
     return SourcePlan(
-        source={"type": "local", "path": str(folder)}, model_id=folder.name,
-        default_stem=folder.name, config=config, weight_files=weights, other_files=others,
-        total_bytes=sum(sizes[n] for n in weights + others),
+        source={"type": "local", "path": str(folder)}, model_id=model_id,
+        default_stem=model_id.split("/")[-1], config=config, weight_files=weights,
+        other_files=others, total_bytes=sum(sizes[n] for n in weights + others),
         weight_bytes=sum(sizes[n] for n in weights), license=hub.card_license(folder),
         folder=folder,
     )
 
 
-def _plan_hub(spec: hub.HubSpec) -> SourcePlan:
+def _hf_cache_repo(folder: Path) -> Path | None:
+    """The HF cache's `models--org--name` folder when `folder` is one of its snapshots."""
+    repo = folder.parent.parent
+    if folder.parent.name == "snapshots" and repo.name.startswith("models--") \
+            and (repo / "blobs").is_dir():
+        return repo
+    return None
+
+
+def _cache_repo_id(repo: Path) -> str:
+    return "/".join(repo.name[len("models--"):].split("--"))
+
+
+def _plan_hub(spec: hub.HubSpec, store: Store | None = None) -> SourcePlan:
     if hub.is_offline():
         return _plan_offline(spec)
     info = hub.remote_info(spec)
     names = sorted(info.files)
     for n in names:
         hub.validate_repo_path(n)
+    source = {"type": "huggingface", "repo_id": spec.repo_id, "revision": info.sha}
+    held = _held_by_source(store, source) if store is not None else None
+    if held is not None:
+        return _held_plan(store, spec, info, source, held)
     if "config.json" not in names:
         raise BadSource(f"{spec.repo_id} has no config.json: not a transformers model repo")
     config = _read_config(hub.fetch_file(spec.repo_id, "config.json", info.sha))
@@ -182,9 +232,8 @@ def _plan_hub(spec: hub.HubSpec) -> SourcePlan:
         lic_name = next(n for n in names if n.startswith("LICENSE"))
         license = hub.card_license(hub.fetch_file(spec.repo_id, lic_name, info.sha).parent)
     plan = SourcePlan(
-        source={"type": "huggingface", "repo_id": spec.repo_id, "revision": info.sha},
-        model_id=spec.repo_id, default_stem=spec.repo_id.split("/")[-1], config=config,
-        weight_files=weights, other_files=others,
+        source=source, model_id=spec.repo_id, default_stem=spec.repo_id.split("/")[-1],
+        config=config, weight_files=weights, other_files=others,
         total_bytes=sum(info.files.get(n, 0) for n in weights + others),
         weight_bytes=sum(info.files.get(n, 0) for n in weights), license=license, remote=info,
     )
@@ -194,6 +243,42 @@ def _plan_hub(spec: hub.HubSpec) -> SourcePlan:
     if plan.folder:
         plan.notes.append("all files are in the HF cache: nothing to download")
     return plan
+
+
+def _held_by_source(store: Store, source: dict, prefer: str | None = None) -> str | None:
+    """The ref (`prefer` if it is one) whose commit was imported from this Hub revision and
+    has every object present (a re-import is how a lost object is restored).
+
+    Only a Hub revision names its content (a local folder can change under the same path,
+    so a folder's re-import is recognised by its content instead, in `_commit`)."""
+    if source.get("type") != "huggingface":
+        return None
+    holders = []
+    for ref, entry in sorted(store.refs().items()):
+        if entry.get("source") != "huggingface":
+            continue
+        try:
+            m = store.read_manifest(entry["commit"], light=True)
+        except (ObjectMissing, ObjectCorrupt):
+            continue
+        if m.source == source and all(store.objects.exists(o) for o in m.object_ids()):
+            holders.append(ref)
+    if not holders:
+        return None
+    return prefer if prefer in holders else holders[0]
+
+
+def _held_plan(store: Store, spec: hub.HubSpec, info: hub.RemoteInfo, source: dict,
+               held: str) -> SourcePlan:
+    """A plan for a revision the store already holds, from its manifest: nothing is fetched."""
+    entry = store.refs()[held]
+    m = store.read_manifest(entry["commit"], light=True)
+    return SourcePlan(
+        source=source, model_id=spec.repo_id, default_stem=spec.repo_id.split("/")[-1],
+        config={"model_type": m.architecture}, weight_files=[], other_files=sorted(m.files),
+        total_bytes=int(entry.get("size_bytes") or 0), weight_bytes=0, license=m.license,
+        remote=info, held=held,
+    )
 
 
 def _plan_offline(spec: hub.HubSpec) -> SourcePlan:
@@ -245,6 +330,8 @@ def _check_architecture(config: dict) -> None:
 def _check_space(store: Store, plan: SourcePlan, max_size: int | None) -> None:
     if max_size is not None and plan.total_bytes > max_size:
         raise TooLarge(f"{plan.model_id} is larger than --max-size", plan.total_bytes, max_size)
+    if plan.held is not None:
+        return  # nothing will be written
     need = plan.total_bytes if plan.folder else 2 * plan.total_bytes
     probe = store.root
     while not probe.exists() and probe != probe.parent:
@@ -297,10 +384,12 @@ def _materialise(store: Store, plan: SourcePlan, quiet: bool) -> tuple[Path, Pat
 
 
 def _convert(store: Store, plan: SourcePlan, folder: Path, quiet: bool,
-             cache: ImportCache) -> tuple[Manifest, ObjectBatch]:
+             cache: ImportCache, batch: "ObjectBatch | _HashOnly | None" = None,
+             ) -> tuple[Manifest, ObjectBatch]:
+    """The manifest and the objects it names; with a `_HashOnly` batch, only their ids."""
     tensors: dict = {}
     bar = _progress(plan.weight_bytes, "converting", quiet)
-    with store.objects.batch() as batch:
+    with batch or store.objects.batch() as batch:
         for shard in plan.weight_files:
             _convert_shard(batch, folder / shard, tensors, bar, cache)
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
@@ -416,9 +505,82 @@ def _content_key(store: Store, commit: str) -> bytes | None:
 
 def _same_source(store: Store, entry: dict, plan: SourcePlan) -> bool:
     try:
-        return store.read_manifest(entry["commit"]).source == plan.source
-    except Exception:
+        return store.read_manifest(entry["commit"], light=True).source == plan.source
+    except (ObjectMissing, ObjectCorrupt):
         return False
+
+
+def _check_name(store: Store, plan: SourcePlan, name: str) -> None:
+    """A taken --name refuses now, before anything is written. It is not taken when it
+    already holds this very content (a retry, or a re-import of an unchanged folder)."""
+    refs = store.refs()
+    entry = refs.get(name)
+    if entry is None:
+        return
+    if plan.held is not None:
+        if entry["commit"] == refs[plan.held]["commit"]:
+            return
+    elif _same_source(store, entry, plan):
+        if plan.source.get("type") == "huggingface":
+            return  # a Hub revision names its content
+        if plan.folder is not None and _content_key(store, entry["commit"]) == \
+                _dry_content_key(store, plan):
+            return
+    raise NameTaken(name, store.next_free_name(name))
+
+
+def _dry_content_key(store: Store, plan: SourcePlan) -> bytes:
+    """What a local folder's manifest would hold, hashed without writing a byte (the stat
+    cache makes it cheap for an unchanged folder)."""
+    manifest, _ = _convert(store, plan, plan.folder, True, ImportCache(store.root),
+                           batch=_HashOnly())
+    return manifest.content_key()
+
+
+class _HashOnly:
+    """An ObjectBatch look-alike that names objects and stores none (nor checks presence)."""
+
+    written = reused = 0
+
+    def __enter__(self) -> "_HashOnly":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def put_tensor(self, oid, dtype, shape, src_fd, start, end) -> PutResult:
+        return PutResult(oid if isinstance(oid, str) else oid.result(), end - start, False)
+
+    def put_file(self, path: Path) -> PutResult:
+        return PutResult(hash_file(path), os.path.getsize(path), False)
+
+    def reuse(self, oid: str, size: int) -> bool:
+        return True
+
+
+def _already(store: Store, plan: SourcePlan, held: str, name: str | None,
+             locked: bool = False) -> ImportResult:
+    """The result for a Hub revision the store holds; a new --name becomes a second ref."""
+    entry = store.refs()[held]
+    commit = entry["commit"]
+    if name is not None and name != held:
+        if locked:
+            _add_name(store, entry, name)
+        else:
+            with store.writer_lock("import"):
+                _add_name(store, entry, name)
+    m = store.read_manifest(commit)
+    return ImportResult(name or held, commit, m.parameters, 0,
+                        int(entry.get("size_bytes") or 0), plan.source, m.license,
+                        already=True, held_by=held)
+
+
+def _add_name(store: Store, entry: dict, name: str) -> None:
+    try:
+        store.registry.set_ref({**entry, "model_name": name}, expected=None)
+    except RefChanged as e:
+        if e.found != entry["commit"]:
+            raise NameTaken(name, store.next_free_name(name)) from None
 
 
 def _default_stem(text: str) -> str:

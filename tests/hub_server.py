@@ -71,6 +71,8 @@ for one repo only):
                                         Hub's LFS redirects), with X-Linked-Etag/X-Linked-Size on
                                         the 302. The client drops the Authorization header there.
     faults.redirect[path] = "http://h:p" 302 to that origin instead (e.g. ``refused_endpoint()``).
+    faults.delay[path] = seconds        every GET of the file's body waits this long before the
+                                        body is sent (a slow download, to overlap two imports).
 
 What huggingface_hub 2.4 does with a cut download: within the same hf_hub_download call it
 sleeps 1 s and re-requests with "Range: bytes=K-", where K is what it has written to its temp
@@ -100,6 +102,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -239,6 +242,7 @@ class Faults:
         self.corrupt_file: set[str] = set()
         self.missing_file: set[str] = set()
         self.redirect: dict[str, str | None] = {}
+        self.delay: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def drop(self, path: str, after_bytes: int, times: int = 1) -> None:
@@ -254,6 +258,7 @@ class Faults:
             self.corrupt_file.clear()
             self.missing_file.clear()
             self.redirect.clear()
+            self.delay.clear()
 
     @staticmethod
     def _key(keys, repo_id: str, path: str) -> str | None:
@@ -279,6 +284,10 @@ class Faults:
 
     def is_corrupt(self, repo_id: str, path: str) -> bool:
         return self._key(self.corrupt_file, repo_id, path) is not None
+
+    def delay_for(self, repo_id: str, path: str) -> float:
+        key = self._key(self.delay, repo_id, path)
+        return 0.0 if key is None else self.delay[key]
 
     def is_missing(self, repo_id: str, path: str) -> bool:
         return self._key(self.missing_file, repo_id, path) is not None
@@ -375,6 +384,7 @@ class HubServer:
         license: str | None = "apache-2.0",
         gated: bool | str = False,
         card_data: dict | None = None,
+        raw_paths: bool = False,
     ) -> str:
         """Publish ``folder`` (a directory, or a {path: bytes} mapping) as a commit of
         ``repo_id`` on branch ``revision``; return the commit sha (40 hex).
@@ -385,12 +395,15 @@ class HubServer:
         sha stays servable, like a new commit pushed to the Hub. ``license``, ``gated``
         (True means "manual") and ``card_data`` are repo-level: the last call sets them.
         ``cardData`` served is ``card_data`` plus {"license": license} when license is set.
+        ``raw_paths``: take a mapping's paths as given (backslashes, "..", a leading "/",
+        control characters), to publish the hostile file names a real repo could list.
         """
         if not _REPO_ID_RE.match(repo_id):
             raise ValueError(f"bad repo id {repo_id!r}")
         if "/" in revision or not revision or _SHA1_RE.match(revision):
             raise ValueError(f"bad branch name {revision!r}")
-        files = {p: HubFile.make(p, data) for p, data in sorted(_read_files(folder).items())}
+        found = _read_files(folder, raw=raw_paths)
+        files = {p: HubFile.make(p, data) for p, data in sorted(found.items())}
         digest = hashlib.sha1(repo_id.encode() + b"\n")
         for path, f in files.items():
             digest.update(f"{path}\0{f.etag}\n".encode())
@@ -462,12 +475,12 @@ class HubServer:
         return f"HubServer({self.url}, repos={sorted(self.repos)})"
 
 
-def _read_files(folder) -> dict[str, bytes]:
+def _read_files(folder, raw: bool = False) -> dict[str, bytes]:
     if isinstance(folder, dict):
         out = {}
         for path, data in folder.items():
-            path = str(path).strip("/")
-            if not path or ".." in path.split("/"):
+            path = str(path) if raw else str(path).strip("/")
+            if not path or (not raw and ".." in path.split("/")):
                 raise ValueError(f"bad path {path!r}")
             out[path] = data.encode() if isinstance(data, str) else bytes(data)
         return out
@@ -810,6 +823,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = data[start:end + 1]
         if head:
             return self._send(status, b"", headers, True, content_type=ctype, length=len(body))
+        pause = hub.faults.delay_for(repo_id, path)
+        if pause:
+            time.sleep(pause)
         cut = hub.faults.take_drop(repo_id, path)
         if cut is None:
             return self._send(status, body, headers, False, content_type=ctype)

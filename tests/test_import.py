@@ -247,7 +247,7 @@ def test_corrupted_transfer_is_refused(tmp_path, hub_server, hub_repos):
     hub_server.faults.corrupt_file.add("tiny/Qwen3-Tiny/model.safetensors")
     res = run_mstore("import", "tiny/Qwen3-Tiny", "--accept-license", store=tmp_path / "s",
                      hf_home=tmp_path / "hf")
-    assert res.returncode == 1 and "does not match the Hub's sha256" in res.stderr
+    assert res.returncode == 1 and "does not match its published checksum" in res.stderr
 
 
 def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_path,
