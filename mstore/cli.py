@@ -66,7 +66,7 @@ class MStoreGroup(TyperGroup):
         except click.exceptions.ClickException as e:
             echo_line(f"error: {usage_message(e)}")
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:
             echo_line("error: aborted")
             sys.exit(1)
         except SystemExit as e:  # click pacified stdout after EPIPE while printing help
@@ -80,14 +80,15 @@ class MStoreGroup(TyperGroup):
         aliases: dict[str, list[str]] = {}
         for alias, target in ALIASES.items():
             aliases.setdefault(target, []).append(alias)
-        rows = []
+        shown = []
         for name in self.list_commands(ctx):
             cmd = self.get_command(ctx, name)
-            if cmd is None or cmd.hidden:
-                continue
-            shown = f"{name} ({', '.join(aliases[name])})" if name in aliases else name
-            rows.append((shown, cmd.get_short_help_str(formatter.width - 6 - len(shown))))
-        if rows:
+            if cmd is not None and not cmd.hidden:
+                label = f"{name} ({', '.join(aliases[name])})" if name in aliases else name
+                shown.append((label, cmd))
+        if shown:
+            limit = formatter.width - 6 - max(len(label) for label, _ in shown)
+            rows = [(label, cmd.get_short_help_str(limit)) for label, cmd in shown]
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 

@@ -89,8 +89,9 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
 
 
 def du(store: Store) -> dict[str, Any]:
-    """Logical bytes (each distinct commit that refs hold, counted in full once: a second name
-    for a commit adds nothing) against physical bytes on disk. One row per commit."""
+    """Logical bytes (each distinct commit that refs hold, its manifest and every object it
+    names, counted in full once: a second name for a commit adds nothing) against physical
+    bytes on disk. One row per commit; `new_vs_parent_bytes` counts tensor and file objects."""
     sizes = {oid: st.st_size for oid, st in store.objects.iter_objects()}
     by_commit = store.names_by_commit()
     held: dict[str, set[str]] = {}
@@ -101,7 +102,7 @@ def du(store: Store) -> dict[str, Any]:
         except (ObjectMissing, ObjectCorrupt):
             held[commit] = set()
             continue
-        held[commit] = m.object_ids()
+        held[commit] = m.object_ids() | {commit}  # the manifest is part of what a ref holds
         if m.parent:
             try:
                 parents[commit] = (m.parent, store.read_manifest(m.parent).object_ids())
@@ -123,7 +124,7 @@ def du(store: Store) -> dict[str, Any]:
         }
         if commit in parents:
             base = parents[commit][1]
-            row["new_vs_parent_bytes"] = sum(sizes.get(o, 0) for o in oids - base)
+            row["new_vs_parent_bytes"] = sum(sizes.get(o, 0) for o in oids - base - {commit})
             row["shared_with_parent"] = len(oids & base)
         models.append(row)
     logical = sum(r["logical_bytes"] for r in models)
