@@ -64,7 +64,7 @@ class MStoreGroup(TyperGroup):
             e.show()
             sys.exit(e.exit_code)
         except click.exceptions.ClickException as e:
-            echo_line(f"error: {usage_message(e)}")
+            echo_line(f"error: {usage_message(e, prog_name or 'mstore')}")
             sys.exit(e.exit_code)
         except typer.Abort:
             echo_line("error: aborted")
@@ -121,14 +121,14 @@ def error_message(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"
 
 
-def usage_message(e: click.exceptions.ClickException) -> str:
+def usage_message(e: click.exceptions.ClickException, prog: str = "mstore") -> str:
     """click's message as one line, with where to look for help on the same line."""
     msg = e.format_message().strip().rstrip(".")
     if msg[:1].isupper() and msg[1:2].islower():
         msg = msg[0].lower() + msg[1:]
-    ctx = getattr(e, "ctx", None)
-    if ctx is not None and isinstance(e, click.exceptions.UsageError):
-        msg += f" (see `{ctx.command_path} --help`)"
+    if isinstance(e, click.exceptions.UsageError):
+        ctx = getattr(e, "ctx", None)
+        msg += f" (see `{ctx.command_path if ctx is not None else prog} --help`)"
     return msg
 
 

@@ -2,7 +2,7 @@
 
 Each function returns plain data (what `--json` prints); the CLI only formats it. The
 `--json` outputs share one vocabulary (docs/json.md): a commit is described by `commit`,
-`names`, `parent` (a commit id), `architecture`, `model_id`, `license` (null when unknown),
+`names` (its refs; a `list` row has its own ref as `name`), `parent` (a commit id), `architecture`, `model_id`, `license` (null when unknown),
 `created_at`, `message`; `list` keeps the registry's own fields beside them.
 """
 
@@ -17,18 +17,15 @@ from .store import Store
 
 
 def list_rows(store: Store) -> list[dict[str, Any]]:
-    """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary."""
-    refs = store.refs()
-    names: dict[str, list[str]] = {}
-    for name, e in refs.items():
-        names.setdefault(e["commit"], []).append(name)
+    """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
+    (`name` is the row's ref; the other names of its commit are rows of their own)."""
     parents: dict[str, str | None] = {}
     rows = []
-    for name, e in sorted(refs.items()):
+    for name, e in sorted(store.refs().items()):
         commit = e["commit"]
         if commit not in parents:
             parents[commit] = _parent_of(store, commit)
-        rows.append({**e, "name": name, "names": sorted(names[commit]),
+        rows.append({**e, "name": name,
                      "short_commit": commit[:12], "architecture": e.get("architecture_type"),
                      "parent": parents[commit], "license": e.get("license") or None})
     return rows
