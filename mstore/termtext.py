@@ -49,7 +49,7 @@ def json_text(obj: Any) -> str:
     """Exact JSON (it parses back to the same data) whose text holds no raw control or bidi
     character: json.dumps escapes C0 controls itself; the rest are written as \\uXXXX too."""
     text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
-    if safe_lines(text) == text:
+    if text.replace("\n", "").isprintable():
         return text
     return "".join(_json_escape(c) if c != "\n" and _unsafe(c) else c for c in text)
 
