@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
     import click
 
 from .cli_common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
+from .render import shown_path
 from .termtext import safe_lines
 from .cli_remote import register as _register_remotes
 from .errors import MStoreError
@@ -181,7 +182,7 @@ def init(ctx: typer.Context):
     """Create the store (harmless if it exists)."""
     store = store_of(ctx)
     created = store.init()
-    echo(f"{'initialised' if created else 'already initialised'} store at {safe_text(store.root)}")
+    echo(f"{'initialised' if created else 'already initialised'} store at {safe_text(shown_path(store.root))}")
 
 
 @app.command("import")
@@ -504,7 +505,7 @@ def export(ctx: typer.Context, name: NameArg,
     doc = export_model(store_of(ctx), name, dest)
     if as_json:
         return print_json(doc)
-    echo(f"exported {safe_text(doc['name'] or doc['commit'][:12])} to {safe_text(doc['dir'])}: "
+    echo(f"exported {safe_text(doc['name'] or doc['commit'][:12])} to {safe_text(shown_path(doc['dir']))}: "
          + ", ".join(safe_text(f) for f in doc["files"]))
 
 

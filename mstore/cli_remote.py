@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
+from .render import shown_path
 from .units import fmt_bytes
 
 RemoteArg = Annotated[Optional[str], typer.Argument(
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
         from .remote import add_remote
 
         stored = add_remote(store_of(ctx), name, url)
-        echo(f"added remote {safe_text(name)} -> {safe_text(stored)}")
+        echo(f"added remote {safe_text(name)} -> {safe_text(shown_path(stored))}")
 
     @remote_app.command("list")
     def remote_list(ctx: typer.Context, as_json: JsonOpt = False):
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         if not remotes:
             echo("no remotes (add one with `mstore remote add origin URL`)")
             return
-        shown = {safe_text(n): safe_text(u) for n, u in remotes.items()}
+        shown = {safe_text(n): safe_text(shown_path(u)) for n, u in remotes.items()}
         width = max(len(n) for n in shown)
         for n, u in shown.items():
             echo(f"{n.ljust(width)}  {u}")
@@ -81,7 +82,7 @@ def register(app: typer.Typer) -> None:
         from .remote import remove_remote
 
         url = remove_remote(store_of(ctx), name)
-        echo(f"removed remote {safe_text(name)} ({safe_text(url)})")
+        echo(f"removed remote {safe_text(name)} ({safe_text(shown_path(url))})")
 
     app.add_typer(remote_app, name="remote")
 
@@ -148,7 +149,7 @@ def register(app: typer.Typer) -> None:
         for r in res.refs:
             _print_pull(r)
         doc = res.to_json()
-        echo(f"cloned {safe_text(res.url)} into {safe_text(res.dir)}: {len(res.refs)} ref(s), "
+        echo(f"cloned {safe_text(shown_path(res.url))} into {safe_text(shown_path(res.dir))}: {len(res.refs)} ref(s), "
                    f"{doc['objects_received']} objects ({fmt_bytes(doc['bytes_received'])})")
 
 

@@ -6,6 +6,7 @@ through `safe_text` as its line is built, so none can drive the terminal or forg
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -13,6 +14,19 @@ from .termtext import safe_text
 from .units import fmt_bytes, fmt_count
 
 SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def shown_path(path: object) -> str:
+    """A path as a reader can retype it: relative when it lies under the working folder
+    (as git shows paths), else as recorded. Manifests keep the absolute path."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    try:
+        rel = os.path.relpath(text, os.getcwd())
+    except (OSError, ValueError):  # no working folder, another drive
+        return text
+    return text if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -41,7 +55,7 @@ def training_summary(t: dict[str, Any] | None) -> str:
         parts.append(f"eval {evals[-1]:.3f}")
     ds = t.get("dataset") or {}
     if ds.get("path"):
-        parts.append(f"data {ds['path']}")
+        parts.append(f"data {shown_path(ds['path'])}")
     return ", ".join(parts)
 
 
@@ -50,7 +64,7 @@ def source_line(m: dict[str, Any]) -> str:
     if src.get("type") == "huggingface":
         return f"huggingface {src.get('repo_id')}@{str(src.get('revision'))[:12]}"
     if src.get("type") == "local":
-        return f"local folder {src.get('path')}"
+        return f"local folder {shown_path(src.get('path'))}"
     return src.get("type") or "-"
 
 
