@@ -557,10 +557,17 @@ _register_remotes(app)
 
 
 def main() -> None:
+    code = None
     try:
         app(prog_name="mstore")
     except SystemExit as e:
-        _exit(e.code)
+        code = e.code
+    try:  # what is still buffered: a reader gone by now ends us as quietly as mid-command
+        sys.stdout.flush()
+    except OSError as e:
+        _silence_stdout()
+        code = SIGPIPE_STATUS if _is_broken_pipe(e) else code or 120
+    _exit(code)
 
 
 def _exit(code) -> None:
@@ -591,6 +598,6 @@ def _exit(code) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: the status Python gives it
-        status = status or 120
+    except (OSError, ValueError) as e:  # a closed pipe: quiet, as mid-command
+        status = SIGPIPE_STATUS if _is_broken_pipe(e) else status or 120
     os._exit(status)
