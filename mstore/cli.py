@@ -22,10 +22,10 @@ except ImportError:  # pragma: no cover - older typer on the real click
     import click
 
 from .cli_common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
-from .render import shown_path
-from .termtext import safe_lines
 from .cli_remote import register as _register_remotes
 from .errors import MStoreError
+from .render import shown_path
+from .termtext import safe_lines
 from .units import fmt_bytes, fmt_count
 
 DEBUG_ENV = "MSTORE_DEBUG"
@@ -182,7 +182,8 @@ def init(ctx: typer.Context):
     """Create the store (harmless if it exists)."""
     store = store_of(ctx)
     created = store.init()
-    echo(f"{'initialised' if created else 'already initialised'} store at {safe_text(shown_path(store.root))}")
+    where = safe_text(shown_path(store.root))
+    echo(f"{'initialised' if created else 'already initialised'} store at {where}")
 
 
 @app.command("import")
@@ -221,12 +222,12 @@ def import_(
         extra = (f"; added the name {safe_text(result.name)}" if result.name != result.held_by
                  else "; nothing added")
         echo(f"already imported: identical content is held by {safe_text(result.held_by)} "
-                   f"({result.commit[:12]}){extra}")
+             f"({result.commit[:12]}){extra}")
         return
     echo(f"imported {safe_text(result.name)}  commit {result.commit[:12]}")
     echo(f"  {fmt_count(result.parameters)} parameters, "
-               f"{fmt_bytes(result.bytes_written)} written, "
-               f"{fmt_bytes(result.bytes_present)} already present")
+         f"{fmt_bytes(result.bytes_written)} written, "
+         f"{fmt_bytes(result.bytes_present)} already present")
 
 
 # -- read commands ---------------------------------------------------------------------
@@ -371,8 +372,8 @@ def gc(
         return print_json(p.to_json(dry_run))
     verb = "would delete" if dry_run else "deleted"
     echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
-               f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
-               f"{p.kept_young} younger than {safe_text(grace)}")
+         f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
+         f"{p.kept_young} younger than {safe_text(grace)}")
 
 
 @app.command()
@@ -417,14 +418,15 @@ def du(ctx: typer.Context, as_json: JsonOpt = False):
     table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
     for m in doc["models"]:
         new = m.get("new_vs_parent_bytes")
-        table.append((", ".join(m["names"]), fmt_bytes(m["logical_bytes"]), fmt_bytes(m["unique_bytes"]),
+        table.append((", ".join(m["names"]), fmt_bytes(m["logical_bytes"]),
+                      fmt_bytes(m["unique_bytes"]),
                       "-" if new is None else fmt_bytes(new)))
     if len(table) > 1:
         _print_table(table)
     ratio = doc["dedup_ratio"]
     echo(f"logical {fmt_bytes(doc['logical_bytes'])}, physical "
-               f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
-               + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
+         f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
+         + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
 
 
 @app.command()
@@ -444,9 +446,9 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
         echo(f"~ {safe_text(c['name'])}  " + (f"rel L2 {rel:.3g}" if rel is not None
                                              else safe_text(c.get("note", ""))))
     echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
-               f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
-               f"({fmt_bytes(doc['shared_bytes'])})"
-               + ("; config differs" if doc["config_changed"] else ""))
+         f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
+         f"({fmt_bytes(doc['shared_bytes'])})"
+         + ("; config differs" if doc["config_changed"] else ""))
 
 
 # -- commands that load weights (the only ones that import torch) ----------------------
@@ -505,7 +507,8 @@ def export(ctx: typer.Context, name: NameArg,
     doc = export_model(store_of(ctx), name, dest)
     if as_json:
         return print_json(doc)
-    echo(f"exported {safe_text(doc['name'] or doc['commit'][:12])} to {safe_text(shown_path(doc['dir']))}: "
+    what, where = safe_text(doc["name"] or doc["commit"][:12]), safe_text(shown_path(doc["dir"]))
+    echo(f"exported {what} to {where}: "
          + ", ".join(safe_text(f) for f in doc["files"]))
 
 
@@ -546,11 +549,11 @@ def train(
         return print_json(result.to_json())
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     echo(f"committed {safe_text(result.name)}  commit {result.commit[:12]}"
-               + (f"  (parent {result.parent[:12]})" if result.parent else ""))
+         + (f"  (parent {result.parent[:12]})" if result.parent else ""))
     echo(f"  {result.steps} steps, loss {result.train_loss:.4f}{ev}; "
-               f"{fmt_bytes(result.bytes_written)} written, "
-               f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
-               + (" [interrupted]" if result.interrupted else ""))
+         f"{fmt_bytes(result.bytes_written)} written, "
+         f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
+         + (" [interrupted]" if result.interrupted else ""))
 
 
 _register_remotes(app)

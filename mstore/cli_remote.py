@@ -105,13 +105,13 @@ def register(app: typer.Typer) -> None:
             return print_json(r.to_json())
         if not r.ref_updated and r.objects_sent == 0:
             echo(f"{safe_text(r.remote)} already has {safe_text(r.name)} at {r.commit[:12]}; "
-                       "everything up to date")
+                 "everything up to date")
             return
         was = f" (was {r.previous[:12]})" if r.previous and r.previous != r.commit else ""
         echo(f"pushed {safe_text(r.name)} -> {safe_text(r.remote)}: {r.commit[:12]}{was}"
-                   + ("  [forced]" if r.forced else ""))
+             + ("  [forced]" if r.forced else ""))
         echo(f"  {r.objects_sent} objects sent ({fmt_bytes(r.bytes_sent)}), "
-                   f"{r.objects_present} already there")
+             f"{r.objects_present} already there")
 
     @app.command()
     def pull(
@@ -149,17 +149,18 @@ def register(app: typer.Typer) -> None:
         for r in res.refs:
             _print_pull(r)
         doc = res.to_json()
-        echo(f"cloned {safe_text(shown_path(res.url))} into {safe_text(shown_path(res.dir))}: {len(res.refs)} ref(s), "
-                   f"{doc['objects_received']} objects ({fmt_bytes(doc['bytes_received'])})")
+        echo(f"cloned {safe_text(shown_path(res.url))} into {safe_text(shown_path(res.dir))}: "
+             f"{len(res.refs)} ref(s), {doc['objects_received']} objects "
+             f"({fmt_bytes(doc['bytes_received'])})")
 
 
 def _print_pull(r) -> None:
     if r.note:
         echo(f"{safe_text(r.name)}: {safe_text(r.note)} ({r.commit[:12]})"
-                   + (f"; {r.objects_sent} objects received" if r.objects_sent else ""))
+             + (f"; {r.objects_sent} objects received" if r.objects_sent else ""))
         return
     was = f" (was {r.previous[:12]})" if r.previous else ""
     echo(f"pulled {safe_text(r.name)} <- {safe_text(r.remote)}: {r.commit[:12]}{was}"
-               + ("  [forced]" if r.forced else ""))
+         + ("  [forced]" if r.forced else ""))
     echo(f"  {r.objects_sent} objects received ({fmt_bytes(r.bytes_sent)}), "
-               f"{r.objects_present} already present")
+         f"{r.objects_present} already present")

@@ -2,8 +2,9 @@
 
 Each function returns plain data (what `--json` prints); the CLI only formats it. The
 `--json` outputs share one vocabulary (docs/json.md): a commit is described by `commit`,
-`names` (its refs; a `list` row has its own ref as `name`), `parent` (a commit id), `architecture`, `model_id`, `license` (null when unknown),
-`created_at`, `message`; `list` keeps the registry's own fields beside them.
+`names` (its refs; a `list` row has its own ref as `name`), `parent` (a commit id),
+`architecture`, `model_id`, `license` (null when unknown), `created_at`, `message`;
+`list` keeps the registry's own fields beside them.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def test_safe_text_makes_every_control_visible_and_is_idempotent():
     for form in ("\\x1b]0;pwned\\x07", "\\r\\n", "\\t", "\\x9b", "\\u202e", "\\u2066",
                  "\\ufeff"):
         assert form in s
-    assert safe_text(s) == s and safe_text("plain ascii, ünïcode ✓") == "plain ascii, ünïcode ✓"
+    assert safe_text(s) == s
+    assert safe_text("plain ascii, ünïcode ✓") == "plain ascii, ünïcode ✓"
     assert safe_text("a\udcff") == "a\\udcff"  # an undecodable file name byte
     assert safe_lines("one\x1b\ntwo\u2028") == "one\\x1b\ntwo\\u2028"
 
