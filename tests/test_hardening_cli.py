@@ -301,3 +301,32 @@ def test_du_counts_a_commit_once_however_many_names_it_has(cli, store_path, mode
     cli("import", model_dirs["qwen2-changed"], "--accept-license", "--name", "d")
     two = json.loads(cli("du", "--json").stdout)
     assert two["commits"] == 2 and two["dedup_ratio"] > 1.5
+
+
+# -- item 22: docs and output show paths a reader can retype --------------------------------
+def test_docs_show_no_paths_of_the_machine_they_were_made_on():
+    import re
+
+    machine = re.compile(r"(/tmp/|/work/|/root/|/home/|/Users/)")
+    for doc in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        hits = [f"{doc.name}:{i}" for i, line in enumerate(doc.read_text().splitlines(), 1)
+                if machine.search(line)]
+        assert hits == [], hits
+
+
+@pytest.mark.slow
+def test_paths_under_the_working_folder_are_shown_relative(cli, tmp_path, model_dirs,
+                                                           monkeypatch):
+    from mstore.render import shown_path
+
+    work = tmp_path / "work"
+    shutil.copytree(model_dirs["qwen2"], work / "tiny")
+    monkeypatch.chdir(work)
+    assert shown_path(work / "tiny") == "tiny" and shown_path("rel/x") == "rel/x"
+    assert shown_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
+    cli("import", "tiny", "--accept-license", "--name", "t")
+    assert "local folder tiny\n" in cli("show", "t").stdout
+    # the manifest keeps where it came from in full
+    assert json.loads(cli("show", "t", "--json").stdout)["manifest"]["source"]["path"] == \
+        os.path.realpath(work / "tiny")
+    assert "to out: " in cli("export", "t", "out").stdout
