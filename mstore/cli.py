@@ -7,6 +7,7 @@ place (`MStoreGroup.invoke`), so CliRunner tests see exactly what a user sees.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,33 +16,101 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .cli_common import JsonOpt, print_json, store_of
+try:  # typer >= 0.2x carries its own click; its exceptions are the ones raised here
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer on the real click
+    import click
+
+from .cli_common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
 from .cli_remote import register as _register_remotes
 from .errors import MStoreError
+from .render import shown_path
+from .termtext import safe_lines
 from .units import fmt_bytes, fmt_count
 
 DEBUG_ENV = "MSTORE_DEBUG"
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
+ALIASES = {"ls": "list", "info": "show", "delete": "rm"}
 
 
 class MStoreGroup(TyperGroup):
-    """Turns every failure into one line on stderr; `--debug` (or MSTORE_DEBUG=1) re-raises."""
+    """Turns every failure into one line on stderr; `--debug` (or MSTORE_DEBUG=1) re-raises.
+
+    Usage errors (unknown option or command, missing argument, bad value) are one
+    `error: ...` line too, exit 2; a reader that closes the pipe early (`| head`) ends the
+    command quietly, as git does."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except Exception as e:  # noqa: BLE001 - the one place errors become messages
+            if _is_broken_pipe(e):
+                _silence_stdout()
+                raise typer.Exit(SIGPIPE_STATUS)
             if os.environ.get(DEBUG_ENV) or _is_cli_framework_error(e):
-                raise  # usage errors, --help, typer.Exit: the CLI framework prints those
-            typer.echo(f"error: {error_message(e)}", err=True)
+                raise  # usage errors, --help, typer.Exit: `main` below prints those
+            echo_line(f"error: {error_message(e)}")
             raise typer.Exit(getattr(e, "exit_code", 1) if isinstance(e, MStoreError) else 1)
         except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
+            echo_line("error: interrupted")
             raise typer.Exit(130)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.ClickException as e:
+            echo_line(f"error: {usage_message(e, prog_name or 'mstore')}")
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            echo_line("error: aborted")
+            sys.exit(1)
+        except SystemExit as e:  # click pacified stdout after EPIPE while printing help
+            if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+                sys.exit(SIGPIPE_STATUS)
+            raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def format_commands(self, ctx, formatter):
+        """The command table, with each alias next to its command: `list (ls)`."""
+        aliases: dict[str, list[str]] = {}
+        for alias, target in ALIASES.items():
+            aliases.setdefault(target, []).append(alias)
+        shown = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                label = f"{name} ({', '.join(aliases[name])})" if name in aliases else name
+                shown.append((label, cmd))
+        if shown:
+            limit = formatter.width - 6 - max(len(label) for label, _ in shown)
+            rows = [(label, cmd.get_short_help_str(limit)) for label, cmd in shown]
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def _is_cli_framework_error(e: BaseException) -> bool:
     return isinstance(e, (typer.Exit, typer.Abort)) or \
         type(e).__module__.split(".")[0] in ("typer", "click")
+
+
+def _is_broken_pipe(e: BaseException) -> bool:
+    return isinstance(e, BrokenPipeError) or (isinstance(e, OSError) and e.errno == errno.EPIPE)
+
+
+def _silence_stdout() -> None:
+    """The reader is gone: point stdout at /dev/null so the final flush cannot fail again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # not a real file (CliRunner): nothing to do
+        pass
 
 
 def error_message(e: BaseException) -> str:
@@ -53,8 +122,37 @@ def error_message(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"
 
 
+def usage_message(e: click.exceptions.ClickException, prog: str = "mstore") -> str:
+    """click's message as one line, with where to look for help on the same line."""
+    msg = e.format_message().strip().rstrip(".")
+    if msg[:1].isupper() and msg[1:2].islower():
+        msg = msg[0].lower() + msg[1:]
+    if isinstance(e, click.exceptions.UsageError):
+        ctx = getattr(e, "ctx", None)
+        msg += f" (see `{ctx.command_path if ctx is not None else prog} --help`)"
+    return msg
+
+
+def _version() -> str:
+    """The installed distribution's version (without importing anything heavy)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("mstore")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        echo(f"mstore {_version()}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
-    cls=MStoreGroup, no_args_is_help=True, add_completion=False,
+    cls=MStoreGroup, no_args_is_help=True, add_completion=True,
     help="A Git-style, content-addressed store for model weights.",
     pretty_exceptions_enable=False, rich_markup_mode=None,
 )
@@ -66,12 +164,13 @@ def _global(
     store: Annotated[Optional[Path], typer.Option(
         "--store", help="Store folder (default: $MSTORE_HOME, else ./models).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print mstore's version and exit.")] = False,
 ):
     if debug:
         os.environ[DEBUG_ENV] = "1"
     ctx.obj = store
-
-
 
 
 NameArg = Annotated[str, typer.Argument(help="Model name, commit id or unique prefix (>= 7).")]
@@ -83,7 +182,8 @@ def init(ctx: typer.Context):
     """Create the store (harmless if it exists)."""
     store = store_of(ctx)
     created = store.init()
-    typer.echo(f"{'initialised' if created else 'already initialised'} store at {store.root}")
+    where = safe_text(shown_path(store.root))
+    echo(f"{'initialised' if created else 'already initialised'} store at {where}")
 
 
 @app.command("import")
@@ -109,24 +209,25 @@ def import_(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--max-size")
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
-    confirm = (lambda q: typer.confirm(q, default=False, err=True)) if interactive else None
+    confirm = (lambda q: typer.confirm(safe_text(q), default=False, err=True)) if interactive \
+        else None
     result = import_model(
         store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
-        max_size=limit, confirm=confirm, echo=lambda s: typer.echo(s, err=True),
+        max_size=limit, confirm=confirm, echo=echo_line,
         quiet=as_json or not sys.stderr.isatty(),
     )
     if as_json:
         return print_json(result.to_json())
     if result.already:
-        extra = (f"; added the name {result.name}" if result.name != result.held_by
+        extra = (f"; added the name {safe_text(result.name)}" if result.name != result.held_by
                  else "; nothing added")
-        typer.echo(f"already imported: identical content is held by {result.held_by} "
-                   f"({result.commit[:12]}){extra}")
+        echo(f"already imported: identical content is held by {safe_text(result.held_by)} "
+             f"({result.commit[:12]}){extra}")
         return
-    typer.echo(f"imported {result.name}  commit {result.commit[:12]}")
-    typer.echo(f"  {fmt_count(result.parameters)} parameters, "
-               f"{fmt_bytes(result.bytes_written)} written, "
-               f"{fmt_bytes(result.bytes_present)} already present")
+    echo(f"imported {safe_text(result.name)}  commit {result.commit[:12]}")
+    echo(f"  {fmt_count(result.parameters)} parameters, "
+         f"{fmt_bytes(result.bytes_written)} written, "
+         f"{fmt_bytes(result.bytes_present)} already present")
 
 
 # -- read commands ---------------------------------------------------------------------
@@ -136,12 +237,11 @@ def _list(ctx: typer.Context, as_json: bool):
     store = store_of(ctx, must_exist=True)
     rows = list_rows(store)
     for key, reason in store.registry.invalid_entries():
-        typer.echo(f"warning: skipped registry entry {key!r}: {reason} (see `mstore fsck`)",
-                   err=True)
+        echo_line(f"warning: skipped registry entry {key!r}: {reason} (see `mstore fsck`)")
     if as_json:
         return print_json(rows)
     if not rows:
-        typer.echo("no models (try `mstore import`)")
+        echo("no models (try `mstore import`)")
         return
     table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "LICENSE")]
     for r in rows:
@@ -152,9 +252,11 @@ def _list(ctx: typer.Context, as_json: bool):
 
 
 def _print_table(rows: list[tuple]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    """Aligned columns; every cell escaped first, so widths are those of what is shown."""
+    rows = [tuple(safe_text(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @app.command("list")
@@ -177,7 +279,7 @@ def _show(ctx: typer.Context, name: str, as_json: bool, tensors: bool):
         return print_json(doc)
     from .render import render_show
 
-    typer.echo(render_show(doc, tensors))
+    echo(render_show(doc, tensors))
 
 
 TensorsOpt = Annotated[bool, typer.Option("--tensors", help="List every tensor.")]
@@ -218,7 +320,7 @@ def log(
         entries = report.log_entries(store, store.resolve(name).commit)
     if as_json:
         return print_json(entries)
-    typer.echo(render_graph(entries) if graph else render_log(entries))
+    echo(render_graph(entries) if graph else render_log(entries))
 
 
 @app.command()
@@ -226,12 +328,12 @@ def tag(ctx: typer.Context, name: NameArg,
         new: Annotated[str, typer.Argument(help="New ref name.")]):
     """Add a second ref to the same commit (or name a commit no ref reaches)."""
     commit = store_of(ctx).tag(name, new)
-    typer.echo(f"tagged {new} -> {commit[:12]}")
+    echo(f"tagged {safe_text(new)} -> {commit[:12]}")
 
 
 def _rm(ctx: typer.Context, name: str):
     commit = store_of(ctx).remove(name)
-    typer.echo(f"removed {name} (was {commit[:12]}); its objects stay until `mstore gc`")
+    echo(f"removed {safe_text(name)} (was {commit[:12]}); its objects stay until `mstore gc`")
 
 
 @app.command()
@@ -266,9 +368,9 @@ def gc(
     if as_json:
         return print_json(p.to_json(dry_run))
     verb = "would delete" if dry_run else "deleted"
-    typer.echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
-               f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
-               f"{p.kept_young} younger than {grace}")
+    echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
+         f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
+         f"{p.kept_young} younger than {safe_text(grace)}")
 
 
 @app.command()
@@ -308,30 +410,30 @@ def fsck(
         print_json(doc)
     else:
         for f in findings:
-            typer.echo(("error " if f.error else "info  ") + f.line())
+            echo(("error " if f.error else "info  ") + safe_text(f.line()))
         if recovery is not None:
             _print_recovery(recovery)
-        typer.echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
+        echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
     if errors:
         raise typer.Exit(1)
 
 
 def _print_recovery(rec) -> None:
     if rec.registry_moved_to:
-        typer.echo(f"moved the damaged registry.json to {rec.registry_moved_to}")
+        echo(f"moved the damaged registry.json to {safe_text(shown_path(rec.registry_moved_to))}")
     if rec.registry_created:
-        typer.echo("wrote a new registry.json")
+        echo("wrote a new registry.json")
     for name, commit in rec.named:
-        typer.echo(f"restored {name} -> {commit[:12]}")
+        echo(f"restored {safe_text(name)} -> {commit[:12]}")
     for commit, why in rec.skipped:
-        typer.echo(f"not restored {commit[:12]}: {why}")
+        echo(f"not restored {commit[:12]}: {safe_text(why)}")
     if not rec.named and not rec.registry_created:
-        typer.echo("nothing to restore: no dangling commits")
+        echo("nothing to restore: no dangling commits")
 
 
 @app.command()
 def du(ctx: typer.Context, as_json: JsonOpt = False):
-    """Logical bytes (sum over refs) against physical bytes on disk."""
+    """Logical bytes (each commit a ref holds, once) against physical bytes on disk."""
     from .report import du as du_report
 
     doc = du_report(store_of(ctx, must_exist=True))
@@ -340,14 +442,15 @@ def du(ctx: typer.Context, as_json: JsonOpt = False):
     table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
     for m in doc["models"]:
         new = m.get("new_vs_parent_bytes")
-        table.append((m["name"], fmt_bytes(m["logical_bytes"]), fmt_bytes(m["unique_bytes"]),
+        table.append((", ".join(m["names"]), fmt_bytes(m["logical_bytes"]),
+                      fmt_bytes(m["unique_bytes"]),
                       "-" if new is None else fmt_bytes(new)))
     if len(table) > 1:
         _print_table(table)
     ratio = doc["dedup_ratio"]
-    typer.echo(f"logical {fmt_bytes(doc['logical_bytes'])}, physical "
-               f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
-               + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
+    echo(f"logical {fmt_bytes(doc['logical_bytes'])}, physical "
+         f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
+         + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
 
 
 @app.command()
@@ -359,17 +462,17 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
     if as_json:
         return print_json(doc)
     for n in doc["added"]:
-        typer.echo(f"+ {n}")
+        echo(f"+ {safe_text(n)}")
     for n in doc["removed"]:
-        typer.echo(f"- {n}")
+        echo(f"- {safe_text(n)}")
     for c in doc["changed"]:
         rel = c["relative_l2"]
-        typer.echo(f"~ {c['name']}  " + (f"rel L2 {rel:.3g}" if rel is not None
-                                         else c.get("note", "")))
-    typer.echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
-               f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
-               f"({fmt_bytes(doc['shared_bytes'])})"
-               + ("; config differs" if doc["config_changed"] else ""))
+        echo(f"~ {safe_text(c['name'])}  " + (f"rel L2 {rel:.3g}" if rel is not None
+                                             else safe_text(c.get("note", ""))))
+    echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
+         f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
+         f"({fmt_bytes(doc['shared_bytes'])})"
+         + ("; config differs" if doc["config_changed"] else ""))
 
 
 # -- commands that load weights (the only ones that import torch) ----------------------
@@ -407,9 +510,14 @@ def generate(
     opts = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, chat=chat, verify=verify, device=device,
                            dtype=dtype)
-    generate_text(store_of(ctx, must_exist=True), name, prompt, opts,
-                  on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    generate_text(store_of(ctx, must_exist=True), name, prompt, opts, on_text=_stream_text)
     sys.stdout.write("\n")
+
+
+def _stream_text(text: str) -> None:
+    """Generated text as it comes; its newlines stay, any other control is shown escaped."""
+    sys.stdout.write(safe_lines(text))
+    sys.stdout.flush()
 
 
 @app.command()
@@ -422,8 +530,9 @@ def export(ctx: typer.Context, name: NameArg,
     doc = export_model(store_of(ctx, must_exist=True), name, dest)
     if as_json:
         return print_json(doc)
-    typer.echo(f"exported {doc['name'] or doc['commit'][:12]} to {doc['dir']}: "
-               + ", ".join(doc["files"]))
+    what, where = safe_text(doc["name"] or doc["commit"][:12]), safe_text(shown_path(doc["dir"]))
+    echo(f"exported {what} to {where}: "
+         + ", ".join(safe_text(f) for f in doc["files"]))
 
 
 @app.command()
@@ -471,19 +580,19 @@ def train(
     from .train import train as run_training
 
     result = run_training(store_of(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
-                          log=lambda s: typer.echo(s, err=True),
+                          log=echo_line,
                           progress=None if not as_json else False, recovery_dir=recovery_dir)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     if as_json:
         return print_json(result.to_json())
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-    typer.echo(f"committed {result.name}  commit {result.commit[:12]}"
-               + (f"  (parent {result.parent[:12]})" if result.parent else ""))
-    typer.echo(f"  {result.steps} steps, loss {result.train_loss:.4f}{ev}; "
-               f"{fmt_bytes(result.bytes_written)} written, "
-               f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
-               + (" [interrupted]" if result.interrupted else ""))
+    echo(f"committed {safe_text(result.name)}  commit {result.commit[:12]}"
+         + (f"  (parent {result.parent[:12]})" if result.parent else ""))
+    echo(f"  {result.steps} steps, loss {result.train_loss:.4f}{ev}; "
+         f"{fmt_bytes(result.bytes_written)} written, "
+         f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
+         + (" [interrupted]" if result.interrupted else ""))
 
 
 def _resume_commit(ctx: typer.Context, folder: Path, name: Optional[str], as_json: bool):
@@ -492,18 +601,26 @@ def _resume_commit(ctx: typer.Context, folder: Path, name: Optional[str], as_jso
     result = commit(store_of(ctx), folder, name)
     if as_json:
         return print_json({**result.__dict__, "recovered_from": str(folder)})
-    typer.echo(f"committed {result.name}  commit {result.commit[:12]} from {folder}; "
-               f"{fmt_bytes(result.bytes_written)} written (the folder can now be deleted)")
+    echo(f"committed {safe_text(result.name)}  commit {result.commit[:12]} from "
+         f"{safe_text(shown_path(folder))}; {fmt_bytes(result.bytes_written)} written "
+         "(the folder can now be deleted)")
 
 
 _register_remotes(app)
 
 
 def main() -> None:
+    code = None
     try:
         app(prog_name="mstore")
     except SystemExit as e:
-        _exit(e.code)
+        code = e.code
+    try:  # what is still buffered: a reader gone by now ends us as quietly as mid-command
+        sys.stdout.flush()
+    except OSError as e:
+        _silence_stdout()
+        code = SIGPIPE_STATUS if _is_broken_pipe(e) else code or 120
+    _exit(code)
 
 
 def _exit(code) -> None:
@@ -534,6 +651,6 @@ def _exit(code) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: the status Python gives it
-        status = status or 120
+    except (OSError, ValueError) as e:  # a closed pipe: quiet, as mid-command
+        status = SIGPIPE_STATUS if _is_broken_pipe(e) else status or 120
     os._exit(status)

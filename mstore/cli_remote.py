@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import JsonOpt, print_json, store_of
+from .cli_common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
+from .render import shown_path
 from .units import fmt_bytes
 
 RemoteArg = Annotated[Optional[str], typer.Argument(
@@ -29,7 +30,7 @@ def _tty(as_json: bool) -> bool:
 
 
 def _warn(msg: str) -> None:
-    typer.echo(f"warning: {msg}", err=True)
+    echo_line(f"warning: {msg}")
 
 
 def _warn_skipped(remote: str, skipped: list[dict[str, str]]) -> None:
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
         from .remote import add_remote
 
         stored = add_remote(store_of(ctx), name, url)
-        typer.echo(f"added remote {name} -> {stored}")
+        echo(f"added remote {safe_text(name)} -> {safe_text(shown_path(stored))}")
 
     @remote_app.command("list")
     def remote_list(ctx: typer.Context, as_json: JsonOpt = False):
@@ -74,11 +75,12 @@ def register(app: typer.Typer) -> None:
             return print_json([{"name": n, "url": u, "refs": tracked.get(n, {})}
                           for n, u in remotes.items()])
         if not remotes:
-            typer.echo("no remotes (add one with `mstore remote add origin URL`)")
+            echo("no remotes (add one with `mstore remote add origin URL`)")
             return
-        width = max(len(n) for n in remotes)
-        for n, u in remotes.items():
-            typer.echo(f"{n.ljust(width)}  {u}")
+        shown = {safe_text(n): safe_text(shown_path(u)) for n, u in remotes.items()}
+        width = max(len(n) for n in shown)
+        for n, u in shown.items():
+            echo(f"{n.ljust(width)}  {u}")
 
     @remote_app.command("rm")
     def remote_rm(ctx: typer.Context,
@@ -87,7 +89,7 @@ def register(app: typer.Typer) -> None:
         from .remote import remove_remote
 
         url = remove_remote(store_of(ctx), name)
-        typer.echo(f"removed remote {name} ({url})")
+        echo(f"removed remote {safe_text(name)} ({safe_text(shown_path(url))})")
 
     app.add_typer(remote_app, name="remote")
 
@@ -110,14 +112,14 @@ def register(app: typer.Typer) -> None:
         if as_json:
             return print_json(r.to_json())
         if not r.ref_updated and r.objects_sent == 0:
-            typer.echo(f"{r.remote} already has {r.name} at {r.commit[:12]}; "
-                       "everything up to date")
+            echo(f"{safe_text(r.remote)} already has {safe_text(r.name)} at {r.commit[:12]}; "
+                 "everything up to date")
             return
         was = f" (was {r.previous[:12]})" if r.previous and r.previous != r.commit else ""
-        typer.echo(f"pushed {r.name} -> {r.remote}: {r.commit[:12]}{was}"
-                   + ("  [forced]" if r.forced else ""))
-        typer.echo(f"  {r.objects_sent} objects sent ({fmt_bytes(r.bytes_sent)}), "
-                   f"{r.objects_present} already there")
+        echo(f"pushed {safe_text(r.name)} -> {safe_text(r.remote)}: {r.commit[:12]}{was}"
+             + ("  [forced]" if r.forced else ""))
+        echo(f"  {r.objects_sent} objects sent ({fmt_bytes(r.bytes_sent)}), "
+             f"{r.objects_present} already there")
 
     @app.command()
     def pull(
@@ -157,17 +159,18 @@ def register(app: typer.Typer) -> None:
         for r in res.refs:
             _print_pull(r)
         doc = res.to_json()
-        typer.echo(f"cloned {res.url} into {res.dir}: {len(res.refs)} ref(s), "
-                   f"{doc['objects_received']} objects ({fmt_bytes(doc['bytes_received'])})")
+        echo(f"cloned {safe_text(shown_path(res.url))} into {safe_text(shown_path(res.dir))}: "
+             f"{len(res.refs)} ref(s), {doc['objects_received']} objects "
+             f"({fmt_bytes(doc['bytes_received'])})")
 
 
 def _print_pull(r) -> None:
     if r.note:
-        typer.echo(f"{r.name}: {r.note} ({r.commit[:12]})"
-                   + (f"; {r.objects_sent} objects received" if r.objects_sent else ""))
+        echo(f"{safe_text(r.name)}: {safe_text(r.note)} ({r.commit[:12]})"
+             + (f"; {r.objects_sent} objects received" if r.objects_sent else ""))
         return
     was = f" (was {r.previous[:12]})" if r.previous else ""
-    typer.echo(f"pulled {r.name} <- {r.remote}: {r.commit[:12]}{was}"
-               + ("  [forced]" if r.forced else ""))
-    typer.echo(f"  {r.objects_sent} objects received ({fmt_bytes(r.bytes_sent)}), "
-               f"{r.objects_present} already present")
+    echo(f"pulled {safe_text(r.name)} <- {safe_text(r.remote)}: {r.commit[:12]}{was}"
+         + ("  [forced]" if r.forced else ""))
+    echo(f"  {r.objects_sent} objects received ({fmt_bytes(r.bytes_sent)}), "
+         f"{r.objects_present} already present")

@@ -1,13 +1,32 @@
-"""Text renderings of the read commands' data: show, log, the family graph, sparklines."""
+"""Text renderings of the read commands' data: show, log, the family graph, sparklines.
+
+Every value that came from outside (names, card fields, messages, paths, tensor names) goes
+through `safe_text` as its line is built, so none can drive the terminal or forge a line.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
+from .termtext import safe_text
 from .units import fmt_bytes, fmt_count
 
 SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def shown_path(path: object) -> str:
+    """A path as a reader can retype it: relative when it lies under the working folder
+    (as git shows paths), else as recorded. Manifests keep the absolute path."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    try:
+        rel = os.path.relpath(text, os.getcwd())
+    except (OSError, ValueError):  # no working folder, another drive
+        return text
+    return text if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -36,7 +55,7 @@ def training_summary(t: dict[str, Any] | None) -> str:
         parts.append(f"eval {evals[-1]:.3f}")
     ds = t.get("dataset") or {}
     if ds.get("path"):
-        parts.append(f"data {ds['path']}")
+        parts.append(f"data {shown_path(ds['path'])}")
     return ", ".join(parts)
 
 
@@ -45,7 +64,7 @@ def source_line(m: dict[str, Any]) -> str:
     if src.get("type") == "huggingface":
         return f"huggingface {src.get('repo_id')}@{str(src.get('revision'))[:12]}"
     if src.get("type") == "local":
-        return f"local folder {src.get('path')}"
+        return f"local folder {shown_path(src.get('path'))}"
     return src.get("type") or "-"
 
 
@@ -80,18 +99,19 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         if losses:
             rows.append(("loss curve", sparkline(losses)))
     width = max(len(k) for k, _ in rows)
-    out = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    out = [f"{k.ljust(width)}  {safe_text(v)}" for k, v in rows]
     if list_tensors:
         out.append("tensors:")
         for name, te in sorted(m["tensors"].items()):
-            out.append(f"  {name}  {te['dtype']}{te['shape']}  {te['object'][:12]}")
+            out.append(f"  {safe_text(name)}  {safe_text(te['dtype'])}{safe_text(te['shape'])}  "
+                       f"{safe_text(te['object'][:12])}")
     return "\n".join(out)
 
 
 def _header(e: dict[str, Any]) -> str:
-    names = f" ({', '.join(e['names'])})" if e.get("names") else ""
+    names = f" ({safe_text(', '.join(e['names']))})" if e.get("names") else ""
     gone = "" if e.get("weights_present", True) else " [weights collected]"
-    return f"commit {e['commit']}{names}{gone}"
+    return f"commit {safe_text(e['commit'])}{names}{gone}"
 
 
 def render_log(entries: list[dict[str, Any]]) -> str:
@@ -99,16 +119,16 @@ def render_log(entries: list[dict[str, Any]]) -> str:
     for e in entries:
         out.append(_header(e))
         if e.get("created_at"):
-            out.append(f"Date:   {e['created_at']}")
+            out.append(f"Date:   {safe_text(e['created_at'])}")
         if e.get("source") and not e.get("parent"):
-            out.append(f"Source: {source_line(e)}")
+            out.append(f"Source: {safe_text(source_line(e))}")
         if e.get("parent"):
-            out.append(f"Parent: {e['parent'][:12]}")
+            out.append(f"Parent: {safe_text(e['parent'][:12])}")
         out.append("")
-        out.append(f"    {e.get('message', '')}")
+        out.append(f"    {safe_text(e.get('message', ''))}")
         summary = training_summary(e.get("training"))
         if summary:
-            out.append(f"    training: {summary}")
+            out.append(f"    training: {safe_text(summary)}")
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -128,7 +148,8 @@ def render_graph(entries: list[dict[str, Any]]) -> str:
         names = ", ".join(e.get("names") or []) or "(no ref)"
         gone = "" if e.get("weights_present", True) else " [weights collected]"
         summary = training_summary(e.get("training")) or e.get("message", "")
-        return f"* {e['commit'][:12]} {names}{gone}  {(e.get('created_at') or '')[:10]}  {summary}"
+        return (f"* {safe_text(e['commit'][:12])} {safe_text(names)}{gone}  "
+                f"{safe_text((e.get('created_at') or '')[:10])}  {safe_text(summary)}")
 
     def walk(e: dict[str, Any], prefix: str, last: bool, root: bool) -> None:
         out.append(("" if root else prefix + ("└─" if last else "├─")) + line(e))

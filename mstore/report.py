@@ -1,6 +1,10 @@
 """What the read commands compute: list rows, log entries, du and diff. No torch here.
 
-Each function returns plain data (what `--json` prints); the CLI only formats it.
+Each function returns plain data (what `--json` prints); the CLI only formats it. The
+`--json` outputs share one vocabulary (docs/json.md): a commit is described by `commit`,
+`names` (its refs; a `list` row has its own ref as `name`), `parent` (a commit id),
+`architecture`, `model_id`, `license` (null when unknown), `created_at`, `message`;
+`list` keeps the registry's own fields beside them.
 """
 
 from __future__ import annotations
@@ -8,16 +12,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ObjectCorrupt, ObjectMissing
+from .errors import MStoreError, ObjectCorrupt, ObjectMissing
 from .manifest import Manifest
 from .store import Store
 
 
 def list_rows(store: Store) -> list[dict[str, Any]]:
+    """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
+    (`name` is the row's ref; the other names of its commit are rows of their own)."""
+    parents: dict[str, str | None] = {}
     rows = []
     for name, e in sorted(store.refs().items()):
-        rows.append({**e, "short_commit": e["commit"][:12]})
+        commit = e["commit"]
+        if commit not in parents:
+            parents[commit] = _parent_of(store, commit)
+        rows.append({**e, "name": name,
+                     "short_commit": commit[:12], "architecture": e.get("architecture_type"),
+                     "parent": parents[commit], "license": e.get("license") or None})
     return rows
+
+
+def _parent_of(store: Store, commit: str) -> str | None:
+    try:
+        return store.read_manifest(commit, light=True).parent
+    except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
+        return None
 
 
 def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = None) -> bool:
@@ -42,7 +61,7 @@ def _entry(store: Store, oid: str, m: Manifest | None, names: dict[str, list[str
     return {
         "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
         "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
-        "model_id": m.model_id, "source": m.source, "license": m.license,
+        "model_id": m.model_id, "source": m.source, "license": m.license or None,
         "training": m.training, "weights_present": weights_present(store, m, present),
     }
 
@@ -68,44 +87,48 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
 
 
 def du(store: Store) -> dict[str, Any]:
-    """Logical bytes (every ref counted in full) against physical bytes on disk."""
+    """Logical bytes (each distinct commit that refs hold, its manifest and every object it
+    names, counted in full once: a second name for a commit adds nothing) against physical
+    bytes on disk. One row per commit; `new_vs_parent_bytes` counts tensor and file objects."""
     sizes = {oid: st.st_size for oid, st in store.objects.iter_objects()}
-    refs = store.refs()
-    per_ref: dict[str, set[str]] = {}
-    parents: dict[str, set[str]] = {}
-    for name, e in refs.items():
+    by_commit = store.names_by_commit()
+    held: dict[str, set[str]] = {}
+    parents: dict[str, tuple[str, set[str]]] = {}
+    for commit in by_commit:
         try:
-            m = store.read_manifest(e["commit"])
+            m = store.read_manifest(commit)
         except (ObjectMissing, ObjectCorrupt):
-            per_ref[name] = set()
+            held[commit] = set()
             continue
-        per_ref[name] = m.object_ids()
+        held[commit] = m.object_ids() | {commit}  # the manifest is part of what a ref holds
         if m.parent:
             try:
-                parents[name] = store.read_manifest(m.parent).object_ids()
+                parents[commit] = (m.parent, store.read_manifest(m.parent).object_ids())
             except (ObjectMissing, ObjectCorrupt):
-                parents[name] = set()
+                parents[commit] = (m.parent, set())
     users: dict[str, int] = {}
-    for oids in per_ref.values():
+    for oids in held.values():
         for o in oids:
             users[o] = users.get(o, 0) + 1
     models = []
-    for name in sorted(per_ref):
-        oids = per_ref[name]
+    for commit in sorted(held, key=lambda c: (sorted(by_commit[c])[0], c)):
+        oids, names = held[commit], sorted(by_commit[commit])
         row = {
-            "name": name,
+            "name": names[0], "names": names, "commit": commit,
+            "parent": parents[commit][0] if commit in parents else None,
             "logical_bytes": sum(sizes.get(o, 0) for o in oids),
             "unique_bytes": sum(sizes.get(o, 0) for o in oids if users[o] == 1),
             "objects": len(oids),
         }
-        if name in parents:
-            new = oids - parents[name]
-            row["new_vs_parent_bytes"] = sum(sizes.get(o, 0) for o in new)
-            row["shared_with_parent"] = len(oids & parents[name])
+        if commit in parents:
+            base = parents[commit][1]
+            row["new_vs_parent_bytes"] = sum(sizes.get(o, 0) for o in oids - base - {commit})
+            row["shared_with_parent"] = len(oids & base)
         models.append(row)
     logical = sum(r["logical_bytes"] for r in models)
     physical = sum(sizes.values())
-    return {"models": models, "logical_bytes": logical, "physical_bytes": physical,
+    return {"models": models, "refs": sum(len(n) for n in by_commit.values()),
+            "commits": len(models), "logical_bytes": logical, "physical_bytes": physical,
             "objects": len(sizes),
             "dedup_ratio": round(logical / physical, 3) if physical else None}
 
@@ -133,7 +156,8 @@ def diff(store: Store, a: str, b: str) -> dict[str, Any]:
     shared_bytes = sum(store.objects.size(ta[n].object) for n in shared
                        if store.objects.exists(ta[n].object))
     return {
-        "a": {"ref": a, "commit": ra.commit}, "b": {"ref": b, "commit": rb.commit},
+        "a": {"ref": a, "name": ra.name, "commit": ra.commit},
+        "b": {"ref": b, "name": rb.name, "commit": rb.commit},
         "added": sorted(set(tb) - set(ta)), "removed": sorted(set(ta) - set(tb)),
         "changed": changed, "shared": shared, "shared_bytes": shared_bytes,
         "config_changed": ma.config != mb.config,
@@ -169,5 +193,7 @@ def show(store: Store, ref: str) -> dict[str, Any]:
     size = sum(store.objects.size(o) for o in m.object_ids() if store.objects.exists(o))
     return {"name": r.name or (names[0] if names else None), "names": names,
             "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
-            "weights_present": weights_present(store, m), "parent_names": parent_names,
-            "manifest": m.to_dict()}
+            "weights_present": weights_present(store, m), "parent": m.parent,
+            "parent_names": parent_names, "architecture": m.architecture,
+            "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
+            "message": m.message, "manifest": m.to_dict()}

@@ -3,8 +3,9 @@
 Builds a tiny Qwen2-architecture model in Hugging Face format (or takes MODEL from the Hub
 when the network allows), imports it, fine-tunes it with half of it frozen, trains the
 custom character-level transformer from scratch on text from Python's standard library,
-generates from each, then shows the family graph, du, gc and fsck. A fresh store is used
-each run (printed at the start) so the output is the same every time.
+generates from each, then shows the family graph, du, gc and fsck. Everything runs in a
+fresh demo folder (printed at the start; the store is its `models/`), so the output is the
+same every time and every path in it is relative: a reader can retype the commands.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import inspect
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,10 +39,13 @@ def write_corpus(path: Path) -> Path:
 
 
 def run(store: Path, *args: str, check: bool = True) -> str:
+    """`mstore ARGS` in the demo folder (the working folder), on the demo's store."""
     print(f"\n$ mstore {' '.join(shlex.quote(a) for a in args)}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, "-m", "mstore", "--store", str(store), *args],
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          cwd=ROOT)
+                          env=env)
     print(proc.stdout.rstrip(), flush=True)
     if check and proc.returncode != 0:
         sys.exit(f"demo failed: mstore {' '.join(args)} exited {proc.returncode}")
@@ -50,13 +55,17 @@ def run(store: Path, *args: str, check: bool = True) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="a Hub repo id to import instead of the tiny local model")
-    ap.add_argument("--store", type=Path, help="store folder (default: a fresh temp folder)")
+    ap.add_argument("--dir", type=Path, help="demo folder (default: a fresh temp folder)")
     args = ap.parse_args()
     started = time.time()
-    store = args.store or Path(tempfile.mkdtemp(prefix="mstore-demo-"))
-    work = Path(tempfile.mkdtemp(prefix="mstore-demo-src-"))
-    corpus = write_corpus(ROOT / "data" / "corpus.txt")
-    print(f"store: {store}\ncorpus: {corpus} ({corpus.stat().st_size // 1024} KiB of "
+    work = args.dir.resolve() if args.dir else Path(tempfile.mkdtemp(prefix="mstore-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # every path below is relative to it, as a reader would type them
+    shutil.copytree(ROOT / "configs", "configs", dirs_exist_ok=True)
+    store = Path("models")
+    corpus = write_corpus(Path("data") / "corpus.txt")
+    print(f"demo folder: {work} (the commands below run in it)\nstore: {store}\n"
+          f"corpus: {corpus} ({corpus.stat().st_size // 1024} KiB of "
           "Python standard library source)")
 
     if args.model:
@@ -66,7 +75,7 @@ def main() -> None:
     else:
         from tests.tiny_models import build_qwen2
 
-        source = str(build_qwen2(work / "tiny-qwen2"))
+        source = str(build_qwen2(Path("tiny-qwen2")))
         base = "tiny-qwen2"
         freeze = ["^model\\.embed_tokens\\.", "^model\\.layers\\.0\\."]
         ft = ["max_steps=40", "batch_size=8", "seq_len=64", "eval_interval=20",
@@ -104,8 +113,8 @@ def main() -> None:
     run(store, "generate", child, "--prompt", "def ", "--max-new-tokens", "8",
         "--temperature", "0")
     run(store, "fsck")
-    run(store, "export", child, str(work / "exported"))
-    print(f"\ndemo finished in {time.time() - started:.0f}s; store kept at {store}")
+    run(store, "export", child, "exported")
+    print(f"\ndemo finished in {time.time() - started:.0f}s; store kept at {work / store}")
 
 
 if __name__ == "__main__":
