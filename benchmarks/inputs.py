@@ -146,7 +146,7 @@ def build_model_folder(out: Path, shape: Shape, seed: int = 0) -> dict:
 
 def describe_folder(folder: Path) -> dict:
     """Tensor count, weight bytes, total bytes and the largest tensor of a model folder."""
-    from mstore.safetensors_io import parse_header
+    from mstore.store.safetensors_io import parse_header
 
     tensors, largest, largest_name, weight_bytes = 0, 0, "", 0
     total = 0
@@ -178,8 +178,8 @@ def write_dataset(path: Path, repeats: int = 12) -> Path:
 
 def import_folder(store_root: Path, folder: Path, name: str) -> str:
     """Import through the library (set-up, untimed); returns the commit."""
-    from mstore.importer import import_model
-    from mstore.store import Store
+    from mstore.hub.importer import import_model
+    from mstore.store.repo import Store
 
     store = Store(store_root)
     return import_model(store, str(folder), name=name, accept_license=True).commit
@@ -188,7 +188,7 @@ def import_folder(store_root: Path, folder: Path, name: str) -> str:
 def link_store(src_root: Path, dst_root: Path, refs: list[str]) -> None:
     """A new store holding `refs` of `src_root`: their manifests and objects are hard links
     to the source's (objects are immutable), so it costs no copy."""
-    from mstore.store import Store
+    from mstore.store.repo import Store
 
     src, dst = Store(src_root), Store(dst_root)
     dst.init()

@@ -107,7 +107,7 @@ class Bench:
             if tiny_dir != model_dir:
                 inputs.import_folder(root, tiny_dir, TINY_REF)
             else:
-                from mstore.store import Store
+                from mstore.store.repo import Store
 
                 Store(root).tag(BASE_REF, TINY_REF)
         self._timed_setup("import into the main store", setup)
@@ -237,7 +237,7 @@ def pair_du_frozen(b: Bench) -> Pair:
     du = json.loads(run_process(mstore_argv(store, "du", "--json")).stdout)
     row = next(m for m in du["models"] if m["name"] == "frozen-child")
 
-    from mstore.store import Store
+    from mstore.store.repo import Store
 
     st = Store(store)
     child = st.read_manifest(st.resolve("frozen-child").commit)
@@ -364,7 +364,7 @@ def _import_tiny(b: Bench, store: Path) -> str:
 
 
 def pair_list(b: Bench) -> Pair:
-    from mstore.store import Store
+    from mstore.store.repo import Store
 
     root = b.fresh_dir("stores", "list")
     commit = _import_tiny(b, root)
@@ -393,8 +393,8 @@ def build_chain(store_root: Path, base_ref: str, generations: int) -> str:
     replacing one small tensor and carrying a training record like `mstore train` writes."""
     import numpy as np
 
-    from mstore.manifest import Manifest, TensorEntry
-    from mstore.store import Store
+    from mstore.store.manifest import Manifest, TensorEntry
+    from mstore.store.repo import Store
 
     store = Store(store_root)
     parent_name = base_ref
@@ -457,8 +457,8 @@ def pair_gc(b: Bench) -> Pair:
     nothing, so every repeat sees the same store."""
     import numpy as np
 
-    from mstore.manifest import Manifest, TensorEntry
-    from mstore.store import Store
+    from mstore.store.manifest import Manifest, TensorEntry
+    from mstore.store.repo import Store
 
     total = 2_000 if b.opts.quick else 20_000
     root = b.fresh_dir("stores", "gc")

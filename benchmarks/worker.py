@@ -43,7 +43,7 @@ def task_load(a: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from mstore.adapters.base import adapter_for
-    from mstore.store import Store
+    from mstore.store.repo import Store
 
     _quiet_transformers()
     store = Store(a["store"])
@@ -92,8 +92,8 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import mstore.generate as mgen
-    from mstore.store import Store
+    import mstore.runtime.generate as mgen
+    from mstore.store.repo import Store
 
     _quiet_transformers()
     store = Store(a["store"])
@@ -194,9 +194,9 @@ def task_train(a: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mstore.config import load_config
-    from mstore.store import Store
-    from mstore.train import train
+    from mstore.train.config import load_config
+    from mstore.store.repo import Store
+    from mstore.train.loop import train
 
     _quiet_transformers()
     store = Store(a["store"])

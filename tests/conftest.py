@@ -14,8 +14,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from mstore.cli import app  # noqa: E402
-from mstore.store import Store  # noqa: E402
+from mstore.cli.app import app  # noqa: E402
+from mstore.store.repo import Store  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.hub_server import clean_environ, hub_env  # noqa: E402
 

@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mstore import fsck, fsio
-from mstore.registry import parse_registry
-from mstore.store import Store
+from mstore.store import fsck, fsio
+from mstore.store.registry import parse_registry
+from mstore.store.repo import Store
 
 
 def copy_store(src: Path, dst: Path) -> Path:

@@ -10,7 +10,7 @@ from tests.conftest import REPO_ROOT, run_mstore
 
 
 def run_exit(body: str) -> subprocess.CompletedProcess:
-    code = "import atexit, sys, threading, time\nimport torch\nfrom mstore.cli import _exit\n" \
+    code = "import atexit, sys, threading, time\nimport torch\nfrom mstore.cli.app import _exit\n" \
         + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=120)

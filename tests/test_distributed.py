@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mstore.store import Store
-from mstore.torch_io import load_tensor
+from mstore.store.repo import Store
+from mstore.runtime.torch_io import load_tensor
 from tests.conftest import run_mstore
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mstore.errors import InvalidSafetensors, ObjectCorrupt, RegistryCorrupt
-from mstore.manifest import Manifest
-from mstore.registry import parse_registry
-from mstore.safetensors_io import DTYPE_SIZES, parse_header
+from mstore.store.manifest import Manifest
+from mstore.store.registry import parse_registry
+from mstore.store.safetensors_io import DTYPE_SIZES, parse_header
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

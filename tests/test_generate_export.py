@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mstore.adapters.base import Checkpoint, adapter_for
 from mstore.adapters.custom import ARCHITECTURE, CustomTransformerAdapter, config_bytes
-from mstore.checkpoint import commit_checkpoint
-from mstore.manifest import Manifest
+from mstore.runtime.checkpoint import commit_checkpoint
+from mstore.store.manifest import Manifest
 from mstore.nn.char_tokenizer import CharTokenizer
 from mstore.nn.transformer import Transformer, TransformerConfig
 from tests import tiny_models
@@ -89,7 +89,7 @@ def test_export_round_trip(cli, store, lively_dirs, tmp_path):
 
 
 def test_export_shards_past_the_limit(store, cli, model_dirs, tmp_path):
-    from mstore.export import export_model
+    from mstore.hub.export import export_model
 
     cli("import", model_dirs["qwen2"], "--accept-license", "--name", "q2")
     dest = tmp_path / "sharded"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mstore.cli import app
-from mstore.termtext import json_text, safe_lines, safe_text
+from mstore.cli.app import app
+from mstore.cli.termtext import json_text, safe_lines, safe_text
 from tests.conftest import REPO_ROOT, Cli, run_mstore, snapshot
 from tests.hub_server import clean_environ
 
@@ -228,7 +228,7 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(cli, store_path,
 
 
 def test_version_is_the_installed_one_and_imports_no_torch():
-    code = ("import sys\nfrom mstore.cli import main\nsys.argv = ['mstore', '--version']\n"
+    code = ("import sys\nfrom mstore.cli.app import main\nsys.argv = ['mstore', '--version']\n"
             "try:\n    main()\nexcept SystemExit as e:\n"
             "    print('torch' in sys.modules, e.code, file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -317,7 +317,7 @@ def test_docs_show_no_paths_of_the_machine_they_were_made_on():
 @pytest.mark.slow
 def test_paths_under_the_working_folder_are_shown_relative(cli, tmp_path, model_dirs,
                                                            monkeypatch):
-    from mstore.render import shown_path
+    from mstore.cli.render import shown_path
 
     work = tmp_path / "work"
     shutil.copytree(model_dirs["qwen2"], work / "tiny")

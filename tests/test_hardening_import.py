@@ -157,7 +157,7 @@ def test_two_imports_of_one_local_folder_at_once_both_succeed(tmp_path, model_di
 
 
 def test_a_waiting_import_holds_no_lock_after_the_holder_removed_the_file(tmp_path):
-    from mstore.import_lock import ImportLock
+    from mstore.hub.import_lock import ImportLock
 
     order = []
     first = ImportLock(tmp_path, "k")

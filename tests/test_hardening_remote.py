@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mstore import remote as R
-from mstore.gc import reachable
-from mstore.store import Store
+from mstore.remote import sync as R
+from mstore.store.gc import reachable
+from mstore.store.repo import Store
 from tests.conftest import Cli, snapshot
 from tests.test_remote import (  # noqa: F401 - s3_endpoint and s3_env are fixtures
     count_uploads, fsck_clean, make_child, new_bucket, s3_endpoint, s3_env,

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 
-from mstore.cli import app
+from mstore.cli.app import app
 from mstore.errors import RegistryCorrupt
-from mstore.manifest import Manifest
-from mstore.registry import parse_registry, parse_registry_entries
-from mstore.store import Store
+from mstore.store.manifest import Manifest
+from mstore.store.registry import parse_registry, parse_registry_entries
+from mstore.store.repo import Store
 from tests.conftest import snapshot
 
 DAMAGES = {

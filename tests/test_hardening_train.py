@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mstore import fsio
-from mstore.config import config_model_name, load_config
+from mstore.store import fsio
+from mstore.train.config import config_model_name, load_config
 from mstore.errors import ConfigError
-from mstore.store import Store
-from mstore.torch_io import load_tensor
+from mstore.store.repo import Store
+from mstore.runtime.torch_io import load_tensor
 from tests.conftest import REPO_ROOT, snapshot
 from tests.hub_server import clean_environ
 

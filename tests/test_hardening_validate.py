@@ -15,7 +15,7 @@ import pytest
 
 from mstore.adapters.custom import CustomTransformerAdapter
 from mstore.errors import BadTokenizer, ConfigMismatch, InvalidSafetensors
-from mstore.safetensors_io import DTYPE_SIZES, parse_header, read_header_from_file
+from mstore.store.safetensors_io import DTYPE_SIZES, parse_header, read_header_from_file
 from tests.conftest import snapshot
 
 

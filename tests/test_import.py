@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mstore.objects import hash_file
-from mstore.safetensors_io import read_header_from_file
+from mstore.store.objects import hash_file
+from mstore.store.safetensors_io import read_header_from_file
 from tests.conftest import run_mstore, snapshot
 
 
@@ -254,7 +254,8 @@ def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_pa
                                                        monkeypatch):
     import shutil
 
-    from mstore import importer, objects
+    from mstore.hub import importer
+    from mstore.store import objects
 
     folder = tmp_path / "src"
     shutil.copytree(model_dirs["qwen2"], folder)
@@ -280,8 +281,8 @@ def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_pa
 def test_stat_cache_pointing_at_collected_objects_is_not_trusted(store, model_dirs, tmp_path):
     import shutil
 
-    from mstore import importer
-    from mstore.gc import collect
+    from mstore.hub import importer
+    from mstore.store.gc import collect
 
     folder = tmp_path / "src"
     shutil.copytree(model_dirs["qwen2"], folder)

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from mstore.locks import StoreLock
-from mstore.manifest import Manifest
+from mstore.store.locks import StoreLock
+from mstore.store.manifest import Manifest
 from tests.conftest import REPO_ROOT, snapshot
 
 
@@ -215,7 +215,7 @@ def test_lock_held_by_gc_blocks_writers_with_a_clear_message(cli, two_models, mo
 
 
 def test_a_killed_lock_holder_does_not_block(two_models, tmp_path):
-    code = ("import sys, time; from mstore.locks import StoreLock;"
+    code = ("import sys, time; from mstore.store.locks import StoreLock;"
             "l = StoreLock(sys.argv[1], shared=False, purpose='gc'); l.__enter__();"
             "print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(two_models.lock_path)],

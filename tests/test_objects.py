@@ -9,11 +9,11 @@ from concurrent.futures import Future
 import pytest
 
 from mstore.errors import BadName, BadObjectId, ObjectCorrupt, RefChanged, RegistryCorrupt
-from mstore.manifest import Manifest, TensorEntry, canonical_json
-from mstore.objects import ObjectStore, hash_bytes, hash_file, tensor_oid
-from mstore.registry import Registry, validate_name
-from mstore.safetensors_io import object_header, read_header_from_file
-from mstore.store import Store
+from mstore.store.manifest import Manifest, TensorEntry, canonical_json
+from mstore.store.objects import ObjectStore, hash_bytes, hash_file, tensor_oid
+from mstore.store.registry import Registry, validate_name
+from mstore.store.safetensors_io import object_header, read_header_from_file
+from mstore.store.repo import Store
 
 
 def test_object_path_refuses_anything_but_64_hex(tmp_path):
@@ -79,7 +79,7 @@ def test_tensor_object_from_a_shard_range_equals_one_from_bytes(tmp_path):
     shard.write_bytes(b"junk" + payload + b"tail")
     import mmap
 
-    from mstore.objects import hash_tensor_range
+    from mstore.store.objects import hash_tensor_range
 
     with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         with objects.batch() as batch:
@@ -243,7 +243,7 @@ def test_resolve_by_name_commit_and_unique_prefix(tmp_path):
 
 def test_header_parser_refuses_lies(tmp_path):
     from mstore.errors import InvalidSafetensors
-    from mstore.safetensors_io import parse_header
+    from mstore.store.safetensors_io import parse_header
 
     def blob(header: dict, data: bytes = b"\0" * 8) -> bytes:
         body = json.dumps(header).encode()

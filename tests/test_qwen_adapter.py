@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mstore import torch_io
+from mstore.runtime import torch_io
 from mstore.adapters.base import adapter_for
 from mstore.adapters.qwen import QwenAdapter
 from mstore.errors import ObjectCorrupt, ObjectMissing
-from mstore.importer import import_model
-from mstore.objects import hash_file
-from mstore.store import Store
+from mstore.hub.importer import import_model
+from mstore.store.objects import hash_file
+from mstore.store.repo import Store
 from tests import tiny_models
 
 BUILDERS = {

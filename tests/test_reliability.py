@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from mstore.config import load_config
-from mstore.importer import import_model
-from mstore.store import Store
-from mstore.train import train
+from mstore.train.config import load_config
+from mstore.hub.importer import import_model
+from mstore.store.repo import Store
+from mstore.train.loop import train
 from tests.conftest import REPO_ROOT, snapshot
 from tests.reliability import (
     PowerLoss, assert_consistent, copy_store, env_without_failpoints, fsck_errors, refs_of,
@@ -166,7 +166,7 @@ def _objects(store: Path) -> list[str]:
 
 
 def _reachable(store: Path) -> set[str]:
-    from mstore.gc import reachable
+    from mstore.store.gc import reachable
 
     manifests, objects = reachable(Store(store))
     return manifests | objects
@@ -251,7 +251,7 @@ def test_power_loss_at_every_step_of_import_tag_rm_gc(template, model_dirs, tmp_
     assert n > 20
     _power_loss(root, tmp_path, lambda: s.tag("q", "q2"))
     _power_loss(root, tmp_path, lambda: s.remove("base"))
-    from mstore.gc import collect
+    from mstore.store.gc import collect
 
     _power_loss(root, tmp_path, lambda: collect(s, grace=0))
 
@@ -265,7 +265,7 @@ def test_power_loss_at_every_step_of_a_train_commit(template, tmp_path, corpus):
 def test_power_loss_model_catches_a_missing_sync(template, model_dirs, tmp_path, monkeypatch):
     """The model is not vacuous: a batch of objects published without the filesystem sync
     (while the manifest and the ref are still synced) is caught."""
-    from mstore import fsio
+    from mstore.store import fsio
 
     monkeypatch.setattr(fsio, "sync_filesystem", lambda path: None)
     root = copy_store(template, tmp_path / "store")
@@ -279,8 +279,8 @@ def test_power_loss_model_catches_a_missing_sync(template, model_dirs, tmp_path,
 WRITER = r"""
 import json, sys, time
 from mstore.errors import MStoreError
-from mstore.importer import import_model
-from mstore.store import Store
+from mstore.hub.importer import import_model
+from mstore.store.repo import Store
 store, role, folders, log, until = Store(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4], float(sys.argv[5])
 i = 0
 with open(log, "a") as out:
@@ -292,8 +292,8 @@ with open(log, "a") as out:
                 r = import_model(store, folders[i % len(folders)], name=name, accept_license=True)
                 out.write(json.dumps(["set", name, r.commit]) + "\n")
             elif role == "trainer":
-                from mstore.config import load_config
-                from mstore.train import train
+                from mstore.train.config import load_config
+                from mstore.train.loop import train
                 cfg = load_config(folders[0], [f"seed={i}"], name=f"trained-{i}")
                 r = train(store, cfg)
                 out.write(json.dumps(["set", r.name, r.commit]) + "\n")
@@ -478,7 +478,7 @@ def test_symlink_pointing_outside_a_local_folder_is_refused(cli, store, model_di
 @pytest.mark.parametrize("name", ["../evil.json", "/etc/passwd", "a/../../b", "x\x00y"])
 def test_repo_file_names_outside_the_repo_are_refused(name):
     from mstore.errors import BadSource
-    from mstore.hub import validate_repo_path
+    from mstore.hub.client import validate_repo_path
 
     with pytest.raises(BadSource):
         validate_repo_path(name)

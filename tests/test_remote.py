@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from mstore import remote as R
-from mstore.cli import app
-from mstore.cli_remote import register
-from mstore.fsck import check
-from mstore.manifest import Manifest
-from mstore.store import Store
+from mstore.remote import sync as R
+from mstore.cli.app import app
+from mstore.cli.remote import register
+from mstore.store.fsck import check
+from mstore.store.manifest import Manifest
+from mstore.store.repo import Store
 from tests.conftest import REPO_ROOT, Cli
 
 register(app)  # idempotent: harmless once cli.py registers the commands itself
@@ -397,8 +397,8 @@ def test_remote_commands_do_not_import_torch(tmp_path, model_dirs, cli):
     cli("remote", "add", "origin", tmp_path / "remote")
     code = (
         "import sys\n"
-        "from mstore.cli import app\n"
-        "from mstore.cli_remote import register\n"
+        "from mstore.cli.app import app\n"
+        "from mstore.cli.remote import register\n"
         "register(app)\n"
         "for args in (['remote', 'list'], ['push', 'm'], ['pull', 'm']):\n"
         "    try:\n"
@@ -424,7 +424,7 @@ def test_interrupted_pull_resumes(cli, store, model_dirs, tmp_path, monkeypatch)
     R.add_remote(other, "origin", url)
     # Objects are published in synced batches of 5; the pull is cut after 12 arrived.
     monkeypatch.setattr(R, "BATCH_OBJECTS", 5)
-    from mstore.objects import ObjectBatch
+    from mstore.store.objects import ObjectBatch
 
     real_put = ObjectBatch.put_file
     calls = []

@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from mstore.nn.char_tokenizer import CharTokenizer
-from mstore.nn.transformer import (
-    KVCache,
-    Transformer,
-    TransformerConfig,
-    sample_next_token,
-)
+from mstore.nn.transformer import KVCache, Transformer, TransformerConfig, sample_next_token
 
 VOCAB = 40
 

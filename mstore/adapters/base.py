@@ -26,8 +26,8 @@ from ..errors import ObjectCorrupt, ObjectMissing, UnknownAdapter
 if TYPE_CHECKING:
     import torch
 
-    from ..manifest import Manifest
-    from ..store import Store
+    from ..store.manifest import Manifest
+    from ..store.repo import Store
 
 ENTRY_POINT_GROUP = "mstore.adapters"
 # The files a tokenizer is made of (what a `tokenizer:` override replaces in a fine-tune)

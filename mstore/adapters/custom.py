@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .. import torch_io
+from ..runtime import torch_io
 from ..errors import BadTokenizer, ConfigMismatch, ObjectCorrupt
 from ..nn.char_tokenizer import CharTokenizer
 from ..nn.transformer import Transformer, TransformerConfig

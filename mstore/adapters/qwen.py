@@ -35,8 +35,8 @@ from .checks import ConfigReader, Expected, check_hf_tokenizer, match_tensors
 if TYPE_CHECKING:
     import torch
 
-    from ..manifest import Manifest
-    from ..store import Store
+    from ..store.manifest import Manifest
+    from ..store.repo import Store
 
 
 class QwenAdapter(Adapter):
@@ -94,7 +94,7 @@ class QwenAdapter(Adapter):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .. import torch_io
+        from ..runtime import torch_io
 
         # Objects first: a missing, truncated or (with verify) corrupt one fails before any
         # model code runs. config.json is small: always re-hashed. Then config and tensor

@@ -1,0 +1,155 @@
+"""`mstore export`: a manifest back into a Hugging Face-format folder, without torch.
+
+The weights file is assembled from the tensor objects by copying their data ranges (kernel
+copy), sharded past 5 GB with an index like `save_pretrained`. Every object is re-hashed
+before it is used, and a corrupt one is refused by name. The folder is written next to its
+destination and renamed into place, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+from ..store import failpoints, fsio
+from ..errors import ExportError, ObjectCorrupt
+from ..store.manifest import Manifest
+from ..store.objects import copy_range
+from ..store.report import log_entries
+from ..store.repo import Store
+
+SHARD_BYTES = 5 * 1000**3  # save_pretrained's default max_shard_size
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES) -> dict:
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} exists and is not empty; choose a new folder")
+    r = store.resolve(ref)
+    m = store.read_manifest(r.commit)
+    _verify_objects(store, m)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        written = _write_folder(store, m, r, work, shard_bytes)
+        for f in work.iterdir():
+            with open(f, "rb") as fh:
+                fsio.fsync_file(fh, f)
+        fsio.fsync_dir(work)
+        failpoints.hit("export.files-written")
+        if dest.exists():
+            dest.rmdir()
+        fsio.replace(work, dest)
+        fsio.fsync_dir(dest.parent)
+        failpoints.hit("export.renamed")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"name": r.name, "commit": r.commit, "dir": str(dest), "files": sorted(written)}
+
+
+def _verify_objects(store: Store, m: Manifest) -> None:
+    names = {m.config: "config.json", **{o: n for n, o in m.files.items()},
+             **{t.object: n for n, t in m.tensors.items()}}
+    for oid, name in names.items():
+        problem = store.objects.verify(oid)
+        if problem == "missing":
+            raise ExportError(f"object {oid} ({name}) is missing; nothing exported")
+        if problem:
+            raise ObjectCorrupt(oid, f"{problem} ({name}); nothing exported")
+
+
+def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) -> list[str]:
+    written = []
+    (work / "config.json").write_bytes(store.objects.read_bytes(m.config))
+    written.append("config.json")
+    for name, oid in m.files.items():
+        if "/" in name or name.startswith(".") or name in (WEIGHTS, INDEX, "metadata.json"):
+            continue
+        (work / name).write_bytes(store.objects.read_bytes(oid))
+        written.append(name)
+    if "generation_config.json" not in m.files and m.architecture != "custom-transformer":
+        gen = _generation_config(json.loads(store.objects.read_bytes(m.config)))
+        (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        written.append("generation_config.json")
+    written += _write_weights(store, m, work, shard_bytes)
+    meta = _metadata(store, m, r)
+    (work / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    written.append("metadata.json")
+    for f in work.iterdir():
+        os.chmod(f, fsio.FILE_MODE)
+    return written
+
+
+def _generation_config(config: dict) -> dict:
+    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if config.get(k) is not None}
+    return {**gen, "transformers_version": config.get("transformers_version", "")}
+
+
+def _write_weights(store: Store, m: Manifest, work: Path, shard_bytes: int) -> list[str]:
+    """Tensors in manifest order, grouped into shards of at most `shard_bytes` each."""
+    items = sorted(m.tensors.items())
+    infos = {}
+    for name, t in items:
+        (info,) = store.objects.tensor_header(t.object).tensors.values()
+        infos[name] = info
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, _ in items:
+        n = infos[name].nbytes
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    if len(shards) == 1:
+        _write_shard(store, m, infos, shards[0], work / WEIGHTS)
+        return [WEIGHTS]
+    files, weight_map = [], {}
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(store, m, infos, names, work / fname)
+        files.append(fname)
+        weight_map.update({n: fname for n in names})
+    total = sum(i.nbytes for i in infos.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (work / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return files + [INDEX]
+
+
+def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = m.tensors[name]
+        n = infos[name].nbytes
+        header[name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(body)) + body)
+        out.flush()
+        for name in names:
+            info = infos[name]
+            with open(store.objects.path(m.tensors[name].object), "rb") as src:
+                copy_range(src.fileno(), out.fileno(), info.start, info.nbytes)
+
+
+def _metadata(store: Store, m: Manifest, r) -> dict:
+    lineage = [{"commit": e["commit"], "names": e["names"], "message": e["message"],
+                "created_at": e["created_at"], "source": e.get("source"),
+                "training": e.get("training")} for e in log_entries(store, r.commit)]
+    return {"name": r.name, "commit": r.commit, "architecture": m.architecture,
+            "model_id": m.model_id, "source": m.source, "license": m.license,
+            "parent": m.parent, "created_at": m.created_at, "tied_weights": m.tied_weights,
+            "lineage": lineage, "exported_by": "mstore"}

@@ -1,0 +1,130 @@
+"""fsck: re-hash every object, check every ref's chain, and report findings, never stop early.
+
+Errors (exit 1): a missing or corrupt object a ref needs, a manifest that does not parse,
+a ref whose commit is gone, a damaged (or, beside objects, missing) registry, a registry
+entry that had to be skipped. Informational (exit 0): dangling commits (tips of the
+manifests no ref reaches: `--lost-found` names them), unreachable objects (gc's to
+collect) and leftovers in tmp/.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .lost_found import dangling_commits
+from .repo import Store
+
+
+@dataclass
+class Finding:
+    problem: str  # missing | corrupt | dangling-ref | bad-registry | bad-registry-entry
+    #               | dangling-commit | unreachable | tmp-leftover
+    object: str | None
+    detail: str
+    error: bool = True
+
+    def line(self) -> str:
+        what = self.object or ""
+        if self.problem == "dangling-commit":
+            what = what[:12]
+        return f"{self.problem}: {what} {self.detail}".replace("  ", " ").strip()
+
+
+@dataclass
+class DanglingCommit(Finding):
+    created_at: str = ""
+    message: str = ""
+    weights_present: bool = True
+
+
+def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
+    """All findings. `subset=(n, t)` re-hashes only slice n of t (restic's read-data-subset)."""
+    findings: list[Finding] = []
+    on_disk = {oid: st.st_size for oid, st in store.objects.iter_objects()}
+    bad_hash: dict[str, str] = {}
+    for oid in on_disk:
+        if subset and int(oid[:8], 16) % subset[1] != subset[0] - 1:
+            continue
+        problem = store.objects.verify(oid)
+        if problem:
+            bad_hash[oid] = problem
+            findings.append(Finding("corrupt", oid, problem))
+
+    store.require()
+    try:
+        refs = store.refs()
+        for key, reason in store.registry.invalid_entries():
+            findings.append(Finding("bad-registry-entry", None,
+                                    f"entry {key!r} of registry.json is skipped: {reason}"))
+    except MStoreError as e:
+        findings.append(Finding("bad-registry", None, str(e)))
+        refs = {}
+
+    reachable: set[str] = set()
+    checked_heads: set[str] = set()
+    for name, entry in sorted(refs.items()):
+        head = True
+        for oid, m in store.lineage(entry["commit"], light=False):
+            reachable.add(oid)
+            if m is None:
+                if oid not in on_disk:
+                    kind = "dangling-ref" if head else "missing"
+                    findings.append(Finding(kind, oid, f"manifest of {name!r} is missing"))
+                elif oid not in bad_hash:
+                    findings.append(Finding("corrupt", oid, f"manifest of {name!r} does not parse"))
+                break
+            if head and oid not in checked_heads:
+                checked_heads.add(oid)
+                findings += _check_head(store, name, m, on_disk, bad_hash)
+                reachable |= m.object_ids()
+            head = False
+
+    for d in dangling_commits(store, refs):
+        gone = "" if d.weights_present else " [weights missing]"
+        findings.append(DanglingCommit(
+            "dangling-commit", d.commit, f"{d.created_at} {d.subject}{gone}", False,
+            d.created_at, d.message, d.weights_present))
+    for oid in sorted(set(on_disk) - reachable):
+        findings.append(Finding("unreachable", oid, "no ref needs it (gc will collect it)", False))
+    if store.objects.tmp_dir.is_dir():
+        for entry in sorted(os.scandir(store.objects.tmp_dir), key=lambda e: e.name):
+            findings.append(Finding("tmp-leftover", None, f"tmp/{entry.name}", False))
+    return findings
+
+
+def _check_head(store, name, m, on_disk, bad_hash) -> list[Finding]:
+    out = []
+    named = [("config.json", m.config)] + sorted(m.files.items())
+    for fname, oid in named:
+        if oid not in on_disk:
+            out.append(Finding("missing", oid, f"file {fname} of {name!r}"))
+    for tname, t in sorted(m.tensors.items()):
+        if t.object not in on_disk:
+            out.append(Finding("missing", t.object, f"tensor {tname} of {name!r}"))
+            continue
+        if t.object in bad_hash:
+            continue
+        try:
+            header = store.objects.tensor_header(t.object)
+        except (ObjectCorrupt, ObjectMissing) as e:
+            out.append(Finding("corrupt", t.object, f"tensor {tname} of {name!r}: {e}"))
+            bad_hash[t.object] = "bad header"
+            continue
+        (info,) = header.tensors.values()
+        if info.dtype != t.dtype or list(info.shape) != list(t.shape):
+            out.append(Finding("corrupt", t.object,
+                               f"tensor {tname} of {name!r}: object holds {info.dtype}"
+                               f"{list(info.shape)}, manifest says {t.dtype}{t.shape}"))
+    return out
+
+
+def to_json(findings: list[Finding]) -> dict:
+    errors = [f for f in findings if f.error]
+    return {"ok": not errors, "errors": [asdict(f) for f in errors],
+            "info": [asdict(f) for f in findings if not f.error],
+            "dangling": [{"commit": f.object, "short_commit": f.object[:12],
+                          "created_at": f.created_at, "message": f.message,
+                          "weights_present": f.weights_present}
+                         for f in findings if isinstance(f, DanglingCommit)]}

@@ -1,0 +1,122 @@
+"""Garbage collection: plan what no ref can reach, then delete it (dulwich's shape).
+
+Roots are the refs. Every manifest reachable through `parent` stays, so `log` can always
+show where a model came from; tensor and file objects stay only while some ref's own
+manifest names them, so removing a base frees its weights while its fine-tunes keep their
+history. Two mechanisms keep a writer in flight safe:
+  1. the store lock: writers hold it shared for their whole run, gc exclusive, so gc never
+     runs beside an import or a train;
+  2. the grace period: unreachable objects younger than it are kept, and a dedup hit
+     refreshes an object's mtime, so even a writer that bypassed the lock keeps its objects.
+gc refuses to delete anything if registry.json or any manifest on a ref's chain cannot be
+read, or if registry.json is missing while objects exist: it cannot know what is reachable.
+A registry entry that is skipped as invalid still protects the commit it names.
+`--dry-run` takes no lock and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import failpoints, fsio
+from ..errors import GcRefused, ObjectCorrupt, ObjectMissing
+from .reachability import ref_closure
+from .repo import Store
+
+DEFAULT_GRACE = 3600.0
+
+
+@dataclass
+class GcPlan:
+    delete: list[tuple[str, int]] = field(default_factory=list)  # (oid, bytes)
+    tmp_delete: list[tuple[Path, int]] = field(default_factory=list)
+    kept_young: int = 0
+    kept_reachable: int = 0
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(n for _, n in self.delete) + sum(n for _, n in self.tmp_delete)
+
+    def to_json(self, dry_run: bool) -> dict:
+        return {
+            "dry_run": dry_run, "objects_deleted": len(self.delete),
+            "bytes_freed": self.bytes_freed, "tmp_files_deleted": len(self.tmp_delete),
+            "kept_reachable": self.kept_reachable, "kept_within_grace": self.kept_young,
+            "deleted": [oid for oid, _ in self.delete],
+        }
+
+
+def reachable(store: Store) -> tuple[set[str], set[str]]:
+    """(manifests to keep, tensor/file objects to keep); raises GcRefused when unsure.
+    The rule itself is `reachability.closure`, shared with push, pull and clone."""
+    c = ref_closure(store)
+    if c.unreadable:
+        oid, name = c.unreadable[0]
+        raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
+                        "run `mstore fsck`")
+    return set(c.manifests), c.objects
+
+
+def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:
+    now = time.time() if now is None else now
+    try:
+        keep_manifests, keep_objects = reachable(store)
+    except (ObjectMissing, ObjectCorrupt) as e:
+        raise GcRefused(str(e)) from None
+    keep = keep_manifests | keep_objects
+    p = GcPlan()
+    for oid, st in store.objects.iter_objects():
+        if oid in keep:
+            p.kept_reachable += 1
+        elif now - st.st_mtime < grace:
+            p.kept_young += 1
+        else:
+            p.delete.append((oid, st.st_size))
+    if store.objects.tmp_dir.is_dir():
+        for entry in os.scandir(store.objects.tmp_dir):
+            st = entry.stat(follow_symlinks=False)
+            if now - st.st_mtime >= grace:
+                p.tmp_delete.append((Path(entry.path), _tree_size(entry)))
+    return p
+
+
+def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GcPlan:
+    """Plan and (unless dry_run) delete, under the exclusive store lock."""
+    store.require()
+    with nullcontext() if dry_run else store.gc_lock():
+        p = plan(store, grace)
+        failpoints.hit("gc.planned")
+        if not dry_run:
+            for oid, _ in p.delete:
+                fsio.unlink(store.objects.path(oid), missing_ok=True)
+                failpoints.hit("gc.object-deleted")
+            for path, _ in p.tmp_delete:
+                _remove_tree(path)
+                failpoints.hit("gc.tmp-deleted")
+    return p
+
+
+def _tree_size(entry: os.DirEntry) -> int:
+    if not entry.is_dir(follow_symlinks=False):
+        return entry.stat(follow_symlinks=False).st_size
+    total = 0
+    for root, _dirs, files in os.walk(entry.path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        fsio.unlink(path, missing_ok=True)

@@ -1,0 +1,386 @@
+"""The content-addressed object store: `objects/ab/cdef...`, named by blake3 of the bytes.
+
+Three kinds of object share one namespace: single-tensor safetensors files, raw files
+(config.json, tokenizer.json, ...) and manifests (canonical JSON). The store does not care
+which is which; manifests say what their objects are.
+
+Writes hash first and skip the write on a hit (refreshing the mtime, so a gc running
+beside us keeps it), so re-importing identical content costs a read, not a copy.
+Bulk writes go through an `ObjectBatch`: objects are written unsynced into tmp/, made
+durable with one filesystem sync, and only then renamed into objects/; a second sync makes
+the renames durable before the caller writes the manifest that names them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import blake3
+
+from . import failpoints, fsio
+from ..errors import BadObjectId, InvalidSafetensors, ObjectCorrupt, ObjectMissing
+from .safetensors_io import Header, header_length, object_header, parse_header
+
+OID_RE = re.compile(r"[0-9a-f]{64}")
+OBJECT_MODE = 0o444  # immutable once written
+CHUNK = 8 * 1024 * 1024
+
+
+def is_oid(text: str) -> bool:
+    return bool(OID_RE.fullmatch(text))
+
+
+def hasher():
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
+def hash_bytes(data) -> str:
+    return hasher().update(data).hexdigest()
+
+
+def tensor_oid(dtype: str, shape, data) -> str:
+    """The id the tensor object for these bytes has (header + data), without writing it."""
+    view = memoryview(data).cast("B")
+    return hasher().update(object_header(dtype, shape, view.nbytes)).update(view).hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """blake3 of a file, streamed through mmap (never the whole file in memory at once)."""
+    h = hasher()
+    if os.path.getsize(path):
+        h.update_mmap(str(path))
+    return h.hexdigest()
+
+
+@dataclass
+class PutResult:
+    oid: str
+    size: int
+    new: bool  # False: the object was already present (dedup hit)
+
+
+@dataclass
+class _Pending:
+    tmp: Path
+    final: Path
+    size: int
+
+
+class ObjectStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.objects_dir = self.root / "objects"
+        self.tmp_dir = self.root / "tmp"
+        self._objects_str = str(self.objects_dir)
+
+    # -- naming -------------------------------------------------------------------------
+    def path(self, oid: str) -> Path:
+        """The one id-to-path function; it refuses anything but 64 lowercase hex."""
+        if not is_oid(oid):
+            raise BadObjectId(oid)
+        return self.objects_dir / oid[:2] / oid[2:]
+
+    def path_str(self, oid: str) -> str:
+        """`path` as a plain string, for hot loops (loading hundreds of tensors)."""
+        if not is_oid(oid):
+            raise BadObjectId(oid)
+        return f"{self._objects_str}/{oid[:2]}/{oid[2:]}"
+
+    def exists(self, oid: str) -> bool:
+        return self.path(oid).is_file()
+
+    def size(self, oid: str) -> int:
+        try:
+            return self.path(oid).stat().st_size
+        except FileNotFoundError:
+            raise ObjectMissing(oid) from None
+
+    def iter_objects(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every object on disk with its stat (one scandir per fan-out folder)."""
+        if not self.objects_dir.is_dir():
+            return
+        for fan in os.scandir(self.objects_dir):
+            if not (fan.is_dir() and len(fan.name) == 2):
+                continue
+            for entry in os.scandir(fan.path):
+                oid = fan.name + entry.name
+                if is_oid(oid) and entry.is_file(follow_symlinks=False):
+                    yield oid, entry.stat(follow_symlinks=False)
+
+    def holds_any(self) -> bool:
+        """At least one object is on disk (stops at the first: cheap on any store)."""
+        try:
+            fans = os.scandir(self.objects_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        with fans:
+            for fan in fans:
+                if fan.is_dir() and len(fan.name) == 2:
+                    with os.scandir(fan.path) as entries:
+                        if any(is_oid(fan.name + e.name) and e.is_file(follow_symlinks=False)
+                               for e in entries):
+                            return True
+        return False
+
+    # -- reading ------------------------------------------------------------------------
+    def read_bytes(self, oid: str, verify: bool = True) -> bytes:
+        try:
+            data = self.path(oid).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(oid) from None
+        if verify and hash_bytes(data) != oid:
+            raise ObjectCorrupt(oid, "content does not match its name")
+        return data
+
+    def verify(self, oid: str) -> str | None:
+        """Re-hash one object; returns a problem description or None."""
+        try:
+            got = hash_file(self.path(oid))
+        except FileNotFoundError:
+            return "missing"
+        return None if got == oid else f"content hashes to {got[:12]}"
+
+    def tensor_header(self, oid: str) -> Header:
+        """Header of a tensor object, checked against the file size (catches truncation)."""
+        path = self.path(oid)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = header_length(f.read(8), size, oid)
+                header = parse_header(struct.pack("<Q", n) + f.read(n), size, oid)
+        except FileNotFoundError:
+            raise ObjectMissing(oid, "tensor object") from None
+        except InvalidSafetensors as e:
+            raise ObjectCorrupt(oid, f"truncated or damaged ({e.reason})", "tensor object") \
+                from None
+        if len(header.tensors) != 1:
+            raise ObjectCorrupt(oid, f"holds {len(header.tensors)} tensors, not 1", "tensor object")
+        (info,) = header.tensors.values()
+        if info.end != size:
+            raise ObjectCorrupt(oid, f"size {size} != {info.end} (truncated?)", "tensor object")
+        return header
+
+    # -- writing ------------------------------------------------------------------------
+    def ensure_dirs(self) -> None:
+        fsio.makedirs(self.objects_dir)
+        fsio.makedirs(self.tmp_dir)
+
+    def _hit(self, oid: str) -> bool:
+        """True if the object is present; refreshes its mtime for gc's grace period."""
+        path = self.path(oid)
+        try:
+            fsio.touch(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def put_bytes(self, data: bytes) -> PutResult:
+        """Write one small object durably right away (manifests, single files)."""
+        oid = hash_bytes(data)
+        if self._hit(oid):
+            return PutResult(oid, len(data), False)
+        self.ensure_dirs()
+        with fsio.open_tmp(self.tmp_dir, "obj") as (tmp, f):
+            f.write(data)
+            fsio.fsync_file(f, tmp)
+        self._publish(tmp, oid)
+        failpoints.hit("object.written")
+        return PutResult(oid, len(data), True)
+
+    def _publish(self, tmp: Path, oid: str, sync: bool = True) -> None:
+        """Rename a written temp file to its object path. With sync, the new entry (and a
+        new fan-out folder) is durable on return; without, the caller syncs the filesystem."""
+        final = self.path(oid)
+        fsio.makedirs(final.parent, sync=sync)
+        os.chmod(tmp, OBJECT_MODE)
+        if sync:
+            fsio.publish(tmp, final)
+        elif final.exists():
+            fsio.unlink(tmp, missing_ok=True)
+        else:
+            fsio.replace(tmp, final)
+
+    def batch(self) -> "ObjectBatch":
+        return ObjectBatch(self)
+
+
+@dataclass
+class ObjectBatch:
+    """Many objects made durable together: write all, sync once, rename all, sync once.
+
+    Use as a context manager; objects become visible only at `commit()` (called on a clean
+    exit). On an exception every temp file is removed and nothing is published.
+    """
+
+    store: ObjectStore
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    written: int = 0  # bytes newly written
+    reused: int = 0  # bytes already present
+    _writeback: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "ObjectBatch":
+        self.store.ensure_dirs()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _record(self, oid: str, size: int) -> PutResult | None:
+        if oid in self.pending:
+            self.reused += size
+            return PutResult(oid, size, False)
+        if self.store._hit(oid):
+            self.reused += size
+            return PutResult(oid, size, False)
+        return None
+
+    def put_bytes(self, data: bytes) -> PutResult:
+        oid = hash_bytes(data)
+        hit = self._record(oid, len(data))
+        if hit:
+            return hit
+        with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            f.write(data)
+        return self._stage(oid, tmp, len(data))
+
+    def put_file(self, path: Path) -> PutResult:
+        """A file object, hashed through mmap and copied by the kernel."""
+        oid, size = hash_file(path), os.path.getsize(path)
+        hit = self._record(oid, size)
+        if hit:
+            return hit
+        with open(path, "rb") as src, fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            copy_range(src.fileno(), f.fileno(), 0, size)
+        return self._stage(oid, tmp, size)
+
+    def put_tensor(self, oid: "str | Future[str]", dtype: str, shape, src_fd: int,
+                   start: int, end: int) -> PutResult:
+        """A tensor object from bytes [start, end) of an open safetensors file, whose id the
+        caller computes with `hash_tensor_range` (so hashing runs ahead of copying, on
+        another thread). The copy goes file-to-file through copy_file_range: the bytes
+        never pass through Python, and their writeback starts once the object is known new.
+
+        `oid` may be the Future of an id still being hashed: rather than wait, the copy
+        starts at once (a temp file needs no name), and is dropped if the id turns out to be
+        an object already present. A known id never copies a duplicate.
+        """
+        header = object_header(dtype, shape, end - start)
+        size = len(header) + end - start
+        if isinstance(oid, Future) and oid.done():
+            oid = oid.result()
+        if isinstance(oid, str):
+            hit = self._record(oid, size)
+            if hit:
+                return hit
+        with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            f.write(header)
+            f.flush()
+            copy_range(src_fd, f.fileno(), start, end - start)
+        if not isinstance(oid, str):
+            try:
+                oid = oid.result()
+            except BaseException:
+                fsio.unlink(tmp, missing_ok=True)
+                raise
+            hit = self._record(oid, size)
+            if hit:
+                fsio.unlink(tmp, missing_ok=True)
+                return hit
+        self._start_writeback(tmp)
+        return self._stage(oid, tmp, size)
+
+    def _start_writeback(self, path: Path) -> None:
+        """Start the object's writeback on a helper thread: submitting it can block on a
+        busy disk, and the next copy should not wait for that."""
+        if self._writeback is None:
+            self._writeback = ThreadPoolExecutor(1, thread_name_prefix="mstore-writeback")
+        self._writeback.submit(fsio.start_writeback, path)
+
+    def _join_writeback(self) -> None:
+        if self._writeback is not None:
+            self._writeback.shutdown(wait=True)
+            self._writeback = None
+
+    def reuse(self, oid: str, size: int) -> bool:
+        """Count a known object as present (refreshing its mtime); False if it is gone."""
+        return self._record(oid, size) is not None
+
+    def put_tensor_bytes(self, dtype: str, shape, data) -> PutResult:
+        """A tensor object from an in-memory buffer (training results, tests)."""
+        buf = memoryview(data).cast("B")
+        oid = tensor_oid(dtype, shape, buf)
+        header = object_header(dtype, shape, buf.nbytes)
+        size = len(header) + buf.nbytes
+        hit = self._record(oid, size)
+        if hit:
+            return hit
+        with fsio.open_tmp(self.store.tmp_dir, "obj") as (tmp, f):
+            f.write(header)
+            f.write(buf)
+        return self._stage(oid, tmp, size)
+
+    def _stage(self, oid: str, tmp: Path, size: int) -> PutResult:
+        self.pending[oid] = _Pending(tmp, self.store.path(oid), size)
+        self.written += size
+        failpoints.hit("objects.staged")
+        return PutResult(oid, size, True)
+
+    def commit(self) -> None:
+        self._join_writeback()
+        if not self.pending:
+            return
+        fsio.sync_filesystem(self.store.tmp_dir)  # object bytes durable before any rename
+        failpoints.hit("objects.synced")
+        for oid, p in self.pending.items():
+            self.store._publish(p.tmp, oid, sync=False)
+            failpoints.hit("objects.published")
+        fsio.sync_filesystem(self.store.objects_dir)  # renames durable before the manifest
+        failpoints.hit("objects.durable")
+        self.pending.clear()
+
+    def abort(self) -> None:
+        self._join_writeback()
+        for p in self.pending.values():
+            fsio.unlink(p.tmp, missing_ok=True)
+        self.pending.clear()
+
+
+def hash_tensor_range(dtype: str, shape, src_map: mmap.mmap, start: int, end: int) -> str:
+    """`tensor_oid` of bytes [start, end) of a mapped file; the hashed pages then leave this
+    process's resident set (they stay in the page cache), so an import's peak RSS does not
+    grow with the shard."""
+    oid = tensor_oid(dtype, shape, memoryview(src_map)[start:end])
+    lo = start - start % mmap.PAGESIZE
+    if end > lo:
+        src_map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+    return oid
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes at `offset` of src to the current end of dst, in the kernel."""
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < count:
+        n = min(CHUNK * 16, count - done)
+        copied = 0
+        if use_cfr:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
+            except OSError:
+                use_cfr = False
+        if not use_cfr:
+            copied = os.write(dst_fd, os.pread(src_fd, min(n, CHUNK), offset + done))
+        if copied == 0:
+            raise OSError(f"source ended {count - done} bytes early")
+        done += copied
+

@@ -1,0 +1,82 @@
+"""What a set of refs keeps alive: the one rule gc, push, pull and clone share.
+
+SPEC "Reachability": refs are the roots; every manifest reachable through `parent` stays
+(history is small); tensor and file objects stay only while some root's OWN manifest names
+them. gc keeps exactly `closure(refs)`; a push or pull moves `closure({the ref})` minus what
+the other side holds, so after a transfer gc on either side deletes nothing and a second
+transfer has nothing to send. A new kind of dependency (an adapter child's base, a delta's
+base object) is added here, in `closure`, and nowhere else.
+
+`load` reads a manifest from wherever the walk runs (the local store, or a remote for a
+pull); it returns None for one that cannot be read, which ends that root's walk and is
+reported in `unreadable`: gc refuses on it, a transfer decides what it can do without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from ..errors import ObjectCorrupt, ObjectMissing
+from .manifest import Manifest
+
+
+@dataclass
+class Closure:
+    manifests: dict[str, Manifest] = field(default_factory=dict)  # every reachable manifest
+    objects: set[str] = field(default_factory=set)  # tensor/file objects the roots need
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest, root label)
+    order: list[str] = field(default_factory=list)  # the manifests, each after its parent
+
+    def keep(self) -> set[str]:
+        """Every object id (manifests included) this closure keeps."""
+        return set(self.manifests) | self.objects
+
+
+def closure(roots: Mapping[str, str], load: Callable[[str], Manifest | None],
+            lenient: Mapping[str, str] | None = None) -> Closure:
+    """The objects `roots` (label -> commit id) keep alive, read through `load`.
+
+    `lenient` roots keep what they reach too, but a manifest they cannot read is not
+    reported: they are registry entries that are skipped as invalid (they protect what
+    they name, yet must never hold gc back)."""
+    out = Closure()
+    strict = list(roots.items())
+    for label, commit in strict + [(None, c) for c in (lenient or {}).values()]:
+        chain: list[str] = []
+        oid: str | None = commit
+        head = True
+        while oid and oid not in out.manifests and oid not in chain:
+            m = load(oid)
+            if m is None:
+                if label is not None:
+                    out.unreadable.append((oid, label))
+                break
+            out.manifests[oid] = m
+            chain.append(oid)
+            if head:
+                out.objects |= m.object_ids()
+            head = False
+            oid = m.parent
+        if head and oid in out.manifests:  # a root another root already reached
+            out.objects |= out.manifests[oid].object_ids()
+        out.order.extend(reversed(chain))
+    return out
+
+
+def store_loader(store) -> Callable[[str], Manifest | None]:
+    """`load` for a local store: light manifests (parent and object ids), None if unreadable."""
+
+    def load(oid: str) -> Manifest | None:
+        try:
+            return store.read_manifest(oid, light=True)
+        except (ObjectMissing, ObjectCorrupt):
+            return None
+
+    return load
+
+
+def ref_closure(store) -> Closure:
+    """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
+    return closure({name: e["commit"] for name, e in store.refs().items()}, store_loader(store),
+                   lenient={c: c for c in sorted(store.registry.invalid_commits())})

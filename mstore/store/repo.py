@@ -1,0 +1,247 @@
+"""A store on disk: objects, registry and locks together, with the operations on refs.
+
+Write order is what keeps a crash harmless: objects (synced) -> manifest (synced) -> ref
+(atomic registry rewrite). At every point a ref names a complete manifest whose objects are
+all present; whatever a crash leaves behind is unreferenced and gc's to collect.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import fsio
+from ..errors import (
+    AmbiguousRef, NameTaken, NotACommit, ObjectCorrupt, ObjectMissing, RefChanged,
+    StoreNotFound, UnknownModel,
+)
+from .locks import StoreLock
+from .manifest import Manifest
+from .objects import ObjectStore, hash_bytes, is_oid
+from .registry import Registry, validate_name
+
+DEFAULT_STORE = "models"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # larger objects are weights, not commits
+
+
+def default_store_path() -> Path:
+    """--store PATH > $MSTORE_HOME > ./models."""
+    return Path(os.environ.get("MSTORE_HOME") or DEFAULT_STORE)
+
+
+@dataclass
+class Resolved:
+    commit: str
+    name: str | None  # the ref used, or None when given a commit id
+    entry: dict[str, Any] | None
+
+
+class Store:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_store_path()
+        self.objects = ObjectStore(self.root)
+        self.registry = Registry(self.root)
+        self.lock_path = self.root / ".lock"
+
+    # -- set-up -------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.registry.exists() or self.objects.objects_dir.is_dir()
+
+    def require(self) -> None:
+        """Commands that read (or write without creating) a store: a mistyped path is an
+        error, never an empty store made on the spot."""
+        if not self.exists():
+            raise StoreNotFound(str(self.root))
+
+    def init(self) -> bool:
+        """Create the layout; returns False if it already existed (running twice is harmless).
+        A damaged store (registry unreadable, or missing beside objects) is refused first."""
+        self.registry.load()
+        existed = self.registry.exists()
+        fsio.makedirs(self.root)
+        self.objects.ensure_dirs()
+        if not existed:
+            self.registry.update(lambda models: None)  # writes an empty, valid registry
+        return not existed
+
+    def writer_lock(self, purpose: str, create: bool = True) -> StoreLock:
+        """Held (shared) by import/train/tag/rm for their whole run; gc waits for them.
+        `create`: make the store if absent (import, train, pull); else it must exist."""
+        if create:
+            self.init()
+        else:
+            self.require()
+            self.refs()
+        return StoreLock(self.lock_path, shared=True, purpose=purpose)
+
+    def gc_lock(self, purpose: str = "gc") -> StoreLock:
+        """Exclusive; the store must exist and its registry be readable (checked first, so a
+        refused gc leaves even the lock file as it was)."""
+        self.require()
+        self.refs()
+        return StoreLock(self.lock_path, shared=False, purpose=purpose)
+
+    # -- manifests ----------------------------------------------------------------------
+    def read_manifest(self, oid: str, light: bool = False) -> Manifest:
+        """The manifest, re-hashed; `light`: without its tensor table (see Manifest)."""
+        try:
+            data = self.objects.read_bytes(oid, verify=True)
+        except ObjectMissing:
+            raise ObjectMissing(oid, "manifest") from None
+        except ObjectCorrupt:
+            raise ObjectCorrupt(oid, "content does not match its name", "manifest") from None
+        return Manifest.from_bytes(data, oid, light)
+
+    def put_manifest(self, manifest: Manifest) -> str:
+        return self.objects.put_bytes(manifest.to_bytes()).oid
+
+    def try_manifest(self, oid: str) -> Manifest | None:
+        """The (light) manifest if object `oid` is an intact one, else None. Canonical JSON
+        starts with '{"', which no tensor object does, so weights are never read whole."""
+        try:
+            with open(self.objects.path(oid), "rb") as f:
+                if f.read(2) != b'{"' or os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES:
+                    return None
+                data = b'{"' + f.read()
+        except OSError:
+            return None
+        if b'"tensors":' not in data or hash_bytes(data) != oid:
+            return None
+        try:
+            return Manifest.from_bytes(data, oid, light=True)
+        except ObjectCorrupt:
+            return None
+
+    # -- refs ---------------------------------------------------------------------------
+    def refs(self) -> dict[str, dict[str, Any]]:
+        return self.registry.load()
+
+    def names_by_commit(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, entry in self.refs().items():
+            out.setdefault(entry["commit"], []).append(name)
+        return out
+
+    def resolve(self, ref: str) -> Resolved:
+        """A model name, a full commit id, or a unique prefix (>= 7 hex) of a known commit;
+        a commit no ref reaches (a dangling one) is found on disk when nothing else matches."""
+        refs = self.refs()
+        if ref in refs:
+            return Resolved(refs[ref]["commit"], ref, refs[ref])
+        low = ref.lower()
+        if len(low) >= 7 and all(c in "0123456789abcdef" for c in low):
+            if is_oid(low) and self.objects.exists(low):
+                if self.try_manifest(low) is None and low not in self.known_commits(refs):
+                    raise NotACommit(low)
+                return Resolved(low, None, None)
+            matches = sorted({c for c in self.known_commits(refs) if c.startswith(low)}) \
+                or self._manifests_with_prefix(low)
+            if len(matches) == 1:
+                return Resolved(matches[0], None, None)
+            if len(matches) > 1:
+                raise AmbiguousRef(ref, matches)
+        close = difflib.get_close_matches(ref, list(refs), n=1)
+        raise UnknownModel(ref, close[0] if close else None)
+
+    def _manifests_with_prefix(self, prefix: str) -> list[str]:
+        """Manifests on disk whose id starts with `prefix` (one fan-out folder is listed)."""
+        try:
+            names = os.listdir(self.objects.objects_dir / prefix[:2])
+        except OSError:
+            return []
+        return sorted(prefix[:2] + n for n in names if n.startswith(prefix[2:])
+                      and is_oid(prefix[:2] + n) and self.try_manifest(prefix[:2] + n))
+
+    def known_commits(self, refs: dict[str, dict[str, Any]] | None = None) -> set[str]:
+        """Every commit reachable from a ref through `parent` (what prefixes resolve against)."""
+        seen: set[str] = set()
+        for entry in (refs if refs is not None else self.refs()).values():
+            for oid, _m in self.lineage(entry["commit"]):
+                if oid in seen:
+                    break
+                seen.add(oid)
+        return seen
+
+    def lineage(self, commit: str, light: bool = True) -> Iterator[tuple[str, Manifest | None]]:
+        """The commit, its parent, grandparent, ... (None once a manifest is unreadable).
+        Light manifests by default (no tensor table): walks need parents and object ids."""
+        seen = set()
+        oid: str | None = commit
+        while oid and oid not in seen:
+            seen.add(oid)
+            try:
+                m = self.read_manifest(oid, light)
+            except (ObjectMissing, ObjectCorrupt):
+                yield oid, None
+                return
+            yield oid, m
+            oid = m.parent
+
+    def name_is_free(self, name: str) -> bool:
+        validate_name(name)
+        return name not in self.refs()
+
+    def next_free_name(self, stem: str, fmt: str = "{stem}-v{n}", start: int = 2) -> str:
+        """`stem-v2`, `stem-v3`, ... or `stem-finetuned-001` with fmt="{stem}-finetuned-{n:03d}"."""
+        refs = self.refs()
+        n = start
+        while fmt.format(stem=stem, n=n) in refs:
+            n += 1
+        return validate_name(fmt.format(stem=stem, n=n))
+
+    def registry_entry(self, name: str, commit: str, manifest: Manifest,
+                       fine_tuned_from: str | None) -> dict[str, Any]:
+        size = sum(self.objects.size(o) for o in manifest.object_ids())
+        return {
+            "model_name": name, "commit": commit, "model_id": manifest.model_id,
+            "source": manifest.source.get("type", "custom"),
+            "architecture_type": manifest.architecture, "license": manifest.license,
+            "created_at": manifest.created_at, "fine_tuned_from": fine_tuned_from,
+            "parameters": manifest.parameters, "size_bytes": size,
+        }
+
+    def add_ref(self, commit: str, manifest: Manifest, name: str | None,
+                choose_name: Callable[[], str], fine_tuned_from: str | None = None) -> str:
+        """Point a new ref at `commit`: `name` if given (an error if taken), else the name
+        `choose_name()` picks, picked again if a concurrent writer takes it first."""
+        for _attempt in range(10):
+            target = name or choose_name()
+            entry = self.registry_entry(target, commit, manifest, fine_tuned_from)
+            try:
+                self.registry.set_ref(entry, expected=None)
+                return target
+            except RefChanged:
+                if name:
+                    raise NameTaken(name, self.next_free_name(name)) from None
+        raise NameTaken(choose_name())
+
+    # -- ref commands -------------------------------------------------------------------
+    def tag(self, ref: str, new: str) -> str:
+        """A second ref to the commit `ref` resolves to; the new name must be free."""
+        validate_name(new)
+        with self.writer_lock("tag", create=False):
+            r = self.resolve(ref)
+            m = self.read_manifest(r.commit)
+            parent_name = (r.entry or {}).get("fine_tuned_from")
+            if r.entry is None and m.parent:  # named by commit id: the parent's ref, if any
+                parent_name = next(iter(sorted(self.names_by_commit().get(m.parent, []))), None)
+            entry = self.registry_entry(new, r.commit, m, parent_name)
+            try:
+                self.registry.set_ref(entry, expected=None)
+            except RefChanged as e:
+                if e.found != r.commit:  # already this tag: done (a retry after a crash)
+                    raise NameTaken(new, self.next_free_name(new)) from None
+        return r.commit
+
+    def remove(self, name: str) -> str:
+        """Drop a ref (by name only: removing by commit id would be too easy to get wrong)."""
+        with self.writer_lock("rm", create=False):
+            entry = self.refs().get(name)
+            if entry is None:
+                self.resolve(name)  # raises UnknownModel with a suggestion
+                raise UnknownModel(name)
+            self.registry.remove(name, expected=entry["commit"])
+        return entry["commit"]

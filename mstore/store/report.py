@@ -1,0 +1,199 @@
+"""What the read commands compute: list rows, log entries, du and diff. No torch here.
+
+Each function returns plain data (what `--json` prints); the CLI only formats it. The
+`--json` outputs share one vocabulary (docs/json.md): a commit is described by `commit`,
+`names` (its refs; a `list` row has its own ref as `name`), `parent` (a commit id),
+`architecture`, `model_id`, `license` (null when unknown), `created_at`, `message`;
+`list` keeps the registry's own fields beside them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .manifest import Manifest
+from .repo import Store
+
+
+def list_rows(store: Store) -> list[dict[str, Any]]:
+    """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
+    (`name` is the row's ref; the other names of its commit are rows of their own)."""
+    parents: dict[str, str | None] = {}
+    rows = []
+    for name, e in sorted(store.refs().items()):
+        commit = e["commit"]
+        if commit not in parents:
+            parents[commit] = _parent_of(store, commit)
+        rows.append({**e, "name": name,
+                     "short_commit": commit[:12], "architecture": e.get("architecture_type"),
+                     "parent": parents[commit], "license": e.get("license") or None})
+    return rows
+
+
+def _parent_of(store: Store, commit: str) -> str | None:
+    try:
+        return store.read_manifest(commit, light=True).parent
+    except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
+        return None
+
+
+def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = None) -> bool:
+    """All of the manifest's objects are on disk. `seen` memoises across manifests: a
+    lineage shares most objects between generations, so each is stat'ed once."""
+    seen = {} if seen is None else seen
+    for o in m.object_ids():
+        if o not in seen:
+            seen[o] = store.objects.exists(o)
+        if not seen[o]:
+            return False
+    return True
+
+
+def _entry(store: Store, oid: str, m: Manifest | None, names: dict[str, list[str]],
+           present: dict[str, bool]) -> dict[str, Any]:
+    """One commit as `log --json` prints it (a missing manifest says so)."""
+    if m is None:
+        return {"commit": oid, "names": sorted(names.get(oid, [])), "parent": None,
+                "created_at": None, "message": "(manifest missing)", "training": None,
+                "weights_present": False, "missing": True}
+    return {
+        "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
+        "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
+        "model_id": m.model_id, "source": m.source, "license": m.license or None,
+        "training": m.training, "weights_present": weights_present(store, m, present),
+    }
+
+
+def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
+    """The lineage of `commit`, newest first, as `mstore log --json` prints it."""
+    names = store.names_by_commit()
+    present: dict[str, bool] = {}
+    return [_entry(store, oid, m, names, present) for oid, m in store.lineage(commit)]
+
+
+def all_commits_graph(store: Store) -> list[dict[str, Any]]:
+    """Every commit reachable from any ref, newest first, each with its parent (log --all)."""
+    names = store.names_by_commit()
+    present: dict[str, bool] = {}
+    seen: dict[str, dict[str, Any]] = {}
+    for entry in store.refs().values():
+        for oid, m in store.lineage(entry["commit"]):
+            if oid in seen:
+                break
+            seen[oid] = _entry(store, oid, m, names, present)
+    return sorted(seen.values(), key=lambda e: (e["created_at"] or "", e["commit"]), reverse=True)
+
+
+def du(store: Store) -> dict[str, Any]:
+    """Logical bytes (each distinct commit that refs hold, its manifest and every object it
+    names, counted in full once: a second name for a commit adds nothing) against physical
+    bytes on disk. One row per commit; `new_vs_parent_bytes` counts tensor and file objects."""
+    sizes = {oid: st.st_size for oid, st in store.objects.iter_objects()}
+    by_commit = store.names_by_commit()
+    held: dict[str, set[str]] = {}
+    parents: dict[str, tuple[str, set[str]]] = {}
+    for commit in by_commit:
+        try:
+            m = store.read_manifest(commit)
+        except (ObjectMissing, ObjectCorrupt):
+            held[commit] = set()
+            continue
+        held[commit] = m.object_ids() | {commit}  # the manifest is part of what a ref holds
+        if m.parent:
+            try:
+                parents[commit] = (m.parent, store.read_manifest(m.parent).object_ids())
+            except (ObjectMissing, ObjectCorrupt):
+                parents[commit] = (m.parent, set())
+    users: dict[str, int] = {}
+    for oids in held.values():
+        for o in oids:
+            users[o] = users.get(o, 0) + 1
+    models = []
+    for commit in sorted(held, key=lambda c: (sorted(by_commit[c])[0], c)):
+        oids, names = held[commit], sorted(by_commit[commit])
+        row = {
+            "name": names[0], "names": names, "commit": commit,
+            "parent": parents[commit][0] if commit in parents else None,
+            "logical_bytes": sum(sizes.get(o, 0) for o in oids),
+            "unique_bytes": sum(sizes.get(o, 0) for o in oids if users[o] == 1),
+            "objects": len(oids),
+        }
+        if commit in parents:
+            base = parents[commit][1]
+            row["new_vs_parent_bytes"] = sum(sizes.get(o, 0) for o in oids - base - {commit})
+            row["shared_with_parent"] = len(oids & base)
+        models.append(row)
+    logical = sum(r["logical_bytes"] for r in models)
+    physical = sum(sizes.values())
+    return {"models": models, "refs": sum(len(n) for n in by_commit.values()),
+            "commits": len(models), "logical_bytes": logical, "physical_bytes": physical,
+            "objects": len(sizes),
+            "dedup_ratio": round(logical / physical, 3) if physical else None}
+
+
+def diff(store: Store, a: str, b: str) -> dict[str, Any]:
+    """Tensors added, removed, changed (with relative L2 change) and shared from a to b."""
+    ra, rb = store.resolve(a), store.resolve(b)
+    ma, mb = store.read_manifest(ra.commit), store.read_manifest(rb.commit)
+    ta, tb = ma.tensors, mb.tensors
+    changed, shared = [], []
+    for name in sorted(set(ta) & set(tb)):
+        if ta[name].object == tb[name].object:
+            shared.append(name)
+            continue
+        row: dict[str, Any] = {"name": name, "a": ta[name].object, "b": tb[name].object}
+        if ta[name].shape != tb[name].shape or ta[name].dtype != tb[name].dtype:
+            row["relative_l2"] = None
+            row["note"] = (f"{ta[name].dtype}{ta[name].shape} -> "
+                           f"{tb[name].dtype}{tb[name].shape}")
+        else:
+            row["relative_l2"], note = relative_l2(store, ta[name].object, tb[name].object)
+            if note:
+                row["note"] = note
+        changed.append(row)
+    shared_bytes = sum(store.objects.size(ta[n].object) for n in shared
+                       if store.objects.exists(ta[n].object))
+    return {
+        "a": {"ref": a, "name": ra.name, "commit": ra.commit},
+        "b": {"ref": b, "name": rb.name, "commit": rb.commit},
+        "added": sorted(set(tb) - set(ta)), "removed": sorted(set(ta) - set(tb)),
+        "changed": changed, "shared": shared, "shared_bytes": shared_bytes,
+        "config_changed": ma.config != mb.config,
+        "files_changed": sorted(k for k in set(ma.files) | set(mb.files)
+                                if ma.files.get(k) != mb.files.get(k)),
+    }
+
+
+def relative_l2(store: Store, oid_a: str, oid_b: str) -> tuple[float | None, str | None]:
+    """(||b - a|| / ||a||, None), computed in float64 with numpy (no torch); or (None, why)
+    when it is undefined: a was all zeros, a value is not finite, numpy lacks the dtype."""
+    from .tensor_numpy import load_as_float
+
+    x, y = load_as_float(store, oid_a), load_as_float(store, oid_b)
+    if x is None or y is None:
+        return None, "dtype not comparable without torch"
+    denom = float((x * x).sum())
+    num = float(((y - x) ** 2).sum())
+    if not math.isfinite(num + denom):
+        return None, "holds non-finite values"
+    if denom == 0:
+        return None, "was all zeros"
+    return math.sqrt(num / denom), None
+
+
+def show(store: Store, ref: str) -> dict[str, Any]:
+    """The manifest in full, with the names that point at it and what is on disk."""
+    r = store.resolve(ref)
+    m = store.read_manifest(r.commit)
+    by_commit = store.names_by_commit()
+    names = sorted(by_commit.get(r.commit, []))
+    parent_names = sorted(by_commit.get(m.parent, [])) if m.parent else []
+    size = sum(store.objects.size(o) for o in m.object_ids() if store.objects.exists(o))
+    return {"name": r.name or (names[0] if names else None), "names": names,
+            "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
+            "weights_present": weights_present(store, m), "parent": m.parent,
+            "parent_names": parent_names, "architecture": m.architecture,
+            "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
+            "message": m.message, "manifest": m.to_dict()}

@@ -1,0 +1,32 @@
+"""Tensor objects as numpy arrays, for the metadata commands that must not import torch.
+
+numpy has no bfloat16: bf16 is the upper half of a float32, so widening is a shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .repo import Store
+
+_NUMPY = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def load_as_float(store: Store, oid: str) -> np.ndarray | None:
+    """The tensor as float64 (None for dtypes numpy cannot widen, e.g. float8)."""
+    header = store.objects.tensor_header(oid)
+    (info,) = header.tensors.values()
+    with open(store.objects.path(oid), "rb") as f:
+        f.seek(info.start)
+        raw = f.read(info.nbytes)
+    if info.dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64).reshape(info.shape)
+    if info.dtype not in _NUMPY:
+        return None
+    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[info.dtype]).newbyteorder("<")) \
+        .astype(np.float64).reshape(info.shape)
