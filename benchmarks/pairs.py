@@ -335,7 +335,7 @@ def _train_pair(b: Bench, shape: str) -> Pair:
                              "repeats": repeats, "budget_s": None if tiny else 240})
     return Pair(f"train-{shape}", f"training step time, {shape} shape, batch {batch} x 64 tokens, "
                 "fp32 AdamW, clip 1.0",
-                "mstore.train.train(store, cfg) (step-end callback)",
+                "mstore.training.train(store, cfg) (step-end callback)",
                 "plain torch loop on from_pretrained(dtype=float32)", "s",
                 summarize(res["mstore"]), summarize(res["baseline"]), "<= 1.05x",
                 ("ratio_le", 1.05),

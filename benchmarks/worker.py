@@ -9,7 +9,7 @@ page cache are the same for both. Results go to the JSON file named by --out.
     decode  mstore: generate_text(..., GenerateOptions(temperature=0, max_new_tokens=N)),
                     minus the time spent in load_checkpoint() and tokenizer()
             baseline: model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)
-    train   mstore: mstore.train.train(store, cfg) with a callback stamping each step end
+    train   mstore: mstore.training.train(store, cfg) with a callback stamping each step end
             baseline: from_pretrained(dtype=float32), AdamW, loss, backward, clip, step
     build   (set-up) write a model folder, see inputs.build_model_folder
 """
@@ -194,9 +194,9 @@ def task_train(a: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mstore.train.config import load_config
+    from mstore.training.config import load_config
     from mstore.store.repo import Store
-    from mstore.train.loop import train
+    from mstore.training.loop import train
 
     _quiet_transformers()
     store = Store(a["store"])

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mstore.store import fsio
-from mstore.train.config import config_model_name, load_config
+from mstore.training.config import config_model_name, load_config
 from mstore.errors import ConfigError
 from mstore.store.repo import Store
 from mstore.runtime.torch_io import load_tensor

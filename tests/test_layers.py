@@ -31,7 +31,7 @@ def loaded_after(code: str) -> set[str]:
 @pytest.mark.parametrize("module", ["mstore", "mstore.store", "mstore.remote",
                                     "mstore.remote.sync", "mstore.store.gc",
                                     "mstore.store.fsck", "mstore.store.report",
-                                    "mstore.train.config", "mstore.cli"])
+                                    "mstore.training.config", "mstore.cli"])
 def test_light_modules_load_neither_torch_nor_transformers(module):
     loaded = loaded_after(f"import {module}")
     assert not loaded & set(HEAVY), f"{module} loads {sorted(loaded & set(HEAVY))}"
@@ -65,7 +65,7 @@ def imports_of(path: Path) -> set[str]:
     return out
 
 
-ABOVE_STORE = ("mstore.runtime", "mstore.train", "mstore.adapters", "mstore.cli",
+ABOVE_STORE = ("mstore.runtime", "mstore.training", "mstore.adapters", "mstore.cli",
                "mstore.hub", "mstore.remote", "mstore.nn")
 
 
@@ -78,7 +78,7 @@ def test_store_layer_imports_nothing_above_it(path):
 @pytest.mark.parametrize("path", sorted((PACKAGE / "remote").glob("*.py")), ids=lambda p: p.name)
 def test_remote_layer_builds_on_the_store_only(path):
     above = sorted(m for m in imports_of(path) if m.startswith(
-        ("mstore.runtime", "mstore.train", "mstore.adapters", "mstore.cli", "mstore.hub")))
+        ("mstore.runtime", "mstore.training", "mstore.adapters", "mstore.cli", "mstore.hub")))
     assert not above, f"mstore/remote/{path.name} imports {above}"
 
 

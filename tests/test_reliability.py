@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from mstore.train.config import load_config
+from mstore.training.config import load_config
 from mstore.hub.importer import import_model
 from mstore.store.repo import Store
-from mstore.train.loop import train
+from mstore.training.loop import train
 from tests.conftest import REPO_ROOT, snapshot
 from tests.reliability import (
     PowerLoss, assert_consistent, copy_store, env_without_failpoints, fsck_errors, refs_of,
@@ -292,8 +292,8 @@ with open(log, "a") as out:
                 r = import_model(store, folders[i % len(folders)], name=name, accept_license=True)
                 out.write(json.dumps(["set", name, r.commit]) + "\n")
             elif role == "trainer":
-                from mstore.train.config import load_config
-                from mstore.train.loop import train
+                from mstore.training.config import load_config
+                from mstore.training.loop import train
                 cfg = load_config(folders[0], [f"seed={i}"], name=f"trained-{i}")
                 r = train(store, cfg)
                 out.write(json.dumps(["set", r.name, r.commit]) + "\n")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from mstore.train.config import load_config
+from mstore.training.config import load_config
 from mstore.errors import ConfigError, DatasetError, Interrupted
-from mstore.train.loop import train
+from mstore.training.loop import train
 from tests.conftest import snapshot
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n") * 8
@@ -312,8 +312,8 @@ def test_tokenizer_override_for_the_custom_transformer(cli, store, tmp_path, cor
 def test_optimizer_is_fused_adamw_and_steps_as_adamw_does():
     import torch
 
-    from mstore.train.config import TrainConfig
-    from mstore.train.loop import _adamw
+    from mstore.training.config import TrainConfig
+    from mstore.training.loop import _adamw
 
     cfg = TrainConfig(dataset="unused.txt", learning_rate=1e-2, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)

@@ -53,6 +53,12 @@ class Tokenizer(abc.ABC):
     def eos_token_ids(self) -> list[int]:
         return []
 
+    @property
+    def native(self) -> Any:
+        """The tokenizer its own library gives (transformers' for the Qwen family): what
+        `mstore.load` returns. This object itself where there is no other."""
+        return self
+
     def apply_chat_template(self, prompt: str) -> str:
         """The prompt wrapped as a single user turn; plain text if the model has no template."""
         return prompt

@@ -499,7 +499,7 @@ def generate(
     if name is None:
         if config is None:
             raise typer.BadParameter("name a model or pass --config", param_hint="NAME")
-        from ..train.config import config_model_name
+        from ..training.config import config_model_name
 
         name = config_model_name(config)
         if not name:
@@ -564,7 +564,7 @@ def train(
     if config is None:
         raise typer.BadParameter("give --config FILE (or --resume-commit DIR)",
                                  param_hint="--config")
-    from ..train.config import load_config
+    from ..training.config import load_config
 
     cfg = load_config(config, overrides or [], name)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -577,7 +577,7 @@ def train(
         argv += ["--commit-on-interrupt"] if commit_on_interrupt else []
         argv += ["--recovery-dir", str(recovery_dir)] if recovery_dir else []
         raise typer.Exit(launch(nproc, argv))
-    from ..train.loop import train as run_training
+    from ..training.loop import train as run_training
 
     result = run_training(store_of(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
                           log=echo_line,
@@ -596,7 +596,7 @@ def train(
 
 
 def _resume_commit(ctx: typer.Context, folder: Path, name: Optional[str], as_json: bool):
-    from ..train.recovery import commit
+    from ..training.recovery import commit
 
     result = commit(store_of(ctx), folder, name)
     if as_json:

@@ -40,8 +40,9 @@ class Resolved:
 
 
 class Store:
-    def __init__(self, root: Path | str | None = None):
-        self.root = Path(root) if root is not None else default_store_path()
+    def __init__(self, path: Path | str | None = None):
+        """`path` None: the CLI's own default ($MSTORE_HOME, else ./models)."""
+        self.root = Path(path) if path is not None else default_store_path()
         self.objects = ObjectStore(self.root)
         self.registry = Registry(self.root)
         self.lock_path = self.root / ".lock"
@@ -245,3 +246,59 @@ class Store:
                 raise UnknownModel(name)
             self.registry.remove(name, expected=entry["commit"])
         return entry["commit"]
+
+    # -- the Python API's read side: typed views of what `--json` prints -----------------
+    def list(self) -> "list[views.ModelRef]":
+        """One entry per ref, sorted by name (`mstore list`)."""
+        from . import report, views
+
+        self.require()
+        return [views.ModelRef.from_json(row) for row in report.list_rows(self)]
+
+    def show(self, ref: str) -> "views.CommitInfo":
+        """The commit `ref` names, its manifest in full (`mstore show`)."""
+        from . import report, views
+
+        self.require()
+        return views.CommitInfo.from_json(report.show(self, ref))
+
+    def log(self, ref: str) -> "list[views.LogEntry]":
+        """The lineage of `ref`, newest first (`mstore log`)."""
+        from . import report, views
+
+        self.require()
+        return [views.LogEntry.from_json(e)
+                for e in report.log_entries(self, self.resolve(ref).commit)]
+
+    def rm(self, name: str) -> str:
+        """Remove a ref (`mstore rm`); returns the commit it held."""
+        return self.remove(name)
+
+    def gc(self, *, dry_run: bool = False, grace: float | None = None) -> "views.GcResult":
+        """Delete what no ref keeps (`mstore gc`); `grace` in seconds (default one hour)."""
+        from . import gc, views
+
+        plan = gc.collect(self, grace=gc.DEFAULT_GRACE if grace is None else grace,
+                          dry_run=dry_run)
+        return views.GcResult.from_json(plan.to_json(dry_run))
+
+    def fsck(self) -> "views.FsckReport":
+        """Re-hash every object and check every ref and manifest (`mstore fsck`)."""
+        from . import fsck, views
+
+        self.require()
+        return views.FsckReport.from_json(fsck.to_json(fsck.check(self)))
+
+    def du(self) -> "views.DiskUsage":
+        """Logical against physical bytes (`mstore du`)."""
+        from . import report, views
+
+        self.require()
+        return views.DiskUsage.from_json(report.du(self))
+
+    def diff(self, a: str, b: str) -> "views.TensorDiff":
+        """Tensors added, removed, changed and shared between two commits (`mstore diff`)."""
+        from . import report, views
+
+        self.require()
+        return views.TensorDiff.from_json(report.diff(self, a, b))

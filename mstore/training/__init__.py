@@ -1,7 +1,7 @@
 """Training: the config (torch-free), the loop, and the recovery folder of a failed commit.
 
-`mstore.train.train` is the loop's entry point, loaded on first use so that reading a
-config (`mstore.train.config`) does not import torch.
+`mstore.training.train` is the loop's entry point, loaded on first use so that reading a
+config (`mstore.training.config`) does not import torch.
 """
 
 from typing import Any

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +239,21 @@ def resolve_dataset(dataset: str, config_dir: Path) -> Path:
                 raise DatasetError(f"config key 'dataset': {dataset} must be .txt or .jsonl")
             return c.resolve()
     raise DatasetError(f"config key 'dataset': {dataset} not found")
+
+
+def config_from(source: "TrainConfig | dict[str, Any] | Path | str",
+                overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A checked config from a YAML file, a mapping or a TrainConfig, with `overrides`
+    (typed values, as a Python caller writes them) applied on top: the Python API's
+    `mstore.train`. A relative dataset is found as `load_config` finds it."""
+    if isinstance(source, TrainConfig):
+        doc, config_dir = asdict(source), Path.cwd()
+    elif isinstance(source, dict):
+        doc, config_dir = dict(source), Path.cwd()
+    else:
+        path = Path(source)
+        doc, config_dir = _read_doc(path), path.parent
+    doc.update(overrides or {})
+    cfg = from_mapping(doc)
+    cfg.dataset = str(resolve_dataset(cfg.dataset, config_dir))
+    return cfg
