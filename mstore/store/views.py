@@ -103,7 +103,7 @@ class TensorDiff(JsonView):
     added: list[str]
     removed: list[str]
     changed: list[dict[str, Any]]
-    shared: int
+    shared: list[str]
     shared_bytes: int
     config_changed: bool
     files_changed: list[str]
