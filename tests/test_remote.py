@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from mstore.remote import sync as R
+from mstore.remote import transports as T
+from mstore.remote.config import local_path
 from mstore.cli.app import app
 from mstore.cli.remote import register
 from mstore.store.fsck import check
@@ -84,7 +86,7 @@ class Backend:
     def store_copy(self, tmp_path: Path) -> Store:
         """The remote as a Store on disk (itself for a local remote, a download for S3)."""
         if self.fs is None:
-            return Store(Path(R._local_path(self.url)))
+            return Store(Path(local_path(self.url)))
         dest = tmp_path / f"s3-copy-{uuid.uuid4().hex[:6]}"
         self.fs.invalidate_cache()
         self.fs.get(self.root + "/", str(dest), recursive=True)
@@ -95,7 +97,7 @@ class Backend:
 
     def corrupt(self, oid: str) -> None:
         if self.fs is None:
-            path = Store(Path(R._local_path(self.url))).objects.path(oid)
+            path = Store(Path(local_path(self.url))).objects.path(oid)
             os.chmod(path, 0o644)
             data = bytearray(path.read_bytes())
             data[len(data) // 2] ^= 0x01
@@ -155,7 +157,7 @@ def backend(request, tmp_path):
 
 # -- the round trip, on every backend ----------------------------------------------------
 def test_push_pull_roundtrip(backend, cli, store, model_dirs, tmp_path, monkeypatch):
-    monkeypatch.setattr(R, "SMALL_OBJECT", 4096)  # larger objects come through a temp file
+    monkeypatch.setattr(T, "SMALL_OBJECT", 4096)  # larger objects come through a temp file
     cli("import", model_dirs["qwen2"], "--accept-license", "--name", "m")
     cli("remote", "add", "origin", backend.url)
     commit = store.resolve("m").commit
@@ -216,15 +218,15 @@ def test_concurrent_pushes_one_wins(kind, cli, store, model_dirs, tmp_path, monk
                                     request):
     if kind == "path":
         url = str(tmp_path / "remote")
-        transport_cls = R.LocalTransport
+        transport_cls = T.LocalTransport
     else:
         fs = request.getfixturevalue("s3_env")
         url = f"s3://{new_bucket(fs)}/models"
         if kind == "s3-lock-object":
             monkeypatch.setenv("MSTORE_REMOTE_CAS", "lock")
-            transport_cls = R.Transport
+            transport_cls = T.Transport
         else:
-            transport_cls = R.S3Transport
+            transport_cls = T.S3Transport
     cli("import", model_dirs["qwen2"], "--accept-license", "--name", "m")
     b_cli = Cli(tmp_path / "b")
     b_cli("import", model_dirs["qwen2-changed"], "--accept-license", "--name", "m")
@@ -272,7 +274,7 @@ def test_concurrent_pushes_one_wins(kind, cli, store, model_dirs, tmp_path, monk
     assert forced.forced and forced.previous == winner.resolve("m").commit
     assert R.open_transport(url).read_registry()["m"]["commit"] == loser.resolve("m").commit
     if kind != "path":
-        assert not fs.exists(url.split("://")[-1] + "/" + R.REMOTE_LOCK)  # lock object gone
+        assert not fs.exists(url.split("://")[-1] + "/" + T.REMOTE_LOCK)  # lock object gone
 
 
 # -- history: fast-forwards, moved refs, divergence --------------------------------------
@@ -442,8 +444,8 @@ def test_interrupted_pull_resumes(cli, store, model_dirs, tmp_path, monkeypatch)
     assert not any(other.objects.tmp_dir.iterdir())
     monkeypatch.setattr(ObjectBatch, "put_file", real_put)
     fetched = []
-    real_fetch = R.LocalTransport.fetch
-    monkeypatch.setattr(R.LocalTransport, "fetch",
+    real_fetch = T.LocalTransport.fetch
+    monkeypatch.setattr(T.LocalTransport, "fetch",
                         lambda self, oid, size, tmp: (fetched.append(oid),
                                                       real_fetch(self, oid, size, tmp))[1])
     res = R.pull(other, "m")
@@ -460,8 +462,8 @@ def test_lock_object_backend(cli, store, model_dirs, tmp_path, monkeypatch):
     cli("import", model_dirs["qwen2"], "--accept-license", "--name", "m")
     cli("remote", "add", "origin", url)
     t = R.open_transport(url)
-    assert type(t) is R.Transport
-    lock = f"{t.root}/{R.REMOTE_LOCK}"
+    assert type(t) is T.Transport
+    lock = f"{t.root}/{T.REMOTE_LOCK}"
     # A live lock: the push waits MSTORE_LOCK_TIMEOUT, then names the holder.
     monkeypatch.setenv("MSTORE_LOCK_TIMEOUT", "0.3")
     t.fs.pipe_file(lock, json.dumps({"token": "x", "host": "hostA", "pid": 42,

@@ -15,6 +15,7 @@ import typer
 
 from .common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
 from .render import shown_path
+from ..reporting import Progress, Reporter
 from ..units import fmt_bytes
 
 RemoteArg = Annotated[Optional[str], typer.Argument(
@@ -23,21 +24,48 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", "-f", help="Overwrite the ref even if it moved or diverged.")]
 
 
+class _TqdmProgress(Progress):
+    def __init__(self, bar):
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix_str(self, text: str) -> None:
+        self._bar.set_postfix_str(text)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
-def _tty(as_json: bool) -> bool:
-    return not as_json and sys.stderr.isatty()
+class _RemoteReporter(Reporter):
+    """What push, pull and clone hand over, shown on stderr: `warning: ...` lines, and byte
+    progress bars only on a terminal without --json. (Local to these commands until the
+    CLI's shared reporter, mstore.cli.output, takes its place.)"""
+
+    def __init__(self, as_json: bool):
+        self.progress_bars = not as_json and sys.stderr.isatty()
+
+    def message(self, text: str) -> None:
+        echo_line(text)
+
+    def warning(self, text: str) -> None:
+        echo_line(f"warning: {text}")
+
+    def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
+        if not self.progress_bars:
+            return Progress()
+        from tqdm import tqdm
+
+        return _TqdmProgress(tqdm(total=total, desc=desc, unit=unit, unit_scale=True,
+                                  unit_divisor=1024, file=sys.stderr, leave=False))
 
 
-def _warn(msg: str) -> None:
-    echo_line(f"warning: {msg}")
-
-
-def _warn_skipped(remote: str, skipped: list[dict[str, str]]) -> None:
+def _warn_skipped(reporter: Reporter, remote: str, skipped: list[dict[str, str]]) -> None:
     """One line per invalid entry of a remote's registry (the library only returns them)."""
     for s in skipped:
-        _warn(f"remote {remote!r} has an invalid entry {s['name']!r} ({s['reason']}); "
-              "ignored")
+        reporter.warning(f"remote {remote!r} has an invalid entry {s['name']!r} "
+                         f"({s['reason']}); ignored")
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +86,7 @@ def register(app: typer.Typer) -> None:
                                            "hf://, ... (any fsspec URL).")],
     ):
         """Add a remote (only its name and URL are stored; never credentials)."""
-        from ..remote.sync import add_remote
+        from ..remote import add_remote
 
         stored = add_remote(store_of(ctx), name, url)
         echo(f"added remote {safe_text(name)} -> {safe_text(shown_path(stored))}")
@@ -66,7 +94,7 @@ def register(app: typer.Typer) -> None:
     @remote_app.command("list")
     def remote_list(ctx: typer.Context, as_json: JsonOpt = False):
         """List remotes and what this store last saw of their refs."""
-        from ..remote.sync import list_remotes, tracking_refs
+        from ..remote import list_remotes, tracking_refs
 
         store = store_of(ctx)
         remotes = list_remotes(store) if store.root.is_dir() else {}
@@ -86,7 +114,7 @@ def register(app: typer.Typer) -> None:
     def remote_rm(ctx: typer.Context,
                   name: Annotated[str, typer.Argument(help="Remote to remove.")]):
         """Remove a remote (nothing on the remote itself is touched)."""
-        from ..remote.sync import remove_remote
+        from ..remote import remove_remote
 
         url = remove_remote(store_of(ctx), name)
         echo(f"removed remote {safe_text(name)} ({safe_text(shown_path(url))})")
@@ -104,11 +132,12 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ):
         """Send a model (objects, manifest chain, then the ref) to a remote."""
-        from ..remote.sync import push as do_push
+        from ..remote import push as do_push
 
+        reporter = _RemoteReporter(as_json)
         r = do_push(store_of(ctx), name, remote, as_name=as_name, force=force,
-                    progress=_tty(as_json), warn=_warn)
-        _warn_skipped(r.remote, r.skipped)
+                    reporter=reporter)
+        _warn_skipped(reporter, r.remote, r.skipped)
         if as_json:
             return print_json(r.to_json())
         if not r.ref_updated and r.objects_sent == 0:
@@ -132,11 +161,12 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ):
         """Fetch a model from a remote, verifying every object, and set the local ref."""
-        from ..remote.sync import pull as do_pull
+        from ..remote import pull as do_pull
 
+        reporter = _RemoteReporter(as_json)
         r = do_pull(store_of(ctx), name, remote, as_name=as_name, force=force,
-                    progress=_tty(as_json))
-        _warn_skipped(r.remote, r.skipped)
+                    reporter=reporter)
+        _warn_skipped(reporter, r.remote, r.skipped)
         if as_json:
             return print_json(r.to_json())
         _print_pull(r)
@@ -150,10 +180,11 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ):
         """Make a new local store from a remote, recorded as `origin`."""
-        from ..remote.sync import clone as do_clone
+        from ..remote import clone as do_clone
 
-        res = do_clone(url, dest, ref, progress=_tty(as_json))
-        _warn_skipped("origin", res.skipped)
+        reporter = _RemoteReporter(as_json)
+        res = do_clone(url, dest, ref, reporter=reporter)
+        _warn_skipped(reporter, "origin", res.skipped)
         if as_json:
             return print_json(res.to_json())
         for r in res.refs:
