@@ -83,7 +83,7 @@ def test_remote_layer_builds_on_the_store_only(path):
 
 
 def test_only_the_cli_and_runtime_know_typer_and_torch_at_top_level():
-    """A module-level `import torch` outside runtime/, train/, adapters/ and nn/ would
+    """A module-level `import torch` outside runtime/, training/, adapters/ and nn/ would
     load torch for every command that imports it."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
@@ -94,7 +94,7 @@ def test_only_the_cli_and_runtime_know_typer_and_torch_at_top_level():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             for n in names:
                 top = n.split(".")[0]
-                if top in HEAVY and rel.parts[0] not in ("runtime", "train", "adapters", "nn"):
+                if top in HEAVY and rel.parts[0] not in ("runtime", "training", "adapters", "nn"):
                     offenders.append(f"{rel}: {n}")
                 if top == "typer" and rel.parts[0] != "cli":
                     offenders.append(f"{rel}: {n}")
