@@ -126,7 +126,7 @@ def test_every_command_escapes_every_outside_string(tmp_path, model_dirs, monkey
     assert_one_error_line(cli("train", "--config", tmp_path / f"no{EVIL}.yaml", ok=False), 1)
 
     res = cli("generate", "child", "--prompt", "the", "-n", "12", "--temperature", "0")
-    assert_clean(res)
+    assert res.exit_code == 0 and raw_controls(res.stderr) == []  # stdout: exact to a pipe
     out = tmp_path / f"export{EVIL}"
     res = cli("export", "child", out)
     assert_clean(res)
@@ -330,3 +330,38 @@ def test_paths_under_the_working_folder_are_shown_relative(cli, tmp_path, model_
     assert json.loads(cli("show", "t", "--json").stdout)["manifest"]["source"]["path"] == \
         os.path.realpath(work / "tiny")
     assert "to out: " in cli("export", "t", "out").stdout
+
+
+@pytest.mark.slow
+def test_generated_text_is_escaped_on_a_terminal_and_exact_to_a_pipe(cli, store_path, tmp_path,
+                                                                    model_dirs):
+    """A model's output can hold any control character: a terminal gets it escaped, a pipe
+    or file gets exactly what the tokenizer decoded (test_generate_export checks that)."""
+    import pty
+
+    from tests.test_generate_export import PROMPT, lively
+
+    cli("import", lively(model_dirs["qwen2"], tmp_path / "lively"), "--accept-license",
+        "--name", "q")
+    args = ["generate", "q", "--prompt", PROMPT, "-n", "24", "--temperature", "0"]
+    piped = run_mstore(*args, store=store_path)
+    assert piped.returncode == 0 and raw_controls(piped.stdout), "no control to escape"
+    master, slave = pty.openpty()
+    env = {**clean_environ(), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mstore", "--store", str(store_path), *args],
+                            stdout=slave, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    shown = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert raw_controls(shown) == [], shown
+    assert shown == safe_lines(piped.stdout)

@@ -515,8 +515,10 @@ def generate(
 
 
 def _stream_text(text: str) -> None:
-    """Generated text as it comes; its newlines stay, any other control is shown escaped."""
-    sys.stdout.write(safe_lines(text))
+    """Generated text as it comes. To a terminal its newlines stay and any other control is
+    shown escaped (a model's output must not drive the terminal); to a pipe or a file it is
+    exact, as the tokenizer decoded it."""
+    sys.stdout.write(safe_lines(text) if sys.stdout.isatty() else text)
     sys.stdout.flush()
 
 

@@ -151,8 +151,8 @@ def _tensor_info(name, info, data_start, data_len, where) -> TensorInfo:
         raise InvalidSafetensors(where, f"tensor {name!r} has data_offsets out of order "
                                  f"{offsets!r} (begin after end)")
     if end > data_len:
-        raise InvalidSafetensors(where, f"tensor {name!r} has data_offsets {offsets!r} past the "
-                                 f"end of the data ({data_len} bytes)")
+        raise InvalidSafetensors(where, f"tensor {name!r} has data_offsets {offsets!r}: offsets "
+                                 f"out of range, past the end of the data ({data_len} bytes)")
     need = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != need:
         raise InvalidSafetensors(
