@@ -18,6 +18,7 @@ from . import fsio
 from ..errors import RegistryCorrupt, RegistryMissing
 from .locks import StoreLock
 from .manifest import Manifest
+from .refs import RefEntry
 from .registry import validate_name
 from .repo import Store
 
@@ -53,7 +54,7 @@ def manifests_on_disk(store: Store) -> dict[str, Manifest]:
     return out
 
 
-def dangling_commits(store: Store, refs: dict[str, dict[str, Any]] | None = None) -> list[Dangling]:
+def dangling_commits(store: Store, refs: dict[str, RefEntry] | None = None) -> list[Dangling]:
     """The tips of the commits no ref reaches, newest first. `refs`: the usable refs (pass
     {} when registry.json is damaged: then every tip is dangling)."""
     refs = store.refs() if refs is None else refs

@@ -78,5 +78,5 @@ def store_loader(store) -> Callable[[str], Manifest | None]:
 
 def ref_closure(store) -> Closure:
     """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
-    return closure({name: e["commit"] for name, e in store.refs().items()}, store_loader(store),
+    return closure({name: e.commit for name, e in store.refs().items()}, store_loader(store),
                    lenient={c: c for c in sorted(store.registry.invalid_commits())})

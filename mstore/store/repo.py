@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from . import fsio
 from ..errors import (
@@ -21,6 +21,7 @@ from ..errors import (
 from .locks import StoreLock
 from .manifest import Manifest
 from .objects import ObjectStore, hash_bytes, is_oid
+from .refs import RefEntry
 from .registry import Registry, validate_name
 
 DEFAULT_STORE = "models"
@@ -36,7 +37,7 @@ def default_store_path() -> Path:
 class Resolved:
     commit: str
     name: str | None  # the ref used, or None when given a commit id
-    entry: dict[str, Any] | None
+    entry: RefEntry | None
 
 
 class Store:
@@ -116,13 +117,13 @@ class Store:
             return None
 
     # -- refs ---------------------------------------------------------------------------
-    def refs(self) -> dict[str, dict[str, Any]]:
+    def refs(self) -> dict[str, RefEntry]:
         return self.registry.load()
 
     def names_by_commit(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for name, entry in self.refs().items():
-            out.setdefault(entry["commit"], []).append(name)
+            out.setdefault(entry.commit, []).append(name)
         return out
 
     def resolve(self, ref: str) -> Resolved:
@@ -130,7 +131,7 @@ class Store:
         a commit no ref reaches (a dangling one) is found on disk when nothing else matches."""
         refs = self.refs()
         if ref in refs:
-            return Resolved(refs[ref]["commit"], ref, refs[ref])
+            return Resolved(refs[ref].commit, ref, refs[ref])
         low = ref.lower()
         if len(low) >= 7 and all(c in "0123456789abcdef" for c in low):
             if is_oid(low) and self.objects.exists(low):
@@ -155,11 +156,11 @@ class Store:
         return sorted(prefix[:2] + n for n in names if n.startswith(prefix[2:])
                       and is_oid(prefix[:2] + n) and self.try_manifest(prefix[:2] + n))
 
-    def known_commits(self, refs: dict[str, dict[str, Any]] | None = None) -> set[str]:
+    def known_commits(self, refs: dict[str, RefEntry] | None = None) -> set[str]:
         """Every commit reachable from a ref through `parent` (what prefixes resolve against)."""
         seen: set[str] = set()
         for entry in (refs if refs is not None else self.refs()).values():
-            for oid, _m in self.lineage(entry["commit"]):
+            for oid, _m in self.lineage(entry.commit):
                 if oid in seen:
                     break
                 seen.add(oid)
@@ -193,15 +194,10 @@ class Store:
         return validate_name(fmt.format(stem=stem, n=n))
 
     def registry_entry(self, name: str, commit: str, manifest: Manifest,
-                       fine_tuned_from: str | None) -> dict[str, Any]:
+                       fine_tuned_from: str | None) -> RefEntry:
+        """The entry for a new ref `name` -> `commit` (its size counted from this store)."""
         size = sum(self.objects.size(o) for o in manifest.object_ids())
-        return {
-            "model_name": name, "commit": commit, "model_id": manifest.model_id,
-            "source": manifest.source.get("type", "custom"),
-            "architecture_type": manifest.architecture, "license": manifest.license,
-            "created_at": manifest.created_at, "fine_tuned_from": fine_tuned_from,
-            "parameters": manifest.parameters, "size_bytes": size,
-        }
+        return RefEntry.for_commit(name, commit, manifest, size, fine_tuned_from)
 
     def add_ref(self, commit: str, manifest: Manifest, name: str | None,
                 choose_name: Callable[[], str], fine_tuned_from: str | None = None) -> str:
@@ -225,7 +221,7 @@ class Store:
         with self.writer_lock("tag", create=False):
             r = self.resolve(ref)
             m = self.read_manifest(r.commit)
-            parent_name = (r.entry or {}).get("fine_tuned_from")
+            parent_name = r.entry.fine_tuned_from if r.entry is not None else None
             if r.entry is None and m.parent:  # named by commit id: the parent's ref, if any
                 parent_name = next(iter(sorted(self.names_by_commit().get(m.parent, []))), None)
             entry = self.registry_entry(new, r.commit, m, parent_name)
@@ -243,5 +239,5 @@ class Store:
             if entry is None:
                 self.resolve(name)  # raises UnknownModel with a suggestion
                 raise UnknownModel(name)
-            self.registry.remove(name, expected=entry["commit"])
-        return entry["commit"]
+            self.registry.remove(name, expected=entry.commit)
+        return entry.commit

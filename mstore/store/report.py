@@ -23,12 +23,12 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
     parents: dict[str, str | None] = {}
     rows = []
     for name, e in sorted(store.refs().items()):
-        commit = e["commit"]
+        commit = e.commit
         if commit not in parents:
             parents[commit] = _parent_of(store, commit)
-        rows.append({**e, "name": name,
-                     "short_commit": commit[:12], "architecture": e.get("architecture_type"),
-                     "parent": parents[commit], "license": e.get("license") or None})
+        rows.append({**e.to_json(), "name": name,
+                     "short_commit": commit[:12], "architecture": e.architecture_type,
+                     "parent": parents[commit], "license": e.license or None})
     return rows
 
 
@@ -79,7 +79,7 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
     present: dict[str, bool] = {}
     seen: dict[str, dict[str, Any]] = {}
     for entry in store.refs().values():
-        for oid, m in store.lineage(entry["commit"]):
+        for oid, m in store.lineage(entry.commit):
             if oid in seen:
                 break
             seen[oid] = _entry(store, oid, m, names, present)
