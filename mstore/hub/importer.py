@@ -261,7 +261,7 @@ def _held_by_source(store: Store, source: dict, prefer: str | None = None) -> st
         if entry.source != "huggingface":
             continue
         try:
-            m = store.read_manifest(entry.commit, light=True)
+            m = store.read_light_manifest(entry.commit)
         except (ObjectMissing, ObjectCorrupt):
             continue
         if m.source == source and all(store.objects.exists(o) for o in m.object_ids()):
@@ -275,7 +275,7 @@ def _held_plan(store: Store, spec: hub.HubSpec, info: hub.RemoteInfo, source: di
                held: str) -> SourcePlan:
     """A plan for a revision the store already holds, from its manifest: nothing is fetched."""
     entry = store.refs()[held]
-    m = store.read_manifest(entry.commit, light=True)
+    m = store.read_light_manifest(entry.commit)
     return SourcePlan(
         source=source, model_id=spec.repo_id, default_stem=spec.repo_id.split("/")[-1],
         config={"model_type": m.architecture}, weight_files=[], other_files=sorted(m.files),
@@ -508,7 +508,7 @@ def _content_key(store: Store, commit: str) -> bytes | None:
 
 def _same_source(store: Store, entry: RefEntry, plan: SourcePlan) -> bool:
     try:
-        return store.read_manifest(entry.commit, light=True).source == plan.source
+        return store.read_light_manifest(entry.commit).source == plan.source
     except (ObjectMissing, ObjectCorrupt):
         return False
 

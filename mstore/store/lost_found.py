@@ -17,7 +17,7 @@ from typing import Any
 from . import fsio
 from ..errors import RegistryCorrupt, RegistryMissing
 from .locks import StoreLock
-from .manifest import Manifest
+from .manifest import LightManifest
 from .refs import RefEntry
 from .registry import validate_name
 from .repo import Store
@@ -44,8 +44,8 @@ class Dangling:
         return {**asdict(self), "short_commit": self.commit[:12]}
 
 
-def manifests_on_disk(store: Store) -> dict[str, Manifest]:
-    """Every intact manifest in objects/ (light: without tensor tables)."""
+def manifests_on_disk(store: Store) -> dict[str, LightManifest]:
+    """Every intact manifest in objects/ (without tensor tables)."""
     out = {}
     for oid, _st in store.objects.iter_objects():
         m = store.try_manifest(oid)

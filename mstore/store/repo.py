@@ -19,7 +19,7 @@ from ..errors import (
     StoreNotFound, UnknownModel,
 )
 from .locks import StoreLock
-from .manifest import Manifest
+from .manifest import LightManifest, Manifest
 from .objects import ObjectStore, hash_bytes, is_oid
 from .refs import RefEntry
 from .registry import Registry, validate_name
@@ -87,20 +87,29 @@ class Store:
 
     # -- manifests ----------------------------------------------------------------------
     def read_manifest(self, oid: str, light: bool = False) -> Manifest:
-        """The manifest, re-hashed; `light`: without its tensor table (see Manifest)."""
+        """The manifest, re-hashed. `light=True` is `read_light_manifest` (kept for
+        mstore/remote until it calls that directly)."""
+        if light:
+            return self.read_light_manifest(oid)
+        return Manifest.from_bytes(self._manifest_bytes(oid), oid)
+
+    def read_light_manifest(self, oid: str) -> LightManifest:
+        """The manifest without its tensor table, re-hashed: what walks over lineages need."""
+        return LightManifest.from_bytes(self._manifest_bytes(oid), oid)
+
+    def _manifest_bytes(self, oid: str) -> bytes:
         try:
-            data = self.objects.read_bytes(oid, verify=True)
+            return self.objects.read_bytes(oid, verify=True)
         except ObjectMissing:
             raise ObjectMissing(oid, "manifest") from None
         except ObjectCorrupt:
             raise ObjectCorrupt(oid, "content does not match its name", "manifest") from None
-        return Manifest.from_bytes(data, oid, light)
 
     def put_manifest(self, manifest: Manifest) -> str:
         return self.objects.put_bytes(manifest.to_bytes()).oid
 
-    def try_manifest(self, oid: str) -> Manifest | None:
-        """The (light) manifest if object `oid` is an intact one, else None. Canonical JSON
+    def try_manifest(self, oid: str) -> LightManifest | None:
+        """The light manifest if object `oid` is an intact one, else None. Canonical JSON
         starts with '{"', which no tensor object does, so weights are never read whole."""
         try:
             with open(self.objects.path(oid), "rb") as f:
@@ -112,7 +121,7 @@ class Store:
         if b'"tensors":' not in data or hash_bytes(data) != oid:
             return None
         try:
-            return Manifest.from_bytes(data, oid, light=True)
+            return LightManifest.from_bytes(data, oid)
         except ObjectCorrupt:
             return None
 
@@ -166,15 +175,17 @@ class Store:
                 seen.add(oid)
         return seen
 
-    def lineage(self, commit: str, light: bool = True) -> Iterator[tuple[str, Manifest | None]]:
+    def lineage(self, commit: str, light: bool = True
+                ) -> Iterator[tuple[str, LightManifest | Manifest | None]]:
         """The commit, its parent, grandparent, ... (None once a manifest is unreadable).
-        Light manifests by default (no tensor table): walks need parents and object ids."""
+        LightManifests by default (no tensor table): walks need parents and object ids;
+        `light=False` reads each Manifest whole (fsck checks tensor tables)."""
         seen = set()
         oid: str | None = commit
         while oid and oid not in seen:
             seen.add(oid)
             try:
-                m = self.read_manifest(oid, light)
+                m = self.read_light_manifest(oid) if light else self.read_manifest(oid)
             except (ObjectMissing, ObjectCorrupt):
                 yield oid, None
                 return

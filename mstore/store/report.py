@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
-from .manifest import Manifest
+from .manifest import LightManifest, Manifest
 from .repo import Store
 
 
@@ -34,12 +34,13 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
 
 def _parent_of(store: Store, commit: str) -> str | None:
     try:
-        return store.read_manifest(commit, light=True).parent
+        return store.read_light_manifest(commit).parent
     except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
         return None
 
 
-def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = None) -> bool:
+def weights_present(store: Store, m: Manifest | LightManifest,
+                    seen: dict[str, bool] | None = None) -> bool:
     """All of the manifest's objects are on disk. `seen` memoises across manifests: a
     lineage shares most objects between generations, so each is stat'ed once."""
     seen = {} if seen is None else seen
@@ -51,7 +52,7 @@ def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = No
     return True
 
 
-def _entry(store: Store, oid: str, m: Manifest | None, names: dict[str, list[str]],
+def _entry(store: Store, oid: str, m: LightManifest | None, names: dict[str, list[str]],
            present: dict[str, bool]) -> dict[str, Any]:
     """One commit as `log --json` prints it (a missing manifest says so)."""
     if m is None:
