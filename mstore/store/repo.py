@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import fsio
+from .. import env
 from ..errors import (
     AmbiguousRef, NameTaken, NotACommit, ObjectCorrupt, ObjectMissing, RefChanged,
     StoreNotFound, UnknownModel,
@@ -30,7 +31,7 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # larger objects are weights, not commit
 
 def default_store_path() -> Path:
     """--store PATH > $MSTORE_HOME > ./models."""
-    return Path(os.environ.get("MSTORE_HOME") or DEFAULT_STORE)
+    return Path(env.store_home() or DEFAULT_STORE)
 
 
 @dataclass
