@@ -1,7 +1,7 @@
 """Every error a user can meet, as a typed exception that carries its fields.
 
-The CLI turns these into one `error: ...` line (see `cli.app.MStoreGroup`); library callers can catch
-them by type. Anything else that escapes is a bug and is shown as such.
+The CLI turns these into one `error: ...` line (see `cli.app.MStoreGroup`); library
+callers can catch them by type. Anything else that escapes is a bug and is shown as such.
 """
 
 from __future__ import annotations
