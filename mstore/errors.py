@@ -1,7 +1,7 @@
 """Every error a user can meet, as a typed exception that carries its fields.
 
-The CLI turns these into one `error: ...` line (see `cli.main`); library callers can catch
-them by type. Anything else that escapes is a bug and is shown as such.
+The CLI turns these into one `error: ...` line (see `cli.app.MStoreGroup`); library
+callers can catch them by type. Anything else that escapes is a bug and is shown as such.
 """
 
 from __future__ import annotations
@@ -10,12 +10,17 @@ from .units import fmt_bytes
 
 
 class MStoreError(Exception):
-    """Base class: `str(err)` is the one-line message shown to the user."""
+    """Base class: `str(err)` is the one-line message shown to the user.
+
+    A subclass also derives from the stdlib type it is (FileNotFoundError, ValueError,
+    LookupError, TimeoutError), so `except ValueError` and the like catch it too. The
+    OSError ones are built with their message as their only argument: then `str(err)` is
+    that message, and `errno`, `strerror` and `filename` are None."""
 
     exit_code = 1
 
 
-class StoreNotFound(MStoreError):
+class StoreNotFound(MStoreError, FileNotFoundError):
     def __init__(self, path: str):
         self.path = path
         super().__init__(f"no store at {path} (run `mstore init` or set --store / MSTORE_HOME)")
@@ -30,21 +35,21 @@ class StoreFormatError(MStoreError):
         )
 
 
-class UnknownModel(MStoreError):
+class UnknownModel(MStoreError, LookupError):
     def __init__(self, name: str, suggestion: str | None = None):
         self.name = name
         hint = f" (did you mean {suggestion!r}?)" if suggestion else " (see `mstore list`)"
         super().__init__(f"unknown model {name!r}{hint}")
 
 
-class AmbiguousRef(MStoreError):
+class AmbiguousRef(MStoreError, LookupError):
     def __init__(self, prefix: str, matches: list[str]):
         self.prefix, self.matches = prefix, matches
         shown = ", ".join(m[:12] for m in matches[:5])
         super().__init__(f"commit prefix {prefix!r} is ambiguous: {shown}")
 
 
-class BadName(MStoreError):
+class BadName(MStoreError, ValueError):
     def __init__(self, name: str):
         self.name = name
         super().__init__(
@@ -80,7 +85,7 @@ class RegistryCorrupt(MStoreError):
         )
 
 
-class ObjectMissing(MStoreError):
+class ObjectMissing(MStoreError, FileNotFoundError):
     def __init__(self, oid: str, what: str = "object"):
         self.oid, self.what = oid, what
         super().__init__(f"{what} {oid} is missing from the store (run `mstore fsck`)")
@@ -92,19 +97,19 @@ class ObjectCorrupt(MStoreError):
         super().__init__(f"corrupt {what} {oid}: {reason} (run `mstore fsck`; re-import to repair)")
 
 
-class BadObjectId(MStoreError):
+class BadObjectId(MStoreError, ValueError):
     def __init__(self, oid: str):
         self.oid = oid
         super().__init__(f"not an object id: {oid!r} (expected 64 lowercase hex characters)")
 
 
-class InvalidSafetensors(MStoreError):
+class InvalidSafetensors(MStoreError, ValueError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
         super().__init__(f"invalid safetensors file {path}: {reason}")
 
 
-class StoreBusy(MStoreError):
+class StoreBusy(MStoreError, TimeoutError):
     exit_code = 75  # EX_TEMPFAIL: try again later
 
     def __init__(self, holder: str, waited: float):
@@ -190,7 +195,7 @@ class DownloadFailed(HubError):
         )
 
 
-class SourceNotFound(MStoreError):
+class SourceNotFound(MStoreError, FileNotFoundError):
     def __init__(self, source: str):
         self.source = source
         super().__init__(
@@ -198,7 +203,7 @@ class SourceNotFound(MStoreError):
         )
 
 
-class BadSource(MStoreError):
+class BadSource(MStoreError, ValueError):
     """A local folder or download that is not a usable Hugging Face model folder."""
 
 
@@ -209,15 +214,15 @@ class GcRefused(MStoreError):
         super().__init__(f"gc refused, nothing deleted: {reason}")
 
 
-class ConfigError(MStoreError):
+class ConfigError(MStoreError, ValueError):
     """A training config that cannot be used; the message names the key."""
 
 
-class DatasetError(MStoreError):
+class DatasetError(MStoreError, ValueError):
     pass
 
 
-class UnknownAdapter(MStoreError):
+class UnknownAdapter(MStoreError, LookupError):
     def __init__(self, architecture: str, installed: list[str]):
         self.architecture, self.installed = architecture, installed
         super().__init__(
@@ -243,20 +248,20 @@ class RemoteError(MStoreError):
     """Anything about a remote: its configuration, reaching it, or what it holds."""
 
 
-class BadRemoteName(RemoteError):
+class BadRemoteName(RemoteError, ValueError):
     def __init__(self, name: str):
         self.name = name
         super().__init__(f"bad remote name {name!r}: use 1-128 characters of a-z 0-9 . _ - "
                          "starting with a letter or digit")
 
 
-class BadRemoteURL(RemoteError):
+class BadRemoteURL(RemoteError, ValueError):
     def __init__(self, url: str, reason: str):
         self.url, self.reason = url, reason
         super().__init__(f"bad remote URL {url!r}: {reason}")
 
 
-class UnknownRemote(RemoteError):
+class UnknownRemote(RemoteError, LookupError):
     def __init__(self, name: str, known: list[str]):
         self.name, self.known = name, known
         have = ", ".join(known) if known else "none (add one with `mstore remote add NAME URL`)"
@@ -293,7 +298,7 @@ class RemoteNotAStore(RemoteError):
         super().__init__(f"{url} is not an mstore store ({reason})")
 
 
-class RemoteRefMissing(RemoteError):
+class RemoteRefMissing(RemoteError, LookupError):
     def __init__(self, name: str, remote: str, available: list[str]):
         self.name, self.remote = name, remote
         have = ", ".join(available[:10]) if available else "nothing"
@@ -334,7 +339,7 @@ class RemoteObjectCorrupt(RemoteError):
                          "the remote and push it again from a good copy")
 
 
-class RemoteLocked(RemoteError):
+class RemoteLocked(RemoteError, TimeoutError):
     exit_code = 75
 
     def __init__(self, url: str, holder: str, waited: float):
@@ -343,7 +348,7 @@ class RemoteLocked(RemoteError):
                          f"try again later, or delete registry.json.lock there if that push died)")
 
 
-class RemoteBusy(RemoteError):
+class RemoteBusy(RemoteError, TimeoutError):
     exit_code = 75
 
     def __init__(self, url: str, tries: int):
@@ -431,7 +436,7 @@ class RegistryMissing(RegistryCorrupt):
             "`mstore fsck --lost-found` names them again")
 
 
-class CommitLikeName(BadName, ValueError):
+class CommitLikeName(BadName):
     """7+ hex digits would be read as a commit id prefix and shadow (or be shadowed by) it."""
 
     def __init__(self, name: str):
@@ -470,7 +475,7 @@ class ChecksumMismatch(HubError):
         )
 
 
-class UnsafeRepoPath(BadSource, ValueError):
+class UnsafeRepoPath(BadSource):
     """A file name from a repo (or an index) that could escape the folder it lands in."""
 
     def __init__(self, name: str, why: str):

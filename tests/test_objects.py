@@ -11,6 +11,7 @@ import pytest
 from mstore.errors import BadName, BadObjectId, ObjectCorrupt, RefChanged, RegistryCorrupt
 from mstore.store.manifest import Manifest, TensorEntry, canonical_json
 from mstore.store.objects import ObjectStore, hash_bytes, hash_file, tensor_oid
+from mstore.store.refs import RefEntry
 from mstore.store.registry import Registry, validate_name
 from mstore.store.safetensors_io import object_header, read_header_from_file
 from mstore.store.repo import Store
@@ -189,7 +190,7 @@ def test_bad_names_are_refused(name):
 
 
 def _entry(name, commit):
-    return {"model_name": name, "commit": commit}
+    return RefEntry(model_name=name, commit=commit)
 
 
 def test_registry_compare_and_swap(tmp_path):

@@ -73,6 +73,7 @@ class QwenAdapter(Adapter):
     def _hf_config(self):
         """transformers' config class for the model type, from the (re-hashed) config.json;
         the native class only, never code from the checkpoint."""
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import CONFIG_MAPPING
 
         config = self.get_config()
@@ -81,7 +82,7 @@ class QwenAdapter(Adapter):
             raise MStoreError(f"transformers has no config class for {model_type!r}")
         try:
             return CONFIG_MAPPING[model_type].from_dict(config)
-        except Exception as e:  # noqa: BLE001 - transformers' strict-dataclass validators
+        except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ConfigMismatch(f"commit {(self.commit or '?')[:12]}",
                                  f"transformers refuses config.json ({type(e).__name__}: "
@@ -152,7 +153,7 @@ class QwenAdapter(Adapter):
                 # Fully loaded in memory here: nothing reads the (temporary) folder later.
                 try:
                     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-                except Exception as e:  # noqa: BLE001 - a store from before import checked it
+                except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
                     from ..errors import BadTokenizer
 
                     first = (str(e).strip().splitlines() or [""])[0][:160]
@@ -175,7 +176,7 @@ class QwenAdapter(Adapter):
                 (folder / name).write_bytes(data)
             try:
                 tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-            except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
                 from ..errors import ConfigError
 
                 raise ConfigError(f"config key 'tokenizer': transformers cannot load it "

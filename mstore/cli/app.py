@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 from .common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
 from .remote import register as _register_remotes
+from .. import env
 from ..errors import MStoreError
 from .render import shown_path
 from .termtext import safe_lines
@@ -47,7 +48,7 @@ class MStoreGroup(TyperGroup):
             if _is_broken_pipe(e):
                 _silence_stdout()
                 raise typer.Exit(SIGPIPE_STATUS)
-            if os.environ.get(DEBUG_ENV) or _is_cli_framework_error(e):
+            if env.debug() or _is_cli_framework_error(e):
                 raise  # usage errors, --help, typer.Exit: `main` below prints those
             echo_line(f"error: {error_message(e)}")
             raise typer.Exit(getattr(e, "exit_code", 1) if isinstance(e, MStoreError) else 1)
@@ -169,7 +170,7 @@ def _global(
         help="Print mstore's version and exit.")] = False,
 ):
     if debug:
-        os.environ[DEBUG_ENV] = "1"
+        env.set_debug()
     ctx.obj = store
 
 
@@ -569,7 +570,7 @@ def train(
     from ..training.config import load_config
 
     cfg = load_config(config, overrides or [], name)
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if nproc > 1 and not env.under_torchrun():
         from ..runtime.distributed import launch
 
         argv = ["--store", str(store_of(ctx).root), "train", "--config", str(config)]

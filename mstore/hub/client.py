@@ -107,7 +107,7 @@ def hub_errors(repo_id: str, revision: str | None, downloading: bool = False) ->
         raise HubError(f"the Hub refused {repo_id!r}: {_first_line(err)}") from None
     except MStoreError:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - re-raised unless the client's own modules raised it
         if not _from_client(err):
             raise
         if isinstance(err, OSError) and err.errno is not None:
@@ -180,12 +180,14 @@ def cached_snapshot(repo_id: str, revision: str | None,
     """The HF cache's snapshot folder if it holds every file in `names` (all it has when
     `names` is None), else None. snapshot_download alone does not check completeness."""
     hf = _hub()
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
     try:
         path = Path(hf.snapshot_download(repo_id, revision=revision,
                                          allow_patterns=_exact(names),
                                          local_files_only=True))
-    except Exception:
-        return None
+    except (OSError, ValueError, CachedRepoTreeNotFoundError):
+        return None  # not cached (LocalEntryNotFoundError, an incomplete snapshot), a bad id
     if names is not None and not all((path / n).is_file() for n in names):
         return None
     return path

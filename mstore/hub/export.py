@@ -38,6 +38,7 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
+    finished = False
     try:
         written = _write_folder(store, m, r, work, shard_bytes)
         for f in work.iterdir():
@@ -50,9 +51,10 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
         fsio.replace(work, dest)
         fsio.fsync_dir(dest.parent)
         failpoints.hit("export.renamed")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        finished = True
+    finally:
+        if not finished:  # whatever stopped it (Ctrl-C included): no half-written folder
+            shutil.rmtree(work, ignore_errors=True)
     return {"name": r.name, "commit": r.commit, "dir": str(dest), "files": sorted(written)}
 
 

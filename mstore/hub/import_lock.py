@@ -45,10 +45,9 @@ class ImportLock:
                 if _same_file(fd, self.path):
                     self._fd = fd
                     return self
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)  # the holder removed that file: lock the new one
+            finally:
+                if self._fd != fd:  # failed, or the holder removed that file: try the new one
+                    os.close(fd)
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:

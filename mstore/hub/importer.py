@@ -36,6 +36,7 @@ from .import_checks import check_source
 from .import_lock import ImportLock
 from ..store.manifest import Manifest, TensorEntry
 from ..store.objects import ObjectBatch, PutResult, hash_file, hash_tensor_range
+from ..store.refs import RefEntry
 from ..store.registry import COMMIT_LIKE_RE, validate_name
 from ..store.safetensors_io import DTYPE_SIZES, object_data_start, parse_header
 from ..store.repo import Store
@@ -257,10 +258,10 @@ def _held_by_source(store: Store, source: dict, prefer: str | None = None) -> st
         return None
     holders = []
     for ref, entry in sorted(store.refs().items()):
-        if entry.get("source") != "huggingface":
+        if entry.source != "huggingface":
             continue
         try:
-            m = store.read_manifest(entry["commit"], light=True)
+            m = store.read_light_manifest(entry.commit)
         except (ObjectMissing, ObjectCorrupt):
             continue
         if m.source == source and all(store.objects.exists(o) for o in m.object_ids()):
@@ -274,11 +275,11 @@ def _held_plan(store: Store, spec: hub.HubSpec, info: hub.RemoteInfo, source: di
                held: str) -> SourcePlan:
     """A plan for a revision the store already holds, from its manifest: nothing is fetched."""
     entry = store.refs()[held]
-    m = store.read_manifest(entry["commit"], light=True)
+    m = store.read_light_manifest(entry.commit)
     return SourcePlan(
         source=source, model_id=spec.repo_id, default_stem=spec.repo_id.split("/")[-1],
         config={"model_type": m.architecture}, weight_files=[], other_files=sorted(m.files),
-        total_bytes=int(entry.get("size_bytes") or 0), weight_bytes=0, license=m.license,
+        total_bytes=int(entry.size_bytes or 0), weight_bytes=0, license=m.license,
         remote=info, held=held,
     )
 
@@ -481,12 +482,12 @@ def _commit(store: Store, plan: SourcePlan, manifest: Manifest, batch: ObjectBat
             name: str | None) -> ImportResult:
     key = manifest.content_key()
     refs = store.refs()
-    holders = [r for r, e in sorted(refs.items()) if _content_key(store, e["commit"]) == key]
+    holders = [r for r, e in sorted(refs.items()) if _content_key(store, e.commit) == key]
     if holders:
         held = name if name in holders else holders[0]
-        commit = refs[held]["commit"]
+        commit = refs[held].commit
         if name and name not in holders:  # same content under a new name: a second ref
-            store.registry.set_ref({**refs[held], "model_name": name}, expected=None)
+            store.registry.set_ref(refs[held].renamed(name), expected=None)
         return ImportResult(name or held, commit, manifest.parameters, batch.written,
                             batch.reused, plan.source, plan.license, already=True,
                             held_by=held)
@@ -505,9 +506,9 @@ def _content_key(store: Store, commit: str) -> bytes | None:
         return None
 
 
-def _same_source(store: Store, entry: dict, plan: SourcePlan) -> bool:
+def _same_source(store: Store, entry: RefEntry, plan: SourcePlan) -> bool:
     try:
-        return store.read_manifest(entry["commit"], light=True).source == plan.source
+        return store.read_light_manifest(entry.commit).source == plan.source
     except (ObjectMissing, ObjectCorrupt):
         return False
 
@@ -520,12 +521,12 @@ def _check_name(store: Store, plan: SourcePlan, name: str) -> None:
     if entry is None:
         return
     if plan.held is not None:
-        if entry["commit"] == refs[plan.held]["commit"]:
+        if entry.commit == refs[plan.held].commit:
             return
     elif _same_source(store, entry, plan):
         if plan.source.get("type") == "huggingface":
             return  # a Hub revision names its content
-        if plan.folder is not None and _content_key(store, entry["commit"]) == \
+        if plan.folder is not None and _content_key(store, entry.commit) == \
                 _dry_content_key(store, plan):
             return
     raise NameTaken(name, store.next_free_name(name))
@@ -564,7 +565,7 @@ def _already(store: Store, plan: SourcePlan, held: str, name: str | None,
              locked: bool = False) -> ImportResult:
     """The result for a Hub revision the store holds; a new --name becomes a second ref."""
     entry = store.refs()[held]
-    commit = entry["commit"]
+    commit = entry.commit
     if name is not None and name != held:
         if locked:
             _add_name(store, entry, name)
@@ -573,15 +574,15 @@ def _already(store: Store, plan: SourcePlan, held: str, name: str | None,
                 _add_name(store, entry, name)
     m = store.read_manifest(commit)
     return ImportResult(name or held, commit, m.parameters, 0,
-                        int(entry.get("size_bytes") or 0), plan.source, m.license,
+                        int(entry.size_bytes or 0), plan.source, m.license,
                         already=True, held_by=held)
 
 
-def _add_name(store: Store, entry: dict, name: str) -> None:
+def _add_name(store: Store, entry: RefEntry, name: str) -> None:
     try:
-        store.registry.set_ref({**entry, "model_name": name}, expected=None)
+        store.registry.set_ref(entry.renamed(name), expected=None)
     except RefChanged as e:
-        if e.found != entry["commit"]:
+        if e.found != entry.commit:
             raise NameTaken(name, store.next_free_name(name)) from None
 
 

@@ -9,7 +9,6 @@ DistributedDataParallel (or sharded by FSDP2's `fully_shard`), and only rank 0 c
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..errors import MStoreError
 
 
@@ -39,11 +39,11 @@ class DistContext:
 
 def from_environment(device_type: str) -> DistContext:
     """Join the process group torchrun (or accelerate) set up; a no-op for one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env.world_size()
     if world <= 1:
         return DistContext()
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = env.rank()
+    local_rank = env.local_rank()
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -119,10 +119,10 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise MStoreError("--nproc must be >= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "mstore", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if os.environ.get("MSTORE_DEBUG"):
-        return subprocess.call(cmd, env=env)
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    child_env = env.child_environment()
+    if env.debug():
+        return subprocess.call(cmd, env=child_env)
+    proc = subprocess.Popen(cmd, env=child_env, stderr=subprocess.PIPE)
     failed = _relay_until_failure(proc.stderr, sys.stderr.buffer)
     code = _wait(proc)
     if code != 0 and failed is None:

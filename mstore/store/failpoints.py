@@ -17,8 +17,10 @@ from __future__ import annotations
 import errno
 import os
 
-_SPEC = os.environ.get("MSTORE_FAILPOINT") or None
-_LOG = os.environ.get("MSTORE_FAILPOINT_LOG") or None
+from .. import env
+
+_SPEC = env.failpoint()
+_LOG = env.failpoint_log()
 _ACTIVE = bool(_SPEC or _LOG)
 _counts: dict[str, int] = {}
 

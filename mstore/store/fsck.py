@@ -66,7 +66,7 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
     checked_heads: set[str] = set()
     for name, entry in sorted(refs.items()):
         head = True
-        for oid, m in store.lineage(entry["commit"], light=False):
+        for oid, m in store.lineage(entry.commit, light=False):
             reachable.add(oid)
             if m is None:
                 if oid not in on_disk:

@@ -83,14 +83,16 @@ def open_tmp(tmp_dir: Path, stem: str = "w") -> Iterator[tuple[Path, BinaryIO]]:
     _note("create", path)
     os.fchmod(fd, FILE_MODE)  # umask may have narrowed it
     f = os.fdopen(fd, "wb")
+    written = False
     try:
         yield path, f
         f.close()  # flushes: on a full disk this is where the write fails
-    except BaseException:
-        with contextlib.suppress(OSError):
-            f.close()  # a second failed flush must not keep the file from being removed
-        unlink(path, missing_ok=True)
-        raise
+        written = True
+    finally:
+        if not written:  # whatever stopped the block (Ctrl-C included): no temp file stays
+            with contextlib.suppress(OSError):
+                f.close()  # a second failed flush must not keep the file from being removed
+            unlink(path, missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None,
@@ -100,13 +102,15 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None,
     with open_tmp(tmp_dir, path.name) as (tmp, f):
         f.write(data)
         fsync_file(f, tmp)
+    replaced = False
     try:
         if before_replace:
             before_replace()
         replace(tmp, path)
-    except BaseException:
-        unlink(tmp, missing_ok=True)
-        raise
+        replaced = True
+    finally:
+        if not replaced:
+            unlink(tmp, missing_ok=True)
     fsync_dir(path.parent)
 
 

@@ -13,16 +13,14 @@ import time
 from pathlib import Path
 
 from . import failpoints
+from .. import env
 from ..errors import StoreBusy
 
 DEFAULT_WAIT = 60.0  # seconds; MSTORE_LOCK_TIMEOUT overrides
 
 
 def lock_wait() -> float:
-    try:
-        return float(os.environ.get("MSTORE_LOCK_TIMEOUT", DEFAULT_WAIT))
-    except ValueError:
-        return DEFAULT_WAIT
+    return env.lock_timeout(DEFAULT_WAIT)
 
 
 class StoreLock:

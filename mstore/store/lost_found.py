@@ -17,7 +17,8 @@ from typing import Any
 from . import fsio
 from ..errors import RegistryCorrupt, RegistryMissing
 from .locks import StoreLock
-from .manifest import Manifest
+from .manifest import LightManifest
+from .refs import RefEntry
 from .registry import validate_name
 from .repo import Store
 
@@ -43,8 +44,8 @@ class Dangling:
         return {**asdict(self), "short_commit": self.commit[:12]}
 
 
-def manifests_on_disk(store: Store) -> dict[str, Manifest]:
-    """Every intact manifest in objects/ (light: without tensor tables)."""
+def manifests_on_disk(store: Store) -> dict[str, LightManifest]:
+    """Every intact manifest in objects/ (without tensor tables)."""
     out = {}
     for oid, _st in store.objects.iter_objects():
         m = store.try_manifest(oid)
@@ -53,7 +54,7 @@ def manifests_on_disk(store: Store) -> dict[str, Manifest]:
     return out
 
 
-def dangling_commits(store: Store, refs: dict[str, dict[str, Any]] | None = None) -> list[Dangling]:
+def dangling_commits(store: Store, refs: dict[str, RefEntry] | None = None) -> list[Dangling]:
     """The tips of the commits no ref reaches, newest first. `refs`: the usable refs (pass
     {} when registry.json is damaged: then every tip is dangling)."""
     refs = store.refs() if refs is None else refs

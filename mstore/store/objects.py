@@ -287,11 +287,13 @@ class ObjectBatch:
             f.flush()
             copy_range(src_fd, f.fileno(), start, end - start)
         if not isinstance(oid, str):
+            named: str | None = None
             try:
-                oid = oid.result()
-            except BaseException:
-                fsio.unlink(tmp, missing_ok=True)
-                raise
+                named = oid.result()
+            finally:
+                if named is None:  # the hash failed (or was cancelled): drop the copy
+                    fsio.unlink(tmp, missing_ok=True)
+            oid = named
             hit = self._record(oid, size)
             if hit:
                 fsio.unlink(tmp, missing_ok=True)

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..errors import ObjectCorrupt, ObjectMissing
-from .manifest import Manifest
+from .manifest import LightManifest
 
 
 @dataclass
 class Closure:
-    manifests: dict[str, Manifest] = field(default_factory=dict)  # every reachable manifest
+    manifests: dict[str, LightManifest] = field(default_factory=dict)  # every reachable manifest
     objects: set[str] = field(default_factory=set)  # tensor/file objects the roots need
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest, root label)
     order: list[str] = field(default_factory=list)  # the manifests, each after its parent
@@ -33,7 +33,7 @@ class Closure:
         return set(self.manifests) | self.objects
 
 
-def closure(roots: Mapping[str, str], load: Callable[[str], Manifest | None],
+def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None],
             lenient: Mapping[str, str] | None = None) -> Closure:
     """The objects `roots` (label -> commit id) keep alive, read through `load`.
 
@@ -64,12 +64,12 @@ def closure(roots: Mapping[str, str], load: Callable[[str], Manifest | None],
     return out
 
 
-def store_loader(store) -> Callable[[str], Manifest | None]:
+def store_loader(store) -> Callable[[str], LightManifest | None]:
     """`load` for a local store: light manifests (parent and object ids), None if unreadable."""
 
-    def load(oid: str) -> Manifest | None:
+    def load(oid: str) -> LightManifest | None:
         try:
-            return store.read_manifest(oid, light=True)
+            return store.read_light_manifest(oid)
         except (ObjectMissing, ObjectCorrupt):
             return None
 
@@ -78,5 +78,5 @@ def store_loader(store) -> Callable[[str], Manifest | None]:
 
 def ref_closure(store) -> Closure:
     """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
-    return closure({name: e["commit"] for name, e in store.refs().items()}, store_loader(store),
+    return closure({name: e.commit for name, e in store.refs().items()}, store_loader(store),
                    lenient={c: c for c in sorted(store.registry.invalid_commits())})

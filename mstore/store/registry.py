@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,12 +23,11 @@ from ..errors import (
 )
 from .locks import StoreLock
 from .objects import ObjectStore, is_oid
+from .refs import ENTRY_FIELDS, RefEntry
 
 VERSION = 1
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 COMMIT_LIKE_RE = re.compile(r"[0-9a-f]{7,}")  # would read as a commit id prefix
-ENTRY_FIELDS = ("model_name", "commit", "model_id", "source", "architecture_type", "license",
-                "created_at", "fine_tuned_from", "parameters", "size_bytes")
 _ANY = object()  # "no expectation" for compare-and-swap
 
 
@@ -50,10 +50,10 @@ class Registry:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def load(self) -> dict[str, dict[str, Any]]:
+    def load(self) -> dict[str, RefEntry]:
         """The usable entries. An absent registry is an empty one, unless objects/ holds an
         object: then the refs were lost and RegistryMissing says so."""
-        return self._read()[1]
+        return _entries(self._read()[1])
 
     def invalid_entries(self) -> list[tuple[str, str]]:
         """(key, reason) of each entry `load` skips; they stay in the file untouched."""
@@ -81,47 +81,49 @@ class Registry:
             raise RegistryCorrupt(str(self.path), f"cannot be read: {e.strerror or e}") from None
         return _parse(raw, str(self.path))
 
-    def get(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str) -> RefEntry | None:
         return self.load().get(name)
 
-    def update(self, change: Callable[[dict[str, dict[str, Any]]], Any],
-               rebuild: bool = False) -> Any:
+    def update(self, change: Callable[[dict[str, RefEntry]], Any], rebuild: bool = False) -> Any:
         """Apply `change` to the freshly read usable entries and write it back atomically,
         with the skipped entries as they were. `rebuild`: a missing registry.json may be
         created although objects exist (fsck --lost-found, under the exclusive store lock)."""
         with StoreLock(self.lock_path, shared=False, purpose="registry update"):
             failpoints.hit("registry.locked")
-            raw, models, invalid = self._read(rebuild)
+            raw, valid, invalid = self._read(rebuild)
+            models = _entries(valid)
             result = change(models)
             kept = {key: raw[key] for key, _reason in invalid}
             for key, reason in invalid:
                 if key in models:
                     raise NameHeldByInvalidEntry(key, reason)
-            doc = {"version": VERSION, "models": dict(sorted({**kept, **models}.items()))}
+            written = {name: e.to_json() for name, e in models.items()}
+            doc = {"version": VERSION, "models": dict(sorted({**kept, **written}.items()))}
             data = json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n"
             fsio.write_atomic(self.path, data, self.tmp_dir,
                               before_replace=lambda: failpoints.hit("registry.tmp-written"))
             failpoints.hit("registry.replaced")
             return result
 
-    def set_ref(self, entry: dict[str, Any], expected: Any = _ANY) -> None:
-        """Point `entry['model_name']` at `entry['commit']` if the ref still holds `expected`.
+    def set_ref(self, entry: RefEntry, expected: Any = _ANY) -> None:
+        """Point `entry.model_name` at `entry.commit` if the ref still holds `expected`.
 
         expected=None means "the name must be free"; the default checks nothing.
         """
-        name = validate_name(entry["model_name"])
+        name = validate_name(entry.model_name)
+        fresh = replace(entry, _raw=None)  # written as the SPEC fields, whatever it was read from
 
         def change(models):
-            current = models.get(name, {}).get("commit")
+            current = _commit_of(models.get(name))
             if expected is not _ANY and current != expected:
                 raise RefChanged(name, expected, current)
-            models[name] = {k: entry.get(k) for k in ENTRY_FIELDS}
+            models[name] = fresh
 
         self.update(change)
 
-    def remove(self, name: str, expected: Any = _ANY) -> dict[str, Any]:
+    def remove(self, name: str, expected: Any = _ANY) -> RefEntry:
         def change(models):
-            current = models.get(name, {}).get("commit")
+            current = _commit_of(models.get(name))
             if name not in models or (expected is not _ANY and current != expected):
                 raise RefChanged(name, expected, current)
             return models.pop(name)
@@ -129,8 +131,17 @@ class Registry:
         return self.update(change)
 
 
+def _entries(valid: dict[str, dict[str, Any]]) -> dict[str, RefEntry]:
+    return {name: RefEntry.from_json(d) for name, d in valid.items()}
+
+
+def _commit_of(entry: RefEntry | None) -> str | None:
+    return entry.commit if entry is not None else None
+
+
 def parse_registry(raw: bytes, where: str) -> dict[str, dict[str, Any]]:
-    """The usable entries of a registry.json's bytes (see `parse_registry_entries`)."""
+    """The usable entries of a registry.json's bytes, as the JSON objects they are (a
+    remote copies them as they are; see `parse_registry_entries`)."""
     return _parse(raw, where)[1]
 
 

@@ -11,16 +11,18 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from . import fsio
+from .. import env
 from ..errors import (
     AmbiguousRef, NameTaken, NotACommit, ObjectCorrupt, ObjectMissing, RefChanged,
     StoreNotFound, UnknownModel,
 )
 from .locks import StoreLock
-from .manifest import Manifest
+from .manifest import LightManifest, Manifest
 from .objects import ObjectStore, hash_bytes, is_oid
+from .refs import RefEntry
 from .registry import Registry, validate_name
 
 DEFAULT_STORE = "models"
@@ -29,14 +31,14 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # larger objects are weights, not commit
 
 def default_store_path() -> Path:
     """--store PATH > $MSTORE_HOME > ./models."""
-    return Path(os.environ.get("MSTORE_HOME") or DEFAULT_STORE)
+    return Path(env.store_home() or DEFAULT_STORE)
 
 
 @dataclass
 class Resolved:
     commit: str
     name: str | None  # the ref used, or None when given a commit id
-    entry: dict[str, Any] | None
+    entry: RefEntry | None
 
 
 class Store:
@@ -87,20 +89,29 @@ class Store:
 
     # -- manifests ----------------------------------------------------------------------
     def read_manifest(self, oid: str, light: bool = False) -> Manifest:
-        """The manifest, re-hashed; `light`: without its tensor table (see Manifest)."""
+        """The manifest, re-hashed. `light=True` is `read_light_manifest` (kept for
+        mstore/remote until it calls that directly)."""
+        if light:
+            return self.read_light_manifest(oid)
+        return Manifest.from_bytes(self._manifest_bytes(oid), oid)
+
+    def read_light_manifest(self, oid: str) -> LightManifest:
+        """The manifest without its tensor table, re-hashed: what walks over lineages need."""
+        return LightManifest.from_bytes(self._manifest_bytes(oid), oid)
+
+    def _manifest_bytes(self, oid: str) -> bytes:
         try:
-            data = self.objects.read_bytes(oid, verify=True)
+            return self.objects.read_bytes(oid, verify=True)
         except ObjectMissing:
             raise ObjectMissing(oid, "manifest") from None
         except ObjectCorrupt:
             raise ObjectCorrupt(oid, "content does not match its name", "manifest") from None
-        return Manifest.from_bytes(data, oid, light)
 
     def put_manifest(self, manifest: Manifest) -> str:
         return self.objects.put_bytes(manifest.to_bytes()).oid
 
-    def try_manifest(self, oid: str) -> Manifest | None:
-        """The (light) manifest if object `oid` is an intact one, else None. Canonical JSON
+    def try_manifest(self, oid: str) -> LightManifest | None:
+        """The light manifest if object `oid` is an intact one, else None. Canonical JSON
         starts with '{"', which no tensor object does, so weights are never read whole."""
         try:
             with open(self.objects.path(oid), "rb") as f:
@@ -112,18 +123,18 @@ class Store:
         if b'"tensors":' not in data or hash_bytes(data) != oid:
             return None
         try:
-            return Manifest.from_bytes(data, oid, light=True)
+            return LightManifest.from_bytes(data, oid)
         except ObjectCorrupt:
             return None
 
     # -- refs ---------------------------------------------------------------------------
-    def refs(self) -> dict[str, dict[str, Any]]:
+    def refs(self) -> dict[str, RefEntry]:
         return self.registry.load()
 
     def names_by_commit(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for name, entry in self.refs().items():
-            out.setdefault(entry["commit"], []).append(name)
+            out.setdefault(entry.commit, []).append(name)
         return out
 
     def resolve(self, ref: str) -> Resolved:
@@ -131,7 +142,7 @@ class Store:
         a commit no ref reaches (a dangling one) is found on disk when nothing else matches."""
         refs = self.refs()
         if ref in refs:
-            return Resolved(refs[ref]["commit"], ref, refs[ref])
+            return Resolved(refs[ref].commit, ref, refs[ref])
         low = ref.lower()
         if len(low) >= 7 and all(c in "0123456789abcdef" for c in low):
             if is_oid(low) and self.objects.exists(low):
@@ -156,25 +167,27 @@ class Store:
         return sorted(prefix[:2] + n for n in names if n.startswith(prefix[2:])
                       and is_oid(prefix[:2] + n) and self.try_manifest(prefix[:2] + n))
 
-    def known_commits(self, refs: dict[str, dict[str, Any]] | None = None) -> set[str]:
+    def known_commits(self, refs: dict[str, RefEntry] | None = None) -> set[str]:
         """Every commit reachable from a ref through `parent` (what prefixes resolve against)."""
         seen: set[str] = set()
         for entry in (refs if refs is not None else self.refs()).values():
-            for oid, _m in self.lineage(entry["commit"]):
+            for oid, _m in self.lineage(entry.commit):
                 if oid in seen:
                     break
                 seen.add(oid)
         return seen
 
-    def lineage(self, commit: str, light: bool = True) -> Iterator[tuple[str, Manifest | None]]:
+    def lineage(self, commit: str, light: bool = True
+                ) -> Iterator[tuple[str, LightManifest | Manifest | None]]:
         """The commit, its parent, grandparent, ... (None once a manifest is unreadable).
-        Light manifests by default (no tensor table): walks need parents and object ids."""
+        LightManifests by default (no tensor table): walks need parents and object ids;
+        `light=False` reads each Manifest whole (fsck checks tensor tables)."""
         seen = set()
         oid: str | None = commit
         while oid and oid not in seen:
             seen.add(oid)
             try:
-                m = self.read_manifest(oid, light)
+                m = self.read_light_manifest(oid) if light else self.read_manifest(oid)
             except (ObjectMissing, ObjectCorrupt):
                 yield oid, None
                 return
@@ -194,15 +207,10 @@ class Store:
         return validate_name(fmt.format(stem=stem, n=n))
 
     def registry_entry(self, name: str, commit: str, manifest: Manifest,
-                       fine_tuned_from: str | None) -> dict[str, Any]:
+                       fine_tuned_from: str | None) -> RefEntry:
+        """The entry for a new ref `name` -> `commit` (its size counted from this store)."""
         size = sum(self.objects.size(o) for o in manifest.object_ids())
-        return {
-            "model_name": name, "commit": commit, "model_id": manifest.model_id,
-            "source": manifest.source.get("type", "custom"),
-            "architecture_type": manifest.architecture, "license": manifest.license,
-            "created_at": manifest.created_at, "fine_tuned_from": fine_tuned_from,
-            "parameters": manifest.parameters, "size_bytes": size,
-        }
+        return RefEntry.for_commit(name, commit, manifest, size, fine_tuned_from)
 
     def add_ref(self, commit: str, manifest: Manifest, name: str | None,
                 choose_name: Callable[[], str], fine_tuned_from: str | None = None) -> str:
@@ -226,7 +234,7 @@ class Store:
         with self.writer_lock("tag", create=False):
             r = self.resolve(ref)
             m = self.read_manifest(r.commit)
-            parent_name = (r.entry or {}).get("fine_tuned_from")
+            parent_name = r.entry.fine_tuned_from if r.entry is not None else None
             if r.entry is None and m.parent:  # named by commit id: the parent's ref, if any
                 parent_name = next(iter(sorted(self.names_by_commit().get(m.parent, []))), None)
             entry = self.registry_entry(new, r.commit, m, parent_name)
@@ -244,8 +252,8 @@ class Store:
             if entry is None:
                 self.resolve(name)  # raises UnknownModel with a suggestion
                 raise UnknownModel(name)
-            self.registry.remove(name, expected=entry["commit"])
-        return entry["commit"]
+            self.registry.remove(name, expected=entry.commit)
+        return entry.commit
 
     # -- the Python API's read side: typed views of what `--json` prints -----------------
     def list(self) -> "list[views.ModelRef]":

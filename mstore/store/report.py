@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
-from .manifest import Manifest
+from .manifest import LightManifest, Manifest
 from .repo import Store
 
 
@@ -23,23 +23,24 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
     parents: dict[str, str | None] = {}
     rows = []
     for name, e in sorted(store.refs().items()):
-        commit = e["commit"]
+        commit = e.commit
         if commit not in parents:
             parents[commit] = _parent_of(store, commit)
-        rows.append({**e, "name": name,
-                     "short_commit": commit[:12], "architecture": e.get("architecture_type"),
-                     "parent": parents[commit], "license": e.get("license") or None})
+        rows.append({**e.to_json(), "name": name,
+                     "short_commit": commit[:12], "architecture": e.architecture_type,
+                     "parent": parents[commit], "license": e.license or None})
     return rows
 
 
 def _parent_of(store: Store, commit: str) -> str | None:
     try:
-        return store.read_manifest(commit, light=True).parent
+        return store.read_light_manifest(commit).parent
     except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
         return None
 
 
-def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = None) -> bool:
+def weights_present(store: Store, m: Manifest | LightManifest,
+                    seen: dict[str, bool] | None = None) -> bool:
     """All of the manifest's objects are on disk. `seen` memoises across manifests: a
     lineage shares most objects between generations, so each is stat'ed once."""
     seen = {} if seen is None else seen
@@ -51,7 +52,7 @@ def weights_present(store: Store, m: Manifest, seen: dict[str, bool] | None = No
     return True
 
 
-def _entry(store: Store, oid: str, m: Manifest | None, names: dict[str, list[str]],
+def _entry(store: Store, oid: str, m: LightManifest | None, names: dict[str, list[str]],
            present: dict[str, bool]) -> dict[str, Any]:
     """One commit as `log --json` prints it (a missing manifest says so)."""
     if m is None:
@@ -79,7 +80,7 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
     present: dict[str, bool] = {}
     seen: dict[str, dict[str, Any]] = {}
     for entry in store.refs().values():
-        for oid, m in store.lineage(entry["commit"]):
+        for oid, m in store.lineage(entry.commit):
             if oid in seen:
                 break
             seen[oid] = _entry(store, oid, m, names, present)

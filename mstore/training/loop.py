@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from safetensors import SafetensorError
 
 from ..runtime import distributed
 from ..store import failpoints
@@ -512,7 +513,7 @@ def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],
     before = _own_tmp_files(store)
     try:
         return commit_checkpoint(store, ckpt, files=files, dtypes=dtypes, **args)
-    except (Exception, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - any failure keeps the model
         for leftover in _own_tmp_files(store) - before:
             leftover.unlink(missing_ok=True)
         reason = _reason(e)
@@ -523,7 +524,8 @@ def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],
                 config=ckpt.config, tied_weights=ckpt.tied_weights)
             every_file = {n: store.objects.read_bytes(o) for n, o in files.items()}
             folder = recovery.save(kept, {**every_file, **ckpt.files}, args, recovery_dir)
-        except Exception as save_error:  # noqa: BLE001 - reported with the commit's error
+        # a full disk, no memory for the copy, an object gone: said with the commit's error
+        except (OSError, RuntimeError, ValueError, SafetensorError, MStoreError) as save_error:
             raise CommitFailed(reason, None, _reason(save_error)) from e
         raise CommitFailed(reason, _shown(folder)) from e
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..adapters.base import Checkpoint
 from ..runtime.checkpoint import CommitResult, commit_checkpoint
@@ -50,7 +51,7 @@ def save(ckpt: Checkpoint, files: dict[str, bytes], commit_args: dict[str, Any],
     for folder in default_dirs(requested):
         try:
             return _write(folder, ckpt, files, commit_args)
-        except Exception as e:  # noqa: BLE001 - a full disk is an OSError or a SafetensorError
+        except (OSError, SafetensorError) as e:  # a full disk, a folder we may not write
             error = e
     assert error is not None
     raise error
@@ -62,6 +63,7 @@ def _write(folder: Path, ckpt: Checkpoint, files: dict[str, bytes],
 
     folder = _fresh(folder)
     folder.mkdir(parents=True)
+    written = False
     try:
         save_file(_unshared(ckpt.tensors), str(folder / WEIGHTS))
         (folder / CONFIG).write_bytes(ckpt.config)
@@ -76,9 +78,10 @@ def _write(folder: Path, ckpt: Checkpoint, files: dict[str, bytes],
         meta = {"format": FORMAT, **commit_args, "files": names,
                 "tied_weights": ckpt.tied_weights}
         (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        _remove(folder)
-        raise
+        written = True
+    finally:
+        if not written:  # an incomplete folder is never left to be committed
+            _remove(folder)
     return folder
 
 
@@ -112,7 +115,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load(folder: Path) -> tuple[Checkpoint, dict[str, Any]]:
     """A recovery folder back into the checkpoint and the commit's fields."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
