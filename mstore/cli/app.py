@@ -71,7 +71,7 @@ class MStoreGroup(TyperGroup):
         except typer.Abort:
             echo_line("error: aborted")
             sys.exit(1)
-        except SystemExit as e:  # click pacified stdout after EPIPE while printing help
+        except SystemExit:  # click pacified stdout after EPIPE while printing help
             if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
                 sys.exit(SIGPIPE_STATUS)
             raise

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..reporting import SILENT, Reporter
 from ..store import failpoints, fsio
-from ..store.manifest import Manifest
+from ..store.manifest import LightManifest
 from ..store.objects import hash_bytes, hash_file
 from ..store.reachability import Closure, closure, store_loader
 from ..store.registry import ENTRY_FIELDS, NAME_RE, validate_name
@@ -154,7 +154,8 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     for oid in objects:
         if not store.objects.exists(oid):
             raise ObjectMissing(oid, "object of the pushed commit")
-    entry = store.registry_entry(name, r.commit, head, (r.entry or {}).get("fine_tuned_from"))
+    entry = store.registry_entry(name, r.commit, head,
+                                 r.entry.fine_tuned_from if r.entry else None)
     return _PushPlan(name=name, commit=r.commit, objects=objects, manifests=plan.order,
                      entry={k: entry.get(k) for k in ENTRY_FIELDS}, known=known, force=force)
 
@@ -267,7 +268,8 @@ def _check_local_ref(store: Store, local_name: str, name: str, commit: str, plan
     An existing local ref moves without --force only when it is this store's copy of the
     ref pulled: the same name, holding what this store last saw of it on that remote, and
     the remote's commit descends from it (a fast-forward). Anything else needs --force."""
-    current = (store.refs().get(local_name) or {}).get("commit")
+    held = store.refs().get(local_name)
+    current = held.commit if held else None
     result.previous = current
     if current is None:
         return True
@@ -313,16 +315,16 @@ def _plan_fetch(store: Store, transport: Transport, remote_name: str, commit: st
     walk ends at a parent the remote lacks; the head itself must be there."""
     fetched: dict[str, bytes] = {}
 
-    def load(oid: str) -> Manifest | None:
+    def load(oid: str) -> LightManifest | None:
         if store.objects.exists(oid):
-            return store.read_manifest(oid, light=True)
+            return store.read_light_manifest(oid)
         data = transport.read_object(oid)
         if data is None:
             return None
         got = hash_bytes(data)
         if got != oid:
             raise RemoteObjectCorrupt(oid, got, remote_name)
-        m = Manifest.from_bytes(data, oid, light=True)
+        m = LightManifest.from_bytes(data, oid)
         fetched[oid] = data
         return m
 

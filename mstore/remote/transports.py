@@ -33,10 +33,12 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .. import env
 from ..errors import (
     MStoreError, ObjectCorrupt, RemoteBusy, RemoteError, RemoteLocked, RemoteNotAStore,
     RemoteUnavailable,
@@ -62,10 +64,7 @@ RegistryChange = Callable[[Models], bool]
 
 def transfer_jobs() -> int:
     """Parallel listings and transfers per remote (MSTORE_REMOTE_JOBS, default 8)."""
-    try:
-        return max(1, int(os.environ.get("MSTORE_REMOTE_JOBS", DEFAULT_JOBS)))
-    except ValueError:
-        return DEFAULT_JOBS
+    return env.remote_jobs(DEFAULT_JOBS)
 
 
 @contextmanager
@@ -172,14 +171,14 @@ class Transport:
         self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         self.fs.put_file(str(src), tmp)
+        moved = False
         try:
             self.fs.mv(tmp, final)
-        except Exception:
-            try:
-                self.fs.rm(tmp)
-            except Exception:  # noqa: BLE001 - best effort; the original error matters
-                pass
-            raise
+            moved = True
+        finally:
+            if not moved:  # best effort: the original error is the one that matters
+                with contextlib.suppress(OSError):
+                    self.fs.rm(tmp)
 
     def fetch(self, oid: str, size: int | None, tmp_dir: Path) -> tuple[bytes | None, Path | None, bool]:
         """(bytes, None, False) for small objects, else (None, path, is_temp)."""
@@ -289,7 +288,7 @@ class Transport:
     def _acquire(self, lock: str, token: str, reporter: Reporter) -> None:
         body = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
                            "created": time.time()}).encode()
-        stale_after = float(os.environ.get("MSTORE_REMOTE_LOCK_STALE", 600))
+        stale_after = env.remote_lock_stale()
         start, delay = time.monotonic(), 0.05
         while True:
             try:
@@ -485,6 +484,6 @@ def open_transport(url: str) -> Transport:
         raise RemoteUnavailable(url, str(e)) from None
     if isinstance(fs, LocalFileSystem):
         return LocalTransport(url, fs, root)
-    if _protocol(fs) in ("s3", "s3a") and os.environ.get("MSTORE_REMOTE_CAS", "") != "lock":
+    if _protocol(fs) in ("s3", "s3a") and env.remote_cas() != "lock":
         return S3Transport(url, fs, root)
     return Transport(url, fs, root)

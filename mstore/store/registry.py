@@ -23,7 +23,7 @@ from ..errors import (
 )
 from .locks import StoreLock
 from .objects import ObjectStore, is_oid
-from .refs import ENTRY_FIELDS, RefEntry
+from .refs import ENTRY_FIELDS, RefEntry  # noqa: F401 - ENTRY_FIELDS: the registry's fields, part of this module's API
 
 VERSION = 1
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")

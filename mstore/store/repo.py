@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from . import fsio
 from .. import env
@@ -24,6 +24,9 @@ from .manifest import LightManifest, Manifest
 from .objects import ObjectStore, hash_bytes, is_oid
 from .refs import RefEntry
 from .registry import Registry, validate_name
+
+if TYPE_CHECKING:
+    from . import views
 
 DEFAULT_STORE = "models"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # larger objects are weights, not commits
