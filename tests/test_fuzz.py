@@ -105,8 +105,9 @@ def test_safetensors_reader_refuses_every_broken_layout(layout, defect, k, data)
         for n in names[j:]:
             header[n]["data_offsets"] = [o + k for o in header[n]["data_offsets"]]
         data_len += k
-    elif defect == "overlap":  # a tensor starts k bytes before the previous one ends
-        sized = [n for n in names[1:] if header[n]["data_offsets"][0] >= k]
+    elif defect == "overlap":  # a tensor with bytes starts k bytes before the previous one ends
+        sized = [n for n in names[1:] if header[n]["data_offsets"][0] >= k
+                 and header[n]["data_offsets"][1] > header[n]["data_offsets"][0]]
         if not sized:
             return
         n = data.draw(st.sampled_from(sized))
