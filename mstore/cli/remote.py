@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
-from .render import shown_path
+from .options import JsonOpt, store_of
+from .output import echo, echo_line, print_json, safe_text, shown_path
 from ..units import fmt_bytes
 
 RemoteArg = Annotated[Optional[str], typer.Argument(

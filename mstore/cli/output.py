@@ -1,19 +1,106 @@
-"""Text renderings of the read commands' data: show, log, the family graph, sparklines.
+"""How the CLI prints: escaping, lines, tables, JSON, the read commands' renderings, the
+reporter the library talks to, and the wording of errors.
 
-Every value that came from outside (names, card fields, messages, paths, tensor names) goes
-through `safe_text` as its line is built, so none can drive the terminal or forge a line.
+Output goes through `echo` (text) and `print_json` (--json), never print(). Nothing from a
+card, a file name, a config, a remote or an error message may move the cursor, clear the
+screen, retitle the window, reorder text (bidi overrides) or forge a line of output:
+`safe_text` is applied to each VALUE where text output is built (a value is one line: a
+newline in it is shown as `\\n`); `safe_lines` (inside `echo`) is the last pass over whole
+output lines and keeps only their structural newlines. Both are idempotent: escaped text is
+plain ASCII.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import unicodedata
 from collections import Counter
 from typing import Any
 
-from .termtext import safe_text
+import typer
+
+from ..errors import MStoreError
+from ..reporting import Progress, Reporter
 from ..units import fmt_bytes, fmt_count
 
-SPARKS = "▁▂▃▄▅▆▇█"
+__all__ = [
+    "TerminalReporter", "echo", "echo_line", "error_message", "json_text", "print_json",
+    "print_table", "render_graph", "render_log", "render_show", "safe_lines", "safe_text",
+    "shown_path",
+]
+
+# -- escaping ---------------------------------------------------------------------------
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control (Cc), format (Cf: bidi overrides and isolates, zero-width), line and paragraph
+# separators (Zl, Zp), lone surrogates from undecodable file names (Cs).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def _visible(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
+    cp = ord(ch)
+    if cp < 0x100:
+        return f"\\x{cp:02x}"
+    return f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}"
+
+
+def _unsafe(ch: str) -> bool:
+    return unicodedata.category(ch) in _UNSAFE_CATEGORIES
+
+
+def safe_text(value: Any) -> str:
+    """`str(value)` with every control or format character in a visible escaped form."""
+    s = value if isinstance(value, str) else str(value)
+    if s.isprintable():  # the common case: nothing to do (printable excludes Cc/Cf/Zl/Zp/Cs)
+        return s
+    return "".join(_visible(c) if _unsafe(c) else c for c in s)
+
+
+def safe_lines(text: str) -> str:
+    """Whole output: like `safe_text`, but its own newlines stay line ends."""
+    return "\n".join(safe_text(line) for line in text.split("\n"))
+
+
+def json_text(obj: Any) -> str:
+    """Exact JSON (it parses back to the same data) whose text holds no raw control or bidi
+    character: json.dumps escapes C0 controls itself; the rest are written as \\uXXXX too."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    if text.replace("\n", "").isprintable():
+        return text
+    return "".join(_json_escape(c) if c != "\n" and _unsafe(c) else c for c in text)
+
+
+def _json_escape(c: str) -> str:
+    cp = ord(c)
+    if cp < 0x10000:
+        return f"\\u{cp:04x}"
+    cp -= 0x10000  # outside the BMP: JSON's UTF-16 surrogate pair
+    return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+# -- printing ---------------------------------------------------------------------------
+def echo(text: str = "", err: bool = False) -> None:
+    """Print output lines (newlines in `text` are line ends; every other control is escaped)."""
+    typer.echo(safe_lines(text), err=err)
+
+
+def echo_line(text: str, err: bool = True) -> None:
+    """Print a message the library hands over (progress, warnings): one line, all escaped."""
+    typer.echo(safe_text(text), err=err)
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json_text(obj))
+
+
+def print_table(rows: list[tuple]) -> None:
+    """Aligned columns; every cell escaped first, so widths are those of what is shown."""
+    rows = [tuple(safe_text(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def shown_path(path: object) -> str:
@@ -27,6 +114,10 @@ def shown_path(path: object) -> str:
     except (OSError, ValueError):  # no working folder, another drive
         return text
     return text if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
+# -- renderings of the read commands' data ---------------------------------------------
+SPARKS = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -161,3 +252,38 @@ def render_graph(entries: list[dict[str, Any]]) -> str:
     for root in children.get(None, []):
         walk(root, "", True, True)
     return "\n".join(out) if out else "no models"
+
+
+# -- what the library reports -----------------------------------------------------------
+class TerminalReporter(Reporter):
+    """Messages and warnings on stderr, one escaped line each; progress bars only when
+    stderr is a terminal and the command prints no --json (a pipe or a log gets lines)."""
+
+    def __init__(self, as_json: bool = False) -> None:
+        self.progress_bars = not as_json and sys.stderr.isatty()
+
+    def message(self, text: str) -> None:
+        echo_line(text)
+
+    def warning(self, text: str) -> None:
+        echo_line(f"warning: {text}")
+
+    def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
+        if not self.progress_bars:
+            return Progress()
+        from tqdm.auto import tqdm
+
+        if unit == "B":
+            return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024)
+        return tqdm(total=total, desc=desc, unit=unit)
+
+
+# -- errors -----------------------------------------------------------------------------
+def error_message(e: BaseException) -> str:
+    """The one line `error: ...` shows for `e`."""
+    if isinstance(e, MStoreError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"
