@@ -13,7 +13,7 @@ import typer
 from ..units import fmt_bytes, fmt_count
 from .options import JsonOpt, NameArg, TensorsOpt, store_of
 from .output import (
-    echo, echo_line, print_json, print_table, render_graph, render_log,
+    TerminalReporter, echo, echo_line, print_json, print_table, render_graph, render_log,
     render_show, safe_text, shown_path,
 )
 
@@ -68,8 +68,7 @@ def import_(
         else None
     result = import_model(
         store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
-        max_size=limit, confirm=confirm, echo=echo_line,
-        quiet=as_json or not sys.stderr.isatty(),
+        max_size=limit, confirm=confirm, reporter=TerminalReporter(as_json),
     )
     if as_json:
         return print_json(result.to_json())

@@ -12,7 +12,7 @@ import typer
 
 from ..units import fmt_bytes
 from .options import JsonOpt, NameArg, store_of
-from .output import echo, echo_line, print_json, safe_lines, safe_text, shown_path
+from .output import TerminalReporter, echo, print_json, safe_lines, safe_text, shown_path
 
 
 def register(app: typer.Typer) -> None:
@@ -123,8 +123,7 @@ def train(
     from ..train.loop import train as run_training
 
     result = run_training(store_of(ctx), cfg, commit_on_interrupt=commit_on_interrupt,
-                          log=echo_line,
-                          progress=None if not as_json else False, recovery_dir=recovery_dir)
+                          reporter=TerminalReporter(as_json), recovery_dir=recovery_dir)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     if as_json:
