@@ -8,7 +8,7 @@ import typer
 
 from ..units import fmt_bytes
 from .options import JsonOpt, NameArg, store_of
-from .output import echo, print_json, print_table, safe_text, shown_path
+from .output import echo, error_message, print_json, print_table, safe_text, shown_path
 
 
 def register(app: typer.Typer) -> None:
@@ -66,6 +66,9 @@ def fsck(
             raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
     store = store_of(ctx, must_exist=True)
     findings = check(store, part)
+    for f in findings:
+        if f.cause is not None:  # the CLI's own wording of the error (its hint)
+            f.detail = error_message(f.cause)
     errors = [f for f in findings if f.error]
     recovery = None
     if lost_found:

@@ -17,18 +17,22 @@ import os
 import sys
 import unicodedata
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import typer
 
-from ..errors import MStoreError
+from ..errors import (
+    CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
+    MStoreError, NotFastForward, RegistryCorrupt, RegistryMissing, SizeLimitExceeded,
+    StoreNotFound, TrainingInterrupted, WorkersFailed,
+)
 from ..reporting import Progress, Reporter
 from ..units import fmt_bytes, fmt_count
 
 __all__ = [
-    "TerminalReporter", "echo", "echo_line", "error_message", "json_text", "print_json",
-    "print_table", "render_graph", "render_log", "render_show", "safe_lines", "safe_text",
-    "shown_path",
+    "CLI_WORDING", "TerminalReporter", "echo", "echo_line", "error_message", "json_text",
+    "print_json", "print_table", "render_graph", "render_log", "render_show", "safe_lines",
+    "safe_text", "shown_path",
 ]
 
 # -- escaping ---------------------------------------------------------------------------
@@ -279,9 +283,47 @@ class TerminalReporter(Reporter):
 
 
 # -- errors -----------------------------------------------------------------------------
+def _then(hint: str) -> Callable[[Any], str]:
+    return lambda e: f"{e}{hint}"
+
+
+def _commit_failed(e: CommitFailed) -> str:
+    if e.folder is None:
+        return str(e)
+    return (f"{e}: once the store has room, commit it with "
+            f"`mstore train --resume-commit {e.folder}`")
+
+
+# How the CLI words errors whose hint is one of its own flags or commands (the library's
+# messages name none): looked up along the error's class hierarchy, most specific first.
+CLI_WORDING: dict[type, Callable[[Any], str]] = {
+    StoreNotFound: _then(" (run `mstore init` or set --store / MSTORE_HOME)"),
+    RegistryMissing: _then("; `mstore fsck` lists its commits and `mstore fsck --lost-found` "
+                           "names them again"),
+    RegistryCorrupt: _then(". Restore it, or run `mstore fsck --lost-found` to set it aside "
+                           "and name the commits that remain"),
+    LicenseNotAccepted: lambda e: (f"license {e.license!r} not accepted: pass --accept-license "
+                                   "(or answer yes at a terminal prompt); nothing was written"),
+    SizeLimitExceeded: lambda e: (f"{e.model_id} is larger than --max-size: needs "
+                                  f"{fmt_bytes(e.need)}, limit is {fmt_bytes(e.limit)}"),
+    InvalidSetting: lambda e: f"--{e.setting.replace('_', '-')} must be {e.rule}",
+    TrainingInterrupted: _then(" (--commit-on-interrupt keeps the partial model)"),
+    CommitFailed: _commit_failed,
+    WorkersFailed: _then("; rerun with --debug to see their output"),
+    NotFastForward: _then("; pull with --as NEW_NAME to keep both, or --force to replace the "
+                          "local ref"),
+    LocalRefWouldMove: _then("; pull with --as NEW_NAME to keep both, or --force to move it"),
+    CommitNeedsRefName: lambda e: (f"{e.ref!r} is a commit, not a ref: name the remote ref "
+                                   "with --as NAME"),
+}
+
+
 def error_message(e: BaseException) -> str:
     """The one line `error: ...` shows for `e`."""
     if isinstance(e, MStoreError):
+        for cls in type(e).__mro__:
+            if cls in CLI_WORDING:
+                return CLI_WORDING[cls](e)
         return str(e)
     if isinstance(e, OSError):
         where = f": {e.filename}" if e.filename else ""

@@ -28,7 +28,7 @@ from ..store import failpoints
 from . import client as hub
 from ..errors import (
     BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt,
-    ObjectMissing, PickleOnly, RefChanged, SourceNotFound, TooLarge,
+    ObjectMissing, PickleOnly, RefChanged, SizeLimitExceeded, SourceNotFound, TooLarge,
     UnsupportedArchitecture,
 )
 from .import_cache import ImportCache
@@ -340,7 +340,7 @@ def _check_architecture(config: dict) -> None:
 
 def _check_space(store: Store, plan: SourcePlan, max_size: int | None) -> None:
     if max_size is not None and plan.total_bytes > max_size:
-        raise TooLarge(f"{plan.model_id} is larger than --max-size", plan.total_bytes, max_size)
+        raise SizeLimitExceeded(plan.model_id, plan.total_bytes, max_size)
     if plan.held is not None:
         return  # nothing will be written
     need = plan.total_bytes if plan.folder else 2 * plan.total_bytes

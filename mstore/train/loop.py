@@ -34,7 +34,7 @@ from ..runtime.checkpoint import (
 )
 from .config import ARCH_KEYS, TrainConfig
 from ..errors import (
-    CommitFailed, ConfigError, DatasetError, Interrupted, MStoreError, NameTaken,
+    CommitFailed, ConfigError, DatasetError, MStoreError, NameTaken, TrainingInterrupted,
 )
 from ..runtime.generate import pick_device
 from ..nn.char_tokenizer import CharTokenizer
@@ -246,8 +246,9 @@ def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
           recovery_dir: Path | None = None) -> TrainResult | None:
     """Train and commit. Under torchrun every rank calls this; rank 0 commits and returns
     the result, the other ranks return None (and report nothing). `reporter` gets a line
-    per tenth of the steps, or a progress bar where it shows bars. A failed commit keeps the model in
-    `recovery_dir` (default: see `mstore.recovery`) and raises CommitFailed naming it."""
+    per tenth of the steps, or a progress bar where it shows bars. A failed commit keeps
+    the model in `recovery_dir` (default: see `mstore.recovery`) and raises CommitFailed
+    naming it."""
     started = time.time()
     if cfg.output_name is not None and not store.name_is_free(cfg.output_name):
         raise NameTaken(cfg.output_name, store.next_free_name(cfg.output_name))
@@ -283,8 +284,7 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
                      callbacks, reporter, ctx)
         interrupted = loop.run()
         if interrupted and not commit_on_interrupt:
-            raise Interrupted(f"interrupted at step {loop.step}; nothing committed "
-                              "(--commit-on-interrupt keeps the partial model)")
+            raise TrainingInterrupted(loop.step)
         distributed.barrier(ctx)
         full = distributed.gather_full_state(wrapped, ctx, cfg.strategy)
         if not ctx.is_main:
