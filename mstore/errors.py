@@ -1,7 +1,9 @@
 """Every error a user can meet, as a typed exception that carries its fields.
 
-The CLI turns these into one `error: ...` line (see `cli.app.MStoreGroup`); library
-callers can catch them by type. Anything else that escapes is a bug and is shown as such.
+The CLI turns these into one `error: ...` line (see `mstore.cli.app.MStoreGroup`); library callers can catch
+them by type. Anything else that escapes is a bug and is shown as such. Messages name no
+command-line flag: where the CLI has a flag to suggest, its error table (mstore.cli.output)
+adds the hint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class MStoreError(Exception):
 class StoreNotFound(MStoreError, FileNotFoundError):
     def __init__(self, path: str):
         self.path = path
-        super().__init__(f"no store at {path} (run `mstore init` or set --store / MSTORE_HOME)")
+        super().__init__(f"no store at {path}")
 
 
 class StoreFormatError(MStoreError):
@@ -80,8 +82,7 @@ class RegistryCorrupt(MStoreError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
         super().__init__(
-            f"registry {path} is damaged ({reason}); it was not modified. Restore it, or "
-            "run `mstore fsck --lost-found` to set it aside and name the commits that remain"
+            f"registry {path} is damaged ({reason}); it was not modified"
         )
 
 
@@ -145,12 +146,20 @@ class TooLarge(ImportRefused):
         super().__init__(f"{what}: needs {fmt_bytes(need)}, limit is {fmt_bytes(limit)}")
 
 
+class SizeLimitExceeded(TooLarge):
+    """The model is larger than the `max_size` its import was given."""
+
+    def __init__(self, model_id: str, need: int, limit: int):
+        self.model_id = model_id
+        super().__init__(f"{model_id} is larger than max_size", need, limit)
+
+
 class LicenseNotAccepted(MStoreError):
     def __init__(self, license: str):
         self.license = license
         super().__init__(
-            f"license {license!r} not accepted: pass --accept-license (or answer yes at a "
-            "terminal prompt); nothing was written"
+            f"license {license!r} not accepted (accept_license=True accepts it); nothing was "
+            "written"
         )
 
 
@@ -239,6 +248,30 @@ class Interrupted(MStoreError):
     exit_code = 130
 
 
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C during training, with nothing committed (commit_on_interrupt was not set)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"interrupted at step {step}; nothing committed")
+
+
+class InvalidSetting(MStoreError, ValueError):
+    """A setting outside its range; `setting` is the parameter's name (`top_p`)."""
+
+    def __init__(self, setting: str, rule: str):
+        self.setting, self.rule = setting, rule
+        super().__init__(f"{setting} must be {rule}")
+
+
+class WorkersFailed(MStoreError):
+    """The training processes torchrun started failed without an error line of their own."""
+
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(f"the training processes failed (torchrun exited {code})")
+
+
 def _short(oid: str | None) -> str:
     return oid[:12] if oid else "nothing"
 
@@ -320,8 +353,7 @@ class NotFastForward(RemoteError):
     def __init__(self, name: str, local: str, remote_commit: str, remote: str):
         self.name, self.local, self.remote_commit = name, local, remote_commit
         super().__init__(f"local {name!r} ({local[:12]}) and {remote!r}'s ({remote_commit[:12]}) "
-                         "have diverged; pull with --as NEW_NAME to keep both, or --force to "
-                         "replace the local ref")
+                         "have diverged")
 
 
 class RemoteObjectMissing(RemoteError):
@@ -369,8 +401,15 @@ class LocalRefWouldMove(RemoteError):
     def __init__(self, name: str, local: str, remote_name: str, remote_ref: str, commit: str):
         self.name, self.local, self.remote_ref, self.commit = name, local, remote_ref, commit
         super().__init__(f"local ref {name!r} already points at {local[:12]}; pulling "
-                         f"{remote_ref!r} from {remote_name!r} would move it to {commit[:12]}; "
-                         "pull with --as NEW_NAME to keep both, or --force to move it")
+                         f"{remote_ref!r} from {remote_name!r} would move it to {commit[:12]}")
+
+
+class CommitNeedsRefName(RemoteError, ValueError):
+    """A push of a commit id: the remote ref it should become needs a name (`as_name`)."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        super().__init__(f"{ref!r} is a commit, not a ref: name the remote ref (as_name)")
 
 
 class RemoteRefInvalid(RemoteError, ValueError):
@@ -416,8 +455,7 @@ class CommitFailed(MStoreError):
         self.reason, self.folder = reason, folder
         if folder is not None:
             msg = (f"commit failed ({reason}); nothing was committed. The trained model is "
-                   f"saved in {folder}: once the store has room, commit it with "
-                   f"`mstore train --resume-commit {folder}`")
+                   f"saved in {folder}")
         else:
             msg = (f"commit failed ({reason}), and the trained model could not be saved "
                    f"either ({save_error}); nothing was committed")
@@ -432,8 +470,7 @@ class RegistryMissing(RegistryCorrupt):
         self.path, self.reason = path, "missing"
         MStoreError.__init__(
             self, f"registry {path} is missing but the store holds objects: the store is "
-            "damaged and nothing was changed; `mstore fsck` lists its commits and "
-            "`mstore fsck --lost-found` names them again")
+            "damaged and nothing was changed")
 
 
 class CommitLikeName(BadName):

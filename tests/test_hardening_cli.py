@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mstore.cli.app import app
-from mstore.cli.termtext import json_text, safe_lines, safe_text
+from mstore.cli.output import json_text, safe_lines, safe_text
 from tests.conftest import REPO_ROOT, Cli, run_mstore, snapshot
 from tests.hub_server import clean_environ
 
@@ -317,7 +317,7 @@ def test_docs_show_no_paths_of_the_machine_they_were_made_on():
 @pytest.mark.slow
 def test_paths_under_the_working_folder_are_shown_relative(cli, tmp_path, model_dirs,
                                                            monkeypatch):
-    from mstore.cli.render import shown_path
+    from mstore.cli.output import shown_path
 
     work = tmp_path / "work"
     shutil.copytree(model_dirs["qwen2"], work / "tiny")

@@ -387,17 +387,23 @@ def _dominant_dtype(state: dict[str, "torch.Tensor"]):
 
 @contextlib.contextmanager
 def _quiet_loading_bar():
-    """transformers' loader shows a "Loading weights" bar; `generate` should not."""
+    """transformers' loader shows a "Loading weights" bar; loading from the store should not.
+
+    `convert_and_load_state_dict_in_model` has no per-call switch for it: it makes the bar
+    through `transformers.utils.logging.tqdm`, whose one public way in is the process-wide
+    `set_tqdm_hook` (it returns the hook it replaces). So the hook is set around this one
+    call and the previous hook put back, even on error; only a load in another thread at
+    the same moment would lose its bar too. This is the one place mstore touches it."""
     from transformers.utils import logging as tf_logging
 
-    previous = getattr(tf_logging, "_tqdm_active", None)
-    if previous is not None:
-        tf_logging._tqdm_active = False
+    def no_bar(factory, args, kwargs):
+        return tf_logging.EmptyTqdm(*args, **kwargs)
+
+    previous = tf_logging.set_tqdm_hook(no_bar)
     try:
         yield
     finally:
-        if previous is not None:
-            tf_logging._tqdm_active = previous
+        tf_logging.set_tqdm_hook(previous)
 
 
 def _attach(model, state: dict[str, "torch.Tensor"], tied: set[str]) -> set[str]:

@@ -7,58 +7,20 @@ errors are MStoreError subclasses that the app's MStoreGroup turns into one `err
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import JsonOpt, echo, echo_line, print_json, safe_text, store_of
-from .render import shown_path
-from ..reporting import Progress, Reporter
+from .options import JsonOpt, store_of
+from .output import TerminalReporter, echo, print_json, safe_text, shown_path
+from ..reporting import Reporter
 from ..units import fmt_bytes
 
 RemoteArg = Annotated[Optional[str], typer.Argument(
     help="Remote name (default: the only one, or 'origin').")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", "-f", help="Overwrite the ref even if it moved or diverged.")]
-
-
-class _TqdmProgress(Progress):
-    def __init__(self, bar):
-        self._bar = bar
-
-    def update(self, n: int = 1) -> None:
-        self._bar.update(n)
-
-    def set_postfix_str(self, text: str) -> None:
-        self._bar.set_postfix_str(text)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-class _RemoteReporter(Reporter):
-    """What push, pull and clone hand over, shown on stderr: `warning: ...` lines, and byte
-    progress bars only on a terminal without --json. (Local to these commands until the
-    CLI's shared reporter, mstore.cli.output, takes its place.)"""
-
-    def __init__(self, as_json: bool):
-        self.progress_bars = not as_json and sys.stderr.isatty()
-
-    def message(self, text: str) -> None:
-        echo_line(text)
-
-    def warning(self, text: str) -> None:
-        echo_line(f"warning: {text}")
-
-    def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
-        if not self.progress_bars:
-            return Progress()
-        from tqdm import tqdm
-
-        return _TqdmProgress(tqdm(total=total, desc=desc, unit=unit, unit_scale=True,
-                                  unit_divisor=1024, file=sys.stderr, leave=False))
 
 
 def _warn_skipped(reporter: Reporter, remote: str, skipped: list[dict[str, str]]) -> None:
@@ -134,7 +96,7 @@ def register(app: typer.Typer) -> None:
         """Send a model (objects, manifest chain, then the ref) to a remote."""
         from ..remote import push as do_push
 
-        reporter = _RemoteReporter(as_json)
+        reporter = TerminalReporter(as_json)
         r = do_push(store_of(ctx), name, remote, as_name=as_name, force=force,
                     reporter=reporter)
         _warn_skipped(reporter, r.remote, r.skipped)
@@ -163,7 +125,7 @@ def register(app: typer.Typer) -> None:
         """Fetch a model from a remote, verifying every object, and set the local ref."""
         from ..remote import pull as do_pull
 
-        reporter = _RemoteReporter(as_json)
+        reporter = TerminalReporter(as_json)
         r = do_pull(store_of(ctx), name, remote, as_name=as_name, force=force,
                     reporter=reporter)
         _warn_skipped(reporter, r.remote, r.skipped)
@@ -182,7 +144,7 @@ def register(app: typer.Typer) -> None:
         """Make a new local store from a remote, recorded as `origin`."""
         from ..remote import clone as do_clone
 
-        reporter = _RemoteReporter(as_json)
+        reporter = TerminalReporter(as_json)
         res = do_clone(url, dest, ref, reporter=reporter)
         _warn_skipped(reporter, "origin", res.skipped)
         if as_json:

@@ -168,11 +168,13 @@ def remote_info(spec: HubSpec) -> RemoteInfo:
                       blob_ids=blobs)
 
 
-def fetch_file(repo_id: str, filename: str, revision: str) -> Path:
-    """One small file (config.json, LICENSE) into the HF cache, where `hf` would put it."""
+def fetch_file(repo_id: str, filename: str, revision: str, tqdm_class: type) -> Path:
+    """One small file (config.json, LICENSE) into the HF cache, where `hf` would put it;
+    `tqdm_class` (a Reporter's) shows or hides its progress bar."""
     hf = _hub()
     with hub_errors(repo_id, revision):
-        return Path(hf.hf_hub_download(repo_id, filename, revision=revision))
+        return Path(hf.hf_hub_download(repo_id, filename, revision=revision,
+                                       tqdm_class=tqdm_class))
 
 
 def cached_snapshot(repo_id: str, revision: str | None,
@@ -193,15 +195,14 @@ def cached_snapshot(repo_id: str, revision: str | None,
     return path
 
 
-def download_snapshot(repo_id: str, sha: str, patterns: list[str], dest: Path,
-                      quiet: bool) -> Path:
-    """Download into `dest` (the store's tmp/), resuming whatever an earlier try left there."""
+def download_snapshot(repo_id: str, sha: str, patterns: list[str], dest: Path, *,
+                      tqdm_class: type) -> Path:
+    """Download into `dest` (the store's tmp/), resuming whatever an earlier try left there.
+    `tqdm_class` (a Reporter's) shows or hides the progress bars of this call only."""
     hf = _hub()
-    if quiet:
-        hf.utils.disable_progress_bars()
     with hub_errors(repo_id, sha, downloading=True):
         return Path(hf.snapshot_download(repo_id, revision=sha, allow_patterns=_exact(patterns),
-                                         local_dir=dest))
+                                         local_dir=dest, tqdm_class=tqdm_class))
 
 
 def _exact(names: list[str] | None) -> list[str] | None:

@@ -28,7 +28,7 @@ from ..store import failpoints
 from . import client as hub
 from ..errors import (
     BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt,
-    ObjectMissing, PickleOnly, RefChanged, SourceNotFound, TooLarge,
+    ObjectMissing, PickleOnly, RefChanged, SizeLimitExceeded, SourceNotFound, TooLarge,
     UnsupportedArchitecture,
 )
 from .import_cache import ImportCache
@@ -39,6 +39,7 @@ from ..store.objects import ObjectBatch, PutResult, hash_file, hash_tensor_range
 from ..store.refs import RefEntry
 from ..store.registry import COMMIT_LIKE_RE, validate_name
 from ..store.safetensors_io import DTYPE_SIZES, object_data_start, parse_header
+from ..reporting import SILENT, Reporter
 from ..store.repo import Store
 from ..units import fmt_bytes, fmt_count
 
@@ -95,21 +96,24 @@ class SourcePlan:
 def import_model(store: Store, source: str, *, name: str | None = None,
                  revision: str | None = None, accept_license: bool = False,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
-                 echo: Callable[[str], None] = lambda s: None, quiet: bool = True) -> ImportResult:
+                 reporter: Reporter = SILENT) -> ImportResult:
+    """Import `source` (a Hub repo id or URL, or a local folder) into `store`. `confirm`
+    asks the user about the license when `accept_license` is not given (None: refuse);
+    `reporter` gets what is happening and the progress bars."""
     store.refs()  # a damaged registry refuses now, before anything is downloaded or written
     if name is not None:
         validate_name(name)
-    plan = plan_source(source, revision, store)
+    plan = plan_source(source, revision, store, reporter)
     if plan.held is None:
         _check_architecture(plan.config)
     elif name is not None:
         plan.held = _held_by_source(store, plan.source, name) or plan.held
     if name is not None:
         _check_name(store, plan, name)
-    _describe(plan, echo)
+    _describe(plan, reporter)
     _check_space(store, plan, max_size)
     license = plan.license or "unknown"
-    echo(f"  license: {license}")
+    reporter.message(f"  license: {license}")
     if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
         raise LicenseNotAccepted(license)
     if plan.held is not None:
@@ -120,15 +124,15 @@ def import_model(store: Store, source: str, *, name: str | None = None,
     with store.writer_lock("import"):
         store.refs()
         wait_note = f"  waiting for another import of {plan.model_id} to finish"
-        with ImportLock(store.objects.tmp_dir, _lock_key(plan), lambda: echo(wait_note)):
+        with ImportLock(store.objects.tmp_dir, _lock_key(plan), lambda: reporter.message(wait_note)):
             held = _held_by_source(store, plan.source, name)
             if held is not None:  # a concurrent import of this revision finished first
                 return _already(store, plan, held, name, locked=True)
-            folder, downloaded = _materialise(store, plan, quiet)
+            folder, downloaded = _materialise(store, plan, reporter)
             if downloaded:
                 check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
             cache = ImportCache(store.root)
-            manifest, batch = _convert(store, plan, folder, quiet, cache)
+            manifest, batch = _convert(store, plan, folder, reporter, cache)
             result = _commit(store, plan, manifest, batch, name)
             if not downloaded:  # files that stay where they are: worth remembering
                 cache.save()
@@ -137,7 +141,8 @@ def import_model(store: Store, source: str, *, name: str | None = None,
     return result
 
 
-def _describe(plan: SourcePlan, echo: Callable[[str], None]) -> None:
+def _describe(plan: SourcePlan, reporter: Reporter) -> None:
+    echo = reporter.message
     if plan.held is not None:
         echo(f"{plan.model_id}@{plan.source.get('revision', '')[:12]} is already imported "
              f"({plan.held}): nothing to download")
@@ -156,15 +161,17 @@ def _lock_key(plan: SourcePlan) -> str:
 
 
 # -- planning --------------------------------------------------------------------------
-def plan_source(source: str, revision: str | None, store: Store | None = None) -> SourcePlan:
-    """`store`: where to look for a Hub revision already imported (then nothing is fetched)."""
+def plan_source(source: str, revision: str | None, store: Store | None = None,
+                reporter: Reporter = SILENT) -> SourcePlan:
+    """`store`: where to look for a Hub revision already imported (then nothing is fetched);
+    `reporter`: the progress of the small files (config, index, license) fetched to plan."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _plan_local(path.resolve())
     spec = hub.parse_hub_source(source, revision)
     if spec is None:
         raise SourceNotFound(source)
-    return _plan_hub(spec, store)
+    return _plan_hub(spec, store, reporter.tqdm_class())
 
 
 def _plan_local(folder: Path, link_root: Path | None = None) -> SourcePlan:
@@ -209,7 +216,7 @@ def _cache_repo_id(repo: Path) -> str:
     return "/".join(repo.name[len("models--"):].split("--"))
 
 
-def _plan_hub(spec: hub.HubSpec, store: Store | None = None) -> SourcePlan:
+def _plan_hub(spec: hub.HubSpec, store: Store | None, tqdm_class: type) -> SourcePlan:
     if hub.is_offline():
         return _plan_offline(spec)
     info = hub.remote_info(spec)
@@ -222,18 +229,20 @@ def _plan_hub(spec: hub.HubSpec, store: Store | None = None) -> SourcePlan:
         return _held_plan(store, spec, info, source, held)
     if "config.json" not in names:
         raise BadSource(f"{spec.repo_id} has no config.json: not a transformers model repo")
-    config = _read_config(hub.fetch_file(spec.repo_id, "config.json", info.sha))
+    config = _read_config(hub.fetch_file(spec.repo_id, "config.json", info.sha, tqdm_class))
     _check_architecture(config)
     weights = _weight_files(
         [n for n in names if "/" not in n] + ([INDEX_FILE] if INDEX_FILE in names else []),
-        lambda n: _read_json(hub.fetch_file(spec.repo_id, n, info.sha)), spec.repo_id, config,
+        lambda n: _read_json(hub.fetch_file(spec.repo_id, n, info.sha, tqdm_class)),
+        spec.repo_id, config,
     )
     others = [n for n in names if "/" not in n and _keep(n) and n not in weights
               and n != INDEX_FILE]
     license = info.license
     if license is None and any(n.startswith("LICENSE") for n in names):
         lic_name = next(n for n in names if n.startswith("LICENSE"))
-        license = hub.card_license(hub.fetch_file(spec.repo_id, lic_name, info.sha).parent)
+        license = hub.card_license(hub.fetch_file(spec.repo_id, lic_name, info.sha,
+                                                   tqdm_class).parent)
     plan = SourcePlan(
         source=source, model_id=spec.repo_id, default_stem=spec.repo_id.split("/")[-1],
         config=config, weight_files=weights, other_files=others,
@@ -332,7 +341,7 @@ def _check_architecture(config: dict) -> None:
 
 def _check_space(store: Store, plan: SourcePlan, max_size: int | None) -> None:
     if max_size is not None and plan.total_bytes > max_size:
-        raise TooLarge(f"{plan.model_id} is larger than --max-size", plan.total_bytes, max_size)
+        raise SizeLimitExceeded(plan.model_id, plan.total_bytes, max_size)
     if plan.held is not None:
         return  # nothing will be written
     need = plan.total_bytes if plan.folder else 2 * plan.total_bytes
@@ -371,7 +380,8 @@ def _read_config(path: Path) -> dict:
 
 
 # -- download and conversion -----------------------------------------------------------
-def _materialise(store: Store, plan: SourcePlan, quiet: bool) -> tuple[Path, Path | None]:
+def _materialise(store: Store, plan: SourcePlan,
+                 reporter: Reporter) -> tuple[Path, Path | None]:
     """The folder to read from, and the tmp/ download folder to remove afterwards (if any)."""
     if plan.folder is not None:
         return plan.folder, None
@@ -380,26 +390,25 @@ def _materialise(store: Store, plan: SourcePlan, quiet: bool) -> tuple[Path, Pat
     slug = re.sub(r"[^A-Za-z0-9._-]", "--", info.repo_id)
     dest = store.objects.tmp_dir / f"download-{slug}-{info.sha[:16]}"
     wanted = plan.weight_files + plan.other_files
-    folder = hub.download_snapshot(info.repo_id, info.sha, wanted, dest, quiet)
+    folder = hub.download_snapshot(info.repo_id, info.sha, wanted, dest,
+                                  tqdm_class=reporter.tqdm_class())
     hub.verify_download(folder, info, wanted)
     failpoints.hit("import.downloaded")
     return folder, dest
 
 
-def _convert(store: Store, plan: SourcePlan, folder: Path, quiet: bool,
+def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
              cache: ImportCache, batch: "ObjectBatch | _HashOnly | None" = None,
              ) -> tuple[Manifest, ObjectBatch]:
     """The manifest and the objects it names; with a `_HashOnly` batch, only their ids."""
     tensors: dict = {}
-    bar = _progress(plan.weight_bytes, "converting", quiet)
-    with batch or store.objects.batch() as batch:
+    with reporter.progress(plan.weight_bytes, "converting") as bar, \
+            batch or store.objects.batch() as batch:
         for shard in plan.weight_files:
             _convert_shard(batch, folder / shard, tensors, bar, cache)
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
-    if bar:
-        bar.close()
     tied = {}
     if plan.config.get("tie_word_embeddings", False):
         tied = {k: v for k, v in TIED_PAIRS.items() if k not in tensors and v in tensors}
@@ -447,8 +456,7 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
                     put = batch.put_tensor(oid, info.dtype, info.shape, f.fileno(),
                                            info.start, info.end)
                     tensors[info.name] = TensorEntry(put.oid, info.dtype, list(info.shape))
-                    if bar:
-                        bar.update(info.nbytes)
+                    bar.update(info.nbytes)
         cache.record(path, st, [[i.name, tensors[i.name].object, i.dtype, list(i.shape)]
                                 for i in infos])
 
@@ -461,20 +469,9 @@ def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:
         if name in tensors or not batch.reuse(oid, size):
             return False
         entries[name] = TensorEntry(oid, dtype, list(shape))
-        if bar:
-            bar.update(nbytes)
+        bar.update(nbytes)
     tensors.update(entries)
     return True
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    import sys
-
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
 
 
 # -- commit ----------------------------------------------------------------------------
@@ -535,7 +532,7 @@ def _check_name(store: Store, plan: SourcePlan, name: str) -> None:
 def _dry_content_key(store: Store, plan: SourcePlan) -> bytes:
     """What a local folder's manifest would hold, hashed without writing a byte (the stat
     cache makes it cheap for an unchanged folder)."""
-    manifest, _ = _convert(store, plan, plan.folder, True, ImportCache(store.root),
+    manifest, _ = _convert(store, plan, plan.folder, SILENT, ImportCache(store.root),
                            batch=_HashOnly())
     return manifest.content_key()
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .. import env
-from ..errors import MStoreError
+from ..errors import InvalidSetting, WorkersFailed
 
 
 @dataclass
@@ -116,7 +116,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     `error:` line, which is the one line the user sees; what follows (the other ranks'
     copies, torchrun's report) is dropped. With --debug everything is shown."""
     if nproc < 1:
-        raise MStoreError("--nproc must be >= 1")
+        raise InvalidSetting("nproc", ">= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "mstore", *argv]
     child_env = env.child_environment()
@@ -126,8 +126,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     failed = _relay_until_failure(proc.stderr, sys.stderr.buffer)
     code = _wait(proc)
     if code != 0 and failed is None:
-        raise MStoreError(f"the training processes failed (torchrun exited {code}); rerun "
-                          "with --debug to see their output")
+        raise WorkersFailed(code)
     return code
 
 

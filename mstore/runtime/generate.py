@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..adapters.base import adapter_for
-from ..errors import MStoreError
+from ..errors import InvalidSetting, MStoreError
 from ..store.repo import Store
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -59,11 +59,11 @@ def generate_text(store: Store, ref: str, prompt: str, opts: GenerateOptions,
                   on_text: Callable[[str], None] = lambda s: None) -> str:
     """Generate and return the completion; `on_text` receives it piece by piece."""
     if opts.temperature < 0:
-        raise MStoreError("--temperature must be >= 0")
+        raise InvalidSetting("temperature", ">= 0")
     if opts.top_p is not None and not 0 < opts.top_p <= 1:
-        raise MStoreError("--top-p must be in (0, 1]")
+        raise InvalidSetting("top_p", "in (0, 1]")
     if opts.top_k is not None and opts.top_k < 1:
-        raise MStoreError("--top-k must be >= 1")
+        raise InvalidSetting("top_k", ">= 1")
     resolved = store.resolve(ref)
     adapter = adapter_for(store, resolved.commit)
     device = pick_device(opts.device)

@@ -10,7 +10,7 @@ collect) and leftovers in tmp/.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
 from .lost_found import dangling_commits
@@ -24,6 +24,8 @@ class Finding:
     object: str | None
     detail: str
     error: bool = True
+    # the error the detail is the message of, for a caller that words errors its own way
+    cause: MStoreError | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     def line(self) -> str:
         what = self.object or ""
@@ -59,7 +61,7 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
             findings.append(Finding("bad-registry-entry", None,
                                     f"entry {key!r} of registry.json is skipped: {reason}"))
     except MStoreError as e:
-        findings.append(Finding("bad-registry", None, str(e)))
+        findings.append(Finding("bad-registry", None, str(e), cause=e))
         refs = {}
 
     reachable: set[str] = set()
@@ -122,9 +124,13 @@ def _check_head(store, name, m, on_disk, bad_hash) -> list[Finding]:
 
 def to_json(findings: list[Finding]) -> dict:
     errors = [f for f in findings if f.error]
-    return {"ok": not errors, "errors": [asdict(f) for f in errors],
-            "info": [asdict(f) for f in findings if not f.error],
+    return {"ok": not errors, "errors": [_doc(f) for f in errors],
+            "info": [_doc(f) for f in findings if not f.error],
             "dangling": [{"commit": f.object, "short_commit": f.object[:12],
                           "created_at": f.created_at, "message": f.message,
                           "weights_present": f.weights_present}
                          for f in findings if isinstance(f, DanglingCommit)]}
+
+
+def _doc(f: Finding) -> dict:
+    return {x.name: getattr(f, x.name) for x in fields(f) if x.name != "cause"}

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -35,7 +35,7 @@ from ..runtime.checkpoint import (
 )
 from .config import ARCH_KEYS, TrainConfig
 from ..errors import (
-    CommitFailed, ConfigError, DatasetError, Interrupted, MStoreError, NameTaken,
+    CommitFailed, ConfigError, DatasetError, MStoreError, NameTaken, TrainingInterrupted,
 )
 from ..runtime.generate import pick_device
 from ..nn.char_tokenizer import CharTokenizer
@@ -43,6 +43,7 @@ from ..nn.transformer import TransformerConfig
 from ..store.objects import hash_file
 from ..store.repo import Store
 from ..runtime.torch_io import TORCH_DTYPES
+from ..reporting import SILENT, Reporter
 
 MAX_HISTORY = 100  # loss points kept in the manifest (evenly spaced)
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # torch's fused AdamW kernels
@@ -242,12 +243,13 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 
 
 def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
-          callbacks: list[Any] = (), log: Callable[[str], None] = lambda s: None,
-          progress: bool | None = None,
+          callbacks: list[Any] = (), reporter: Reporter = SILENT,
           recovery_dir: Path | None = None) -> TrainResult | None:
     """Train and commit. Under torchrun every rank calls this; rank 0 commits and returns
-    the result, the other ranks return None. A failed commit keeps the model in
-    `recovery_dir` (default: see `mstore.recovery`) and raises CommitFailed naming it."""
+    the result, the other ranks return None (and report nothing). `reporter` gets a line
+    per tenth of the steps, or a progress bar where it shows bars. A failed commit keeps
+    the model in `recovery_dir` (default: see `mstore.recovery`) and raises CommitFailed
+    naming it."""
     started = time.time()
     if cfg.output_name is not None and not store.name_is_free(cfg.output_name):
         raise NameTaken(cfg.output_name, store.next_free_name(cfg.output_name))
@@ -258,15 +260,13 @@ def train(store: Store, cfg: TrainConfig, *, commit_on_interrupt: bool = False,
     try:
         return _train(store, cfg, ctx, distributed.device_for(ctx, device), docs, data_path,
                       started, commit_on_interrupt, callbacks if ctx.is_main else (),
-                      log if ctx.is_main else (lambda s: None),
-                      (sys.stderr.isatty() if progress is None else progress) and ctx.is_main,
-                      recovery_dir)
+                      reporter if ctx.is_main else SILENT, recovery_dir)
     finally:
         distributed.shutdown(ctx)
 
 
 def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrupt, callbacks,
-           log, show_bar, recovery_dir) -> TrainResult | None:
+           reporter, recovery_dir) -> TrainResult | None:
     if cfg.batch_size % ctx.world:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by "
                           f"the number of processes ({ctx.world})")
@@ -276,17 +276,16 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
         train_blocks, eval_blocks = pack(s.tok, docs, cfg.seq_len, cfg.eval_fraction)
         frozen = _freeze(s.model, cfg.freeze)
         where = device + (f" x {ctx.world} processes ({cfg.strategy})" if ctx.active else "")
-        log(f"training {cfg.model_name or 'custom transformer from scratch'} on {where}: "
+        reporter.message(f"training {cfg.model_name or 'custom transformer from scratch'} on {where}: "
             f"{train_blocks.shape[0]} train blocks x {cfg.seq_len} tokens"
             + (f", {eval_blocks.shape[0]} eval" if eval_blocks is not None else "")
             + (f", {len(frozen)} frozen tensors" if frozen else ""))
         wrapped = distributed.wrap(s.model, ctx, cfg.strategy, device)
         loop = _Loop(cfg, wrapped, s.adapter.forward, train_blocks, eval_blocks, device,
-                     callbacks, log, show_bar, ctx)
+                     callbacks, reporter, ctx)
         interrupted = loop.run()
         if interrupted and not commit_on_interrupt:
-            raise Interrupted(f"interrupted at step {loop.step}; nothing committed "
-                              "(--commit-on-interrupt keeps the partial model)")
+            raise TrainingInterrupted(loop.step)
         distributed.barrier(ctx)
         full = distributed.gather_full_state(wrapped, ctx, cfg.strategy)
         if not ctx.is_main:
@@ -317,11 +316,11 @@ def _unsharded_copy(store: Store, cfg: TrainConfig, s: "_Setup",
 
 
 class _Loop:
-    def __init__(self, cfg, model, forward, train_blocks, eval_blocks, device, callbacks, log,
-                 show_bar, ctx: distributed.DistContext):
+    def __init__(self, cfg, model, forward, train_blocks, eval_blocks, device, callbacks,
+                 reporter: Reporter, ctx: distributed.DistContext):
         self.cfg, self.model, self.forward, self.ctx = cfg, model, forward, ctx
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
-        self.device, self.callbacks, self.log, self.show_bar = device, callbacks, log, show_bar
+        self.device, self.callbacks, self.reporter = device, callbacks, reporter
         self.step = 0
         self.tokens_seen = 0
         self.train_losses: list[list[float]] = []
@@ -349,11 +348,8 @@ class _Loop:
         """Train; returns True if interrupted by Ctrl-C."""
         cfg = self.cfg
         self.model.train()
-        bar = None
-        if self.show_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_steps, desc="training", unit="step")
+        bar = (self.reporter.progress(cfg.max_steps, "training", unit="step")
+               if self.reporter.progress_bars else None)
         every = max(1, cfg.max_steps // 10)
         t0 = time.time()
         try:
@@ -366,12 +362,12 @@ class _Loop:
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     state.eval_loss = self._eval()
                 tok_s = self.tokens_seen / max(elapsed, 1e-9)
-                if bar:
+                if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+                    bar.set_postfix_str(f"loss={loss:.4f}, tok_s={tok_s:.0f}")
                 elif self.step % every == 0 or self.step == cfg.max_steps:
                     ev = f" eval {state.eval_loss:.4f}" if state.eval_loss is not None else ""
-                    self.log(f"step {self.step}/{cfg.max_steps} loss {loss:.4f}{ev} "
+                    self.reporter.message(f"step {self.step}/{cfg.max_steps} loss {loss:.4f}{ev} "
                              f"lr {state.lr:.2e} {tok_s:.0f} tok/s")
                 for cb in self.callbacks:
                     if hasattr(cb, "on_step_end"):
@@ -381,7 +377,7 @@ class _Loop:
         except KeyboardInterrupt:
             return True
         finally:
-            if bar:
+            if bar is not None:
                 bar.close()
         return False
 

@@ -1,0 +1,145 @@
+"""The store's upkeep: gc, fsck (with --lost-found), du, diff. Torch-free."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..units import fmt_bytes
+from .options import JsonOpt, NameArg, store_of
+from .output import echo, error_message, print_json, print_table, safe_text, shown_path
+
+
+def register(app: typer.Typer) -> None:
+    """Add gc, fsck, du and diff to `app`."""
+    app.command()(gc)
+    app.command()(fsck)
+    app.command()(du)
+    app.command()(diff)
+
+
+def gc(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go.")] = False,
+    grace: Annotated[str, typer.Option("--grace", help="Keep unreachable objects younger "
+                                       "than this (e.g. 1h, 30m, 0).")] = "1h",
+    as_json: JsonOpt = False,
+):
+    """Delete objects no ref can reach."""
+    from ..store.gc import collect
+    from ..units import parse_duration
+
+    try:
+        seconds = parse_duration(grace)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--grace")
+    p = collect(store_of(ctx, must_exist=True), grace=seconds, dry_run=dry_run)
+    if as_json:
+        return print_json(p.to_json(dry_run))
+    verb = "would delete" if dry_run else "deleted"
+    echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
+         f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
+         f"{p.kept_young} younger than {safe_text(grace)}")
+
+
+def fsck(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    subset: Annotated[Optional[str], typer.Option(
+        "--read-data-subset", help="Re-hash only slice n of t (e.g. 1/5).")] = None,
+    lost_found: Annotated[bool, typer.Option("--lost-found", help=(
+        "Name each dangling commit lost-found-<id>; rebuild a missing or damaged "
+        "registry.json (a damaged one is kept as registry.json.corrupt-<time>)."))] = False,
+):
+    """Re-hash every object and check every ref; exit 1 on any problem."""
+    from ..store.fsck import check, to_json
+
+    part = None
+    if subset:
+        try:
+            n, t = (int(x) for x in subset.split("/"))
+            if not 1 <= n <= t:
+                raise ValueError
+            part = (n, t)
+        except ValueError:
+            raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
+    store = store_of(ctx, must_exist=True)
+    findings = check(store, part)
+    for f in findings:
+        if f.cause is not None:  # the CLI's own wording of the error (its hint)
+            f.detail = error_message(f.cause)
+    errors = [f for f in findings if f.error]
+    recovery = None
+    if lost_found:
+        from ..store.lost_found import recover
+
+        recovery = recover(store)
+    if as_json:
+        doc = to_json(findings)
+        if recovery is not None:
+            doc["lost_found"] = recovery.to_json()
+        print_json(doc)
+    else:
+        for f in findings:
+            echo(("error " if f.error else "info  ") + safe_text(f.line()))
+        if recovery is not None:
+            _print_recovery(recovery)
+        echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
+    if errors:
+        raise typer.Exit(1)
+
+
+def _print_recovery(rec) -> None:
+    if rec.registry_moved_to:
+        echo(f"moved the damaged registry.json to {safe_text(shown_path(rec.registry_moved_to))}")
+    if rec.registry_created:
+        echo("wrote a new registry.json")
+    for name, commit in rec.named:
+        echo(f"restored {safe_text(name)} -> {commit[:12]}")
+    for commit, why in rec.skipped:
+        echo(f"not restored {commit[:12]}: {safe_text(why)}")
+    if not rec.named and not rec.registry_created:
+        echo("nothing to restore: no dangling commits")
+
+
+def du(ctx: typer.Context, as_json: JsonOpt = False):
+    """Logical bytes (each commit a ref holds, once) against physical bytes on disk."""
+    from ..store.report import du as du_report
+
+    doc = du_report(store_of(ctx, must_exist=True))
+    if as_json:
+        return print_json(doc)
+    table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
+    for m in doc["models"]:
+        new = m.get("new_vs_parent_bytes")
+        table.append((", ".join(m["names"]), fmt_bytes(m["logical_bytes"]),
+                      fmt_bytes(m["unique_bytes"]),
+                      "-" if new is None else fmt_bytes(new)))
+    if len(table) > 1:
+        print_table(table)
+    ratio = doc["dedup_ratio"]
+    echo(f"logical {fmt_bytes(doc['logical_bytes'])}, physical "
+         f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
+         + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
+
+
+def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
+    """Tensors added, removed, changed (relative L2) and shared between two models."""
+    from ..store.report import diff as diff_report
+
+    doc = diff_report(store_of(ctx, must_exist=True), a, b)
+    if as_json:
+        return print_json(doc)
+    for n in doc["added"]:
+        echo(f"+ {safe_text(n)}")
+    for n in doc["removed"]:
+        echo(f"- {safe_text(n)}")
+    for c in doc["changed"]:
+        rel = c["relative_l2"]
+        echo(f"~ {safe_text(c['name'])}  " + (f"rel L2 {rel:.3g}" if rel is not None
+                                             else safe_text(c.get("note", ""))))
+    echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
+         f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
+         f"({fmt_bytes(doc['shared_bytes'])})"
+         + ("; config differs" if doc["config_changed"] else ""))

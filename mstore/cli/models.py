@@ -1,0 +1,179 @@
+"""The model commands: init, import, list (ls), show (info), log, tag, rm (delete).
+
+Torch-free: list, show, log, tag and rm read the store through mstore.store.report only.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..units import fmt_bytes, fmt_count
+from .options import JsonOpt, NameArg, TensorsOpt, store_of
+from .output import (
+    TerminalReporter, echo, echo_line, print_json, print_table, render_graph, render_log,
+    render_show, safe_text, shown_path,
+)
+
+RefArg = Annotated[str, typer.Argument(help="Ref to remove.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the model commands (and their hidden aliases) to `app`."""
+    app.command()(init)
+    app.command("import")(import_)
+    app.command("list")(list_)
+    app.command("ls", hidden=True)(ls)
+    app.command()(show)
+    app.command("info", hidden=True)(info)
+    app.command()(log)
+    app.command()(tag)
+    app.command()(rm)
+    app.command("delete", hidden=True)(delete)
+
+
+def init(ctx: typer.Context):
+    """Create the store (harmless if it exists)."""
+    store = store_of(ctx)
+    created = store.init()
+    where = safe_text(shown_path(store.root))
+    echo(f"{'initialised' if created else 'already initialised'} store at {where}")
+
+
+def import_(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Hub repo id, Hub URL or local folder.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Ref name.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision.")] = None,
+    accept_license: Annotated[bool, typer.Option("--accept-license",
+                                                 help="Acknowledge the model's license.")] = False,
+    max_size: Annotated[Optional[str], typer.Option(
+        "--max-size", help="Refuse models larger than this (e.g. 10GB).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Import a model from the Hugging Face Hub or a local folder."""
+    from ..hub.importer import import_model
+    from ..units import parse_size
+
+    limit = None
+    if max_size is not None:
+        try:
+            limit = parse_size(max_size)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--max-size")
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    confirm = (lambda q: typer.confirm(safe_text(q), default=False, err=True)) if interactive \
+        else None
+    result = import_model(
+        store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
+        max_size=limit, confirm=confirm, reporter=TerminalReporter(as_json),
+    )
+    if as_json:
+        return print_json(result.to_json())
+    if result.already:
+        extra = (f"; added the name {safe_text(result.name)}" if result.name != result.held_by
+                 else "; nothing added")
+        echo(f"already imported: identical content is held by {safe_text(result.held_by)} "
+             f"({result.commit[:12]}){extra}")
+        return
+    echo(f"imported {safe_text(result.name)}  commit {result.commit[:12]}")
+    echo(f"  {fmt_count(result.parameters)} parameters, "
+         f"{fmt_bytes(result.bytes_written)} written, "
+         f"{fmt_bytes(result.bytes_present)} already present")
+
+
+def _list(ctx: typer.Context, as_json: bool):
+    from ..store.report import list_rows
+
+    store = store_of(ctx, must_exist=True)
+    rows = list_rows(store)
+    for key, reason in store.registry.invalid_entries():
+        echo_line(f"warning: skipped registry entry {key!r}: {reason} (see `mstore fsck`)")
+    if as_json:
+        return print_json(rows)
+    if not rows:
+        echo("no models (try `mstore import`)")
+        return
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "LICENSE")]
+    for r in rows:
+        table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
+                      fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
+                      r.get("fine_tuned_from") or "-", r.get("license") or "unknown"))
+    print_table(table)
+
+
+def list_(ctx: typer.Context, as_json: JsonOpt = False):
+    """List models: name, commit, architecture, parameters, size, parent, license."""
+    _list(ctx, as_json)
+
+
+def ls(ctx: typer.Context, as_json: JsonOpt = False):
+    """Alias of list."""
+    _list(ctx, as_json)
+
+
+def _show(ctx: typer.Context, name: str, as_json: bool, tensors: bool):
+    from ..store.report import show as show_report
+
+    doc = show_report(store_of(ctx, must_exist=True), name)
+    if as_json:
+        return print_json(doc)
+    echo(render_show(doc, tensors))
+
+
+def show(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False,
+         tensors: TensorsOpt = False):
+    """Show a model's manifest in full."""
+    _show(ctx, name, as_json, tensors)
+
+
+def info(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False,
+         tensors: TensorsOpt = False):
+    """Alias of show."""
+    _show(ctx, name, as_json, tensors)
+
+
+def log(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Argument(help="Model (omit with --all).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every model's history.")] = False,
+    graph: Annotated[bool, typer.Option("--graph", help="Draw the family tree.")] = False,
+    as_json: JsonOpt = False,
+):
+    """A model's lineage, newest first, like `git log`."""
+    from ..store import report
+
+    store = store_of(ctx, must_exist=True)
+    if all_ or name is None:
+        if not all_:
+            raise typer.BadParameter("name a model, or pass --all", param_hint="NAME")
+        entries = report.all_commits_graph(store)
+    else:
+        entries = report.log_entries(store, store.resolve(name).commit)
+    if as_json:
+        return print_json(entries)
+    echo(render_graph(entries) if graph else render_log(entries))
+
+
+def tag(ctx: typer.Context, name: NameArg,
+        new: Annotated[str, typer.Argument(help="New ref name.")]):
+    """Add a second ref to the same commit (or name a commit no ref reaches)."""
+    commit = store_of(ctx).tag(name, new)
+    echo(f"tagged {safe_text(new)} -> {commit[:12]}")
+
+
+def _rm(ctx: typer.Context, name: str):
+    commit = store_of(ctx).remove(name)
+    echo(f"removed {safe_text(name)} (was {commit[:12]}); its objects stay until `mstore gc`")
+
+
+def rm(ctx: typer.Context, name: RefArg):
+    """Remove a ref; objects stay until gc."""
+    _rm(ctx, name)
+
+
+def delete(ctx: typer.Context, name: RefArg):
+    """Alias of rm."""
+    _rm(ctx, name)
