@@ -22,10 +22,7 @@ KEPT = {
     ("errors.py", "RemoteRefMoved"),
     # load_config's overrides are the CLI's `--set key=value` strings; tests/test_train.py
     # asserts load_config's "--set max_steps: expected an integer"
-    ("train/config.py", "*"),
-    # the remote package is being split by another piece of issue 12: its commit-not-a-ref
-    # refusal moves to errors.CommitNeedsRefName there
-    ("remote/sync.py", "*"),
+    ("training/config.py", "*"),
 }
 
 

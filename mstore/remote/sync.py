@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
+    CommitNeedsRefName,
     DestinationNotEmpty, LocalRefWouldMove, NotFastForward, ObjectCorrupt, ObjectMissing,
-    RemoteBusy, RemoteError, RemoteNotAStore, RemoteObjectCorrupt, RemoteObjectMissing,
+    RemoteBusy, RemoteNotAStore, RemoteObjectCorrupt, RemoteObjectMissing,
     RemoteRefInvalid, RemoteRefMissing, RemoteRefMoved, StoreNotFound,
 )
 from ..reporting import SILENT, Reporter
@@ -122,7 +123,7 @@ def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | No
     resolved = store.resolve(ref)  # for its name; _plan_push resolves it again under the lock
     name = as_name or resolved.name
     if name is None:
-        raise RemoteError(f"{ref!r} is a commit, not a ref: name the remote ref with --as NAME")
+        raise CommitNeedsRefName(ref)
     validate_name(name)
     transport = open_transport(url)
     with store.writer_lock("push"):
