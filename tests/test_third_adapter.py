@@ -202,3 +202,12 @@ def test_the_custom_adapter_answers_import_and_export_without_torch():
                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_docs_name_every_method_and_attribute_of_the_interface():
+    """docs/adapters.md lists the interface; a member added to `Adapter` must appear there."""
+    doc = (REPO_ROOT / "docs" / "adapters.md").read_text()
+    members = [n for n in vars(base.Adapter) if not n.startswith("_")]
+    assert members
+    missing = [n for n in members if f"def {n}(" not in doc and f"    {n}:" not in doc]
+    assert not missing, f"docs/adapters.md does not list {missing}"

@@ -186,7 +186,8 @@ class Adapter(abc.ABC):
 
     # -- tokenizer ------------------------------------------------------------------------
     @abc.abstractmethod
-    def tokenizer(self) -> Tokenizer: ...
+    def tokenizer(self) -> Tokenizer:
+        """The bound manifest's tokenizer, from its file objects."""
 
     def tokenizer_from_files(self, files: dict[str, bytes]) -> Tokenizer:
         """A tokenizer made of other files (a config's `tokenizer:` override)."""
@@ -203,7 +204,10 @@ class Adapter(abc.ABC):
                         max_new_tokens: int, temperature: float, top_k: int | None,
                         top_p: float | None, generator: "torch.Generator | None",
                         eos_token_ids: list[int]) -> Iterator[int]:
-        """Yield new token ids one at a time (so the CLI can stream them)."""
+        """Yield new token ids one at a time (so the CLI can stream them), stopping after
+        `max_new_tokens` or at an id of `eos_token_ids` (not yielded). Each token is picked
+        with `mstore.runtime.sampling.sample_next_token` (temperature 0 is greedy), so the
+        sampling flags and `--seed` mean the same for every architecture."""
 
     # -- helpers for subclasses -----------------------------------------------------------
     @contextlib.contextmanager
