@@ -2,7 +2,11 @@
 
 An adapter turns a manifest into a runnable torch module (without allocating random
 weights first), gives its tokenizer, and turns a trained module back into tensors and files
-for a new manifest. The training loop, `generate` and `export` only talk to this interface.
+for a new manifest. It also answers, without torch, what import, export and train need to
+know about its architecture (may it be imported, which weights are tied, the default
+generation config, how to build a model from scratch). Import, training, `generate` and
+`export` only talk to this interface: no module outside `mstore/adapters/` names an
+architecture.
 
 Adapters are found through the Python entry-point group `mstore.adapters` (name = the
 manifest's `architecture`), so the built-in ones register exactly like an outside package.
@@ -19,9 +23,9 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from ..errors import ObjectCorrupt, ObjectMissing, UnknownAdapter
+from ..errors import ConfigError, ObjectCorrupt, ObjectMissing, UnknownAdapter
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     from ..store.repo import Store
 
 ENTRY_POINT_GROUP = "mstore.adapters"
+# What `model_name: null` in a training config trains (the config has no architecture key)
+SCRATCH_ARCHITECTURE = "custom-transformer"
 # The files a tokenizer is made of (what a `tokenizer:` override replaces in a fine-tune)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -74,11 +80,30 @@ class Checkpoint:
     tied_weights: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class ScratchModel:
+    """A new model with no parent, as `Adapter.from_scratch` builds it for `train`."""
+
+    adapter: "Adapter"  # bound to no manifest (manifest None)
+    model: "torch.nn.Module"  # freshly initialised (seeded), on the CPU
+    tokenizer: "Tokenizer"
+    files: dict[str, bytes]  # what the new manifest holds besides config.json (the tokenizer)
+    rebuild: Callable[[], "torch.nn.Module"]  # another fresh module of the same shape
+
+
 class Adapter(abc.ABC):
     """One architecture family. Instances are bound to one manifest."""
 
     #: manifest `architecture` values this adapter serves
     architectures: tuple[str, ...] = ()
+    #: whether `mstore import` takes these architectures from a Hub repo or a local folder
+    #: (config.json `model_type`); False for models that only mstore itself creates
+    importable: bool = True
+    #: training from scratch (`model_name: null`, see `from_scratch`): the name stem of the
+    #: new refs (`{stem}-001`), the manifest's model_id, and what messages call the model
+    scratch_stem: str | None = None
+    scratch_model_id: str | None = None
+    scratch_title: str | None = None
 
     def __init__(self, store: "Store", manifest: "Manifest | None", commit: str | None = None):
         """`manifest` is None only for a model being created from scratch."""
@@ -111,6 +136,34 @@ class Adapter(abc.ABC):
     def tied_weights(self) -> dict[str, str]:
         return dict(self.manifest.tied_weights)
 
+    @classmethod
+    def from_scratch(cls, store: "Store", arch: Mapping[str, Any], seed: int,
+                     texts: Sequence[str], tokenizer_files: Mapping[str, bytes]) -> ScratchModel:
+        """A new, seeded model for `train` with `model_name: null`. `arch` holds the
+        training config's architecture keys (`train.config.ARCH_KEYS`, defaults filled
+        in); `texts` are the training documents (to build a vocabulary from) and
+        `tokenizer_files` the config's `tokenizer:` override (name -> bytes, may be empty).
+        The torch RNG state is left as it was. The default refuses (`ConfigError`)."""
+        raise ConfigError(f"config key 'model_name': the {cls.__name__} cannot train a "
+                          "model from scratch")
+
+    # -- what import and export need to know (torch-free classmethods) -------------------
+    @classmethod
+    def tie_rules(cls, config: dict) -> dict[str, str]:
+        """Checkpoint names tied to another (target -> source) for a model with this
+        config.json. Import records a pair as a tie of the manifest when the source holds
+        the source tensor and not the target. The default: no ties."""
+        return {}
+
+    @classmethod
+    def default_generation_config(cls, config: dict) -> dict | None:
+        """The generation_config.json `export` writes for a manifest that has none, or None
+        to write none. The default is what transformers derives from config.json: its
+        bos/eos/pad token ids and transformers_version."""
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if config.get(k) is not None}
+        return {**gen, "transformers_version": config.get("transformers_version", "")}
+
     # -- checks before anything is written or allocated (torch-free) ----------------------
     @classmethod
     def check_tensors(cls, config: dict, tensors: Mapping[str, tuple[str, Sequence[int]]],
@@ -139,12 +192,11 @@ class Adapter(abc.ABC):
 
     # -- tokenizer ------------------------------------------------------------------------
     @abc.abstractmethod
-    def tokenizer(self) -> Tokenizer: ...
+    def tokenizer(self) -> Tokenizer:
+        """The bound manifest's tokenizer, from its file objects."""
 
     def tokenizer_from_files(self, files: dict[str, bytes]) -> Tokenizer:
         """A tokenizer made of other files (a config's `tokenizer:` override)."""
-        from ..errors import ConfigError
-
         raise ConfigError(f"config key 'tokenizer': the {type(self).__name__} cannot take "
                           "another tokenizer")
 
@@ -158,7 +210,10 @@ class Adapter(abc.ABC):
                         max_new_tokens: int, temperature: float, top_k: int | None,
                         top_p: float | None, generator: "torch.Generator | None",
                         eos_token_ids: list[int]) -> Iterator[int]:
-        """Yield new token ids one at a time (so the CLI can stream them)."""
+        """Yield new token ids one at a time (so the CLI can stream them), stopping after
+        `max_new_tokens` or at an id of `eos_token_ids` (not yielded). Each token is picked
+        with `mstore.runtime.sampling.sample_next_token` (temperature 0 is greedy), so the
+        sampling flags and `--seed` mean the same for every architecture."""
 
     # -- helpers for subclasses -----------------------------------------------------------
     @contextlib.contextmanager
@@ -200,3 +255,21 @@ def adapter_class(architecture: str) -> type[Adapter]:
 def adapter_for(store: "Store", commit: str) -> Adapter:
     manifest = store.read_manifest(commit)
     return adapter_class(manifest.architecture)(store, manifest, commit)
+
+
+def is_importable(architecture: str | None) -> bool:
+    """Whether an installed adapter serves `architecture` and lets import take it (loads
+    that one adapter's module only)."""
+    if not isinstance(architecture, str) or architecture not in installed_adapters():
+        return False
+    return adapter_class(architecture).importable
+
+
+def importable_architectures() -> list[str]:
+    """Every architecture `mstore import` takes, sorted (loads every adapter's module)."""
+    return sorted(a for a in installed_adapters() if adapter_class(a).importable)
+
+
+def scratch_adapter_class() -> type[Adapter]:
+    """The adapter that `model_name: null` trains from scratch."""
+    return adapter_class(SCRATCH_ARCHITECTURE)

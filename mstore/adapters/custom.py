@@ -2,23 +2,27 @@
 
 A manifest of this architecture holds config.json (the `TransformerConfig` fields plus
 `model_type`), `tokenizer.json` (the character vocabulary) and the module's tensors, with
-`lm_head.weight` tied to `tok_emb.weight` and stored once.
+`lm_head.weight` tied to `tok_emb.weight` and stored once. It is what `model_name: null`
+trains from scratch (`from_scratch`), and only mstore creates it: import refuses it.
+
+torch is imported inside the functions: import and export ask this class questions
+(`importable`, `default_generation_config`) without loading torch.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
-
-from ..runtime import torch_io
-from ..errors import BadTokenizer, ConfigMismatch, ObjectCorrupt
+from ..errors import BadTokenizer, ConfigError, ConfigMismatch, ObjectCorrupt
 from ..nn.char_tokenizer import CharTokenizer
-from ..nn.transformer import Transformer, TransformerConfig
-from .base import Adapter, Checkpoint, Tokenizer
+from .base import Adapter, Checkpoint, ScratchModel, Tokenizer
 from .checks import Expected, match_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..nn.transformer import Transformer, TransformerConfig
 
 ARCHITECTURE = "custom-transformer"
 TOKENIZER_FILE = "tokenizer.json"
@@ -39,13 +43,17 @@ class CharTokenizerAdapter(Tokenizer):
         return self.tok.vocab_size
 
 
-def config_bytes(cfg: TransformerConfig) -> bytes:
+def config_bytes(cfg: "TransformerConfig") -> bytes:
     return json.dumps({"model_type": ARCHITECTURE, **cfg.to_dict()}, sort_keys=True,
                       indent=2).encode() + b"\n"
 
 
-def new_model(cfg: TransformerConfig, seed: int) -> Transformer:
+def new_model(cfg: "TransformerConfig", seed: int) -> "Transformer":
     """A freshly initialised model (training from scratch), seeded for reproducibility."""
+    import torch
+
+    from ..nn.transformer import Transformer
+
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -54,7 +62,7 @@ def new_model(cfg: TransformerConfig, seed: int) -> Transformer:
         torch.random.set_rng_state(gen_state)
 
 
-def expected_tensors(cfg: TransformerConfig):
+def expected_tensors(cfg: "TransformerConfig"):
     """The module's state dict without the tied lm_head, as `save_checkpoint` stores it."""
     d, v = cfg.d_model, cfg.vocab_size
     D = f"d_model={d}"
@@ -74,7 +82,9 @@ def expected_tensors(cfg: TransformerConfig):
     yield Expected("lm_head.weight", (v, d), f"vocab_size={v}, {D}", required=False)
 
 
-def _config_of(config: dict, where: str) -> TransformerConfig:
+def _config_of(config: dict, where: str) -> "TransformerConfig":
+    from ..nn.transformer import TransformerConfig
+
     d = dict(config) if isinstance(config, dict) else config
     if isinstance(d, dict):
         d.pop("model_type", None)
@@ -86,6 +96,32 @@ def _config_of(config: dict, where: str) -> TransformerConfig:
 
 class CustomTransformerAdapter(Adapter):
     architectures = (ARCHITECTURE,)
+    importable = False
+    scratch_stem = ARCHITECTURE
+    scratch_model_id = "custom"
+    scratch_title = "custom transformer"
+
+    @classmethod
+    def from_scratch(cls, store, arch: Mapping[str, Any], seed: int, texts: Sequence[str],
+                     tokenizer_files: Mapping[str, bytes]) -> ScratchModel:
+        """A character vocabulary of the texts (or the override's tokenizer.json), and a
+        Transformer of `arch` (n_layers, d_model, n_heads, dropout, block_size) over it."""
+        from ..nn.transformer import TransformerConfig
+
+        adapter = cls(store, None)  # no manifest yet: a new root
+        if tokenizer_files:
+            tok = adapter.tokenizer_from_files(dict(tokenizer_files))
+            files = {TOKENIZER_FILE: tokenizer_files[TOKENIZER_FILE]}
+        else:
+            tok = CharTokenizerAdapter(CharTokenizer.from_text("".join(texts)))
+            files = {TOKENIZER_FILE: tok.tok.to_json()}
+        cfg = TransformerConfig(vocab_size=tok.vocab_size, **arch)
+        return ScratchModel(adapter, new_model(cfg, seed), tok, files,
+                            rebuild=lambda: new_model(cfg, seed))
+
+    @classmethod
+    def default_generation_config(cls, config: dict) -> dict | None:
+        return None  # transformers cannot load this model: no generation_config.json
 
     @classmethod
     def check_tensors(cls, config, tensors, where: str) -> None:
@@ -111,7 +147,9 @@ class CustomTransformerAdapter(Adapter):
     def get_config(self) -> dict[str, Any]:
         return json.loads(self.store.objects.read_bytes(self.manifest.config))
 
-    def transformer_config(self) -> TransformerConfig:
+    def transformer_config(self) -> "TransformerConfig":
+        from ..nn.transformer import TransformerConfig
+
         d = self.get_config()
         d.pop("model_type", None)
         try:
@@ -120,8 +158,13 @@ class CustomTransformerAdapter(Adapter):
             raise ObjectCorrupt(self.manifest.config, f"bad custom-transformer config: {e}",
                                 "config") from None
 
-    def load_checkpoint(self, device: str = "cpu", dtype: torch.dtype | None = None,
-                        verify: bool = False) -> torch.nn.Module:
+    def load_checkpoint(self, device: str = "cpu", dtype: "torch.dtype | None" = None,
+                        verify: bool = False) -> "torch.nn.Module":
+        import torch
+
+        from ..nn.transformer import Transformer
+        from ..runtime import torch_io
+
         cfg = self.transformer_config()
         self.check_manifest()
         with torch.device("meta"):
@@ -138,6 +181,8 @@ class CustomTransformerAdapter(Adapter):
         return model.to(device).eval()
 
     def forward(self, model, input_ids, labels=None):
+        import torch.nn.functional as F
+
         logits, _ = model(input_ids)
         loss = None
         if labels is not None:
@@ -168,8 +213,6 @@ class CustomTransformerAdapter(Adapter):
         return CharTokenizerAdapter(tok)
 
     def tokenizer_from_files(self, files: dict[str, bytes]) -> Tokenizer:
-        from ..errors import ConfigError
-
         try:
             return CharTokenizerAdapter(CharTokenizer.from_json(files[TOKENIZER_FILE]))
         except (KeyError, ValueError):

@@ -15,8 +15,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
-from ..errors import ExportError, ObjectCorrupt
+from ..errors import ExportError, ObjectCorrupt, UnknownAdapter
 from ..store.manifest import Manifest
 from ..store.objects import copy_range
 from ..store.report import log_entries
@@ -78,10 +79,12 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) ->
             continue
         (work / name).write_bytes(store.objects.read_bytes(oid))
         written.append(name)
-    if "generation_config.json" not in m.files and m.architecture != "custom-transformer":
-        gen = _generation_config(json.loads(store.objects.read_bytes(m.config)))
-        (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        written.append("generation_config.json")
+    if "generation_config.json" not in m.files:
+        gen = _default_generation_config(m.architecture,
+                                         json.loads(store.objects.read_bytes(m.config)))
+        if gen is not None:
+            (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            written.append("generation_config.json")
     written += _write_weights(store, m, work, shard_bytes)
     meta = _metadata(store, m, r)
     (work / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -91,10 +94,14 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) ->
     return written
 
 
-def _generation_config(config: dict) -> dict:
-    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-           if config.get(k) is not None}
-    return {**gen, "transformers_version": config.get("transformers_version", "")}
+def _default_generation_config(architecture: str, config: dict) -> dict | None:
+    """The adapter's default; with no adapter installed for the architecture, the
+    interface's own (what transformers derives from config.json)."""
+    try:
+        cls = adapter_class(architecture)
+    except UnknownAdapter:
+        cls = Adapter
+    return cls.default_generation_config(config)
 
 
 def _write_weights(store: Store, m: Manifest, work: Path, shard_bytes: int) -> list[str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..adapters.base import adapter_class
 from ..store import failpoints
 from . import client as hub
 from ..errors import (
@@ -45,7 +46,6 @@ from ..units import fmt_bytes, fmt_count
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TIED_PAIRS = {"lm_head.weight": "model.embed_tokens.weight"}
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
 
 
@@ -326,17 +326,20 @@ def _weight_files(names: list[str], read_json, where: str, config: dict) -> list
 
 
 def supported_architectures() -> list[str]:
-    """Hugging Face model types some installed adapter serves (entry points, no import)."""
-    from ..adapters.base import installed_adapters
+    """Hugging Face model types some installed, importable adapter serves."""
+    from ..adapters.base import importable_architectures
 
-    return sorted(a for a in installed_adapters() if a != "custom-transformer")
+    return importable_architectures()
 
 
 def _check_architecture(config: dict) -> None:
+    """Only the source's own adapter is loaded, unless the import is refused."""
+    from ..adapters.base import is_importable
+
     mt = config.get("model_type")
-    supported = supported_architectures()
-    if mt not in supported:
-        raise UnsupportedArchitecture(mt, supported, remote_code=bool(config.get("auto_map")))
+    if not is_importable(mt):
+        raise UnsupportedArchitecture(mt, supported_architectures(),
+                                      remote_code=bool(config.get("auto_map")))
 
 
 def _check_space(store: Store, plan: SourcePlan, max_size: int | None) -> None:
@@ -409,9 +412,8 @@ def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
-    tied = {}
-    if plan.config.get("tie_word_embeddings", False):
-        tied = {k: v for k, v in TIED_PAIRS.items() if k not in tensors and v in tensors}
+    rules = adapter_class(plan.architecture).tie_rules(plan.config)
+    tied = {k: v for k, v in rules.items() if k not in tensors and v in tensors}
     rev = plan.source.get("revision")
     manifest = Manifest(
         architecture=plan.architecture, model_id=plan.model_id, source=plan.source,

@@ -12,7 +12,8 @@ sequence is longer than ``block_size`` every step is a full recompute over the l
 shifts every position (and so every cached key and value), so the cached path falls back
 to exactly that recompute and produces the same tokens as ``use_cache=False``.
 
-Nothing here depends on the rest of mstore.
+Sampling is mstore's one sampler (``mstore.runtime.sampling``, re-exported here); nothing
+else here depends on the rest of mstore.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from ..runtime.sampling import check_sampling_args, sample_next_token
 
 __all__ = [
     "TransformerConfig",
@@ -238,52 +241,6 @@ class Block(nn.Module):
         return x
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row of ``logits`` (B, V); returns (B,) int64.
-
-    ``temperature == 0`` is greedy (argmax; top_k/top_p are then irrelevant).  Otherwise
-    logits are divided by the temperature, cut to the ``top_k`` largest and to the
-    smallest set whose probability reaches ``top_p`` (the most likely token always
-    survives), and one token is drawn with ``generator``.
-    """
-    _check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # (B, V); a new tensor, safe to edit in place
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits[logits < kth] = -math.inf
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V); column 0 is never dropped
-        sorted_logits[drop] = -math.inf
-        logits = torch.full_like(logits, -math.inf).scatter(-1, sorted_idx, sorted_logits)
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise ValueError(f"temperature must be a number, got {temperature!r}")
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
-    ):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-
-
 class Transformer(nn.Module):
     """Decoder-only language model.
 
@@ -412,7 +369,7 @@ class Transformer(nn.Module):
         n_new = max_new_tokens
         if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        _check_sampling_args(temperature, top_k, top_p)
+        check_sampling_args(temperature, top_k, top_p)
         # Arguments are checked above, at call time; the loop runs lazily, under no_grad.
         return self._stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
 

@@ -19,8 +19,7 @@ from ..store.manifest import Manifest
 from ..store.repo import Store
 
 FINETUNE_FMT = "{stem}-finetuned-{n:03d}"
-SCRATCH_STEM = "custom-transformer"
-SCRATCH_FMT = "{stem}-{n:03d}"
+SCRATCH_FMT = "{stem}-{n:03d}"  # stem: the adapter's `scratch_stem`
 
 
 def finetune_stem(parent_name: str) -> str:

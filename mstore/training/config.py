@@ -26,7 +26,7 @@ MAX_CONFIG_BYTES = 1024 * 1024
 @dataclass
 class TrainConfig:
     dataset: str  # .txt (one document) or .jsonl ({"text": ...} per line)
-    model_name: str | None = None  # a ref to fine-tune; None trains the custom transformer
+    model_name: str | None = None  # a ref to fine-tune; None trains a model from scratch
     learning_rate: float = 3.0e-4  # peak learning rate (after warmup)
     batch_size: int = 8  # sequences per micro-batch, over all processes together
     max_steps: int = 200  # optimizer steps
@@ -45,15 +45,15 @@ class TrainConfig:
     eval_fraction: float = 0.1  # share of the packed data held out for eval loss
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of learning_rate
-    # architecture parameters: only with model_name null (custom transformer)
+    # architecture parameters of the from-scratch model (adapters.base.SCRATCH_ARCHITECTURE)
     n_layers: int | None = None
     d_model: int | None = None
     n_heads: int | None = None
     dropout: float | None = None
-    block_size: int | None = None  # context length of the custom transformer (default seq_len)
+    block_size: int | None = None  # context length of the from-scratch model (default seq_len)
 
     def arch_params(self) -> dict[str, Any]:
-        """Architecture of a from-scratch custom transformer, defaults filled in."""
+        """Architecture of a from-scratch model, defaults filled in."""
         out = {k: (getattr(self, k) if getattr(self, k) is not None else ARCH_DEFAULTS[k])
                for k in ARCH_KEYS}
         if out["block_size"] is None:

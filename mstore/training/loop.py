@@ -2,8 +2,8 @@
 
 The loop knows only the adapter interface: load a module, `forward(model, ids, labels)`,
 `save_checkpoint(model)`. Fine-tunes start from a ref (architecture from its config.json);
-`model_name: null` trains the custom transformer from scratch with a character vocabulary
-built from the dataset. Extensions hook in through callbacks instead of editing the loop.
+`model_name: null` trains a new model that the scratch adapter builds
+(`Adapter.from_scratch`). Extensions hook in through callbacks instead of editing the loop.
 """
 
 from __future__ import annotations
@@ -25,21 +25,17 @@ from safetensors import SafetensorError
 from ..runtime import distributed
 from ..store import failpoints
 from . import recovery
-from ..adapters.base import TOKENIZER_FILES, Adapter, Checkpoint, Tokenizer, adapter_for
-from ..adapters.custom import (
-    ARCHITECTURE as CUSTOM, TOKENIZER_FILE, CharTokenizerAdapter, CustomTransformerAdapter,
-    new_model,
+from ..adapters.base import (
+    TOKENIZER_FILES, Adapter, Checkpoint, Tokenizer, adapter_for, scratch_adapter_class,
 )
 from ..runtime.checkpoint import (
-    FINETUNE_FMT, SCRATCH_FMT, SCRATCH_STEM, CommitResult, commit_checkpoint, finetune_stem,
+    FINETUNE_FMT, SCRATCH_FMT, CommitResult, commit_checkpoint, finetune_stem,
 )
 from .config import ARCH_KEYS, TrainConfig
 from ..errors import (
     CommitFailed, ConfigError, DatasetError, MStoreError, NameTaken, TrainingInterrupted,
 )
 from ..runtime.generate import pick_device
-from ..nn.char_tokenizer import CharTokenizer
-from ..nn.transformer import TransformerConfig
 from ..store.objects import hash_file
 from ..store.repo import Store
 from ..runtime.torch_io import TORCH_DTYPES
@@ -146,21 +142,16 @@ class _Setup:
     parent: str | None
     parent_name: str | None
     new_files: dict[str, bytes]
+    rebuild: Callable[[], torch.nn.Module] | None = None  # from scratch: a fresh module
 
 
 def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Setup:
     override = tokenizer_files(store, cfg.tokenizer) if cfg.tokenizer else {}
     if cfg.model_name is None:
-        adapter = CustomTransformerAdapter(store, None)  # no manifest yet: a new root
-        if override:
-            tok = adapter.tokenizer_from_files(override)
-            override = {TOKENIZER_FILE: override[TOKENIZER_FILE]}
-        else:
-            tok = CharTokenizerAdapter(CharTokenizer.from_text("".join(docs)))
-            override = {TOKENIZER_FILE: tok.tok.to_json()}
-        tcfg = TransformerConfig(vocab_size=tok.vocab_size, **cfg.arch_params())
-        model = new_model(tcfg, cfg.seed).to(device)
-        return _Setup(adapter, model, tok, None, None, override)
+        new = scratch_adapter_class().from_scratch(store, cfg.arch_params(), cfg.seed, docs,
+                                                   override)
+        return _Setup(new.adapter, new.model.to(device), new.tokenizer, None, None, new.files,
+                      new.rebuild)
     resolved = store.resolve(cfg.model_name)
     adapter = adapter_for(store, resolved.commit)
     _check_architecture(store, cfg, adapter.manifest)
@@ -179,7 +170,8 @@ def _check_architecture(store: Store, cfg: TrainConfig, manifest) -> None:
     config a from-scratch model was trained with fine-tunes it as it is, and any key that
     differs (or that the model's architecture does not have) is an error naming both."""
     given = {k: getattr(cfg, k) for k in ARCH_KEYS if getattr(cfg, k) is not None}
-    if not given and manifest.architecture != CUSTOM:
+    scratch = scratch_adapter_class()
+    if not given and manifest.architecture not in scratch.architectures:
         return
     try:
         own = json.loads(store.objects.read_bytes(manifest.config))
@@ -188,7 +180,8 @@ def _check_architecture(store: Store, cfg: TrainConfig, manifest) -> None:
     for key, value in given.items():
         if key not in own:
             raise ConfigError(
-                f"config key {key!r} is an architecture parameter of the custom transformer; "
+                f"config key {key!r} is an architecture parameter of the "
+                f"{scratch.scratch_title}; "
                 f"model {cfg.model_name} ({manifest.architecture}) takes its architecture "
                 f"from its own config.json: remove the key")
         if own[key] != value:
@@ -276,7 +269,8 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
         train_blocks, eval_blocks = pack(s.tok, docs, cfg.seq_len, cfg.eval_fraction)
         frozen = _freeze(s.model, cfg.freeze)
         where = device + (f" x {ctx.world} processes ({cfg.strategy})" if ctx.active else "")
-        reporter.message(f"training {cfg.model_name or 'custom transformer from scratch'} on {where}: "
+        what = cfg.model_name or f"{scratch_adapter_class().scratch_title} from scratch"
+        reporter.message(f"training {what} on {where}: "
             f"{train_blocks.shape[0]} train blocks x {cfg.seq_len} tokens"
             + (f", {eval_blocks.shape[0]} eval" if eval_blocks is not None else "")
             + (f", {len(frozen)} frozen tensors" if frozen else ""))
@@ -306,9 +300,8 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
 
 def _unsharded_copy(store: Store, cfg: TrainConfig, s: "_Setup",
                     full: dict[str, torch.Tensor]) -> torch.nn.Module:
-    if s.parent is None:
-        tok_size = s.tok.vocab_size
-        plain = new_model(TransformerConfig(vocab_size=tok_size, **cfg.arch_params()), cfg.seed)
+    if s.rebuild is not None:
+        plain = s.rebuild()
     else:
         plain = s.adapter.load_checkpoint(device="cpu", dtype=torch.float32)
     plain.load_state_dict(full)
@@ -478,10 +471,11 @@ def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list
     ckpt = s.adapter.save_checkpoint(s.model)
     if s.parent is None:
         ckpt.files.update(s.new_files)
-        args = dict(architecture=CUSTOM, model_id="custom", source={"type": "scratch"},
-                    license=None, parent=None,
-                    message=f"train custom transformer from scratch on {data_path.name}",
-                    training=training, name=cfg.output_name, stem=SCRATCH_STEM,
+        scratch = type(s.adapter)
+        args = dict(architecture=scratch.architectures[0], model_id=scratch.scratch_model_id,
+                    source={"type": "scratch"}, license=None, parent=None,
+                    message=f"train {scratch.scratch_title} from scratch on {data_path.name}",
+                    training=training, name=cfg.output_name, stem=scratch.scratch_stem,
                     name_fmt=SCRATCH_FMT, fine_tuned_from=None)
         return _commit_or_keep(store, ckpt, {}, {}, args, recovery_dir)
     m = s.adapter.manifest
