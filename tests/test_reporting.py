@@ -189,7 +189,7 @@ def test_the_transformers_loading_bar_is_hidden_for_one_call_and_restored():
     from transformers import core_model_loading
     from transformers.utils import logging as tf_logging
 
-    from mstore.adapters.qwen import _quiet_loading_bar
+    from mstore.adapters.transformers_loading import _quiet_loading_bar
 
     def mine(factory, args, kwargs):
         return factory(*args, **kwargs)
