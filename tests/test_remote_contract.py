@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import mstore.remote
-from mstore.cli.remote import _RemoteReporter
+from mstore.cli.output import TerminalReporter
 from mstore.remote import transports as T
 from mstore.reporting import SILENT, Progress, Reporter
 from mstore.store.repo import Store
@@ -146,9 +146,9 @@ def test_silent_by_default_and_the_cli_reporter_off_a_terminal(capsys):
     for fn in (mstore.remote.push, mstore.remote.pull, mstore.remote.clone):
         assert inspect.signature(fn).parameters["reporter"].default is SILENT
     for as_json in (False, True):  # pytest's stderr is not a terminal
-        rep = _RemoteReporter(as_json)
+        rep = TerminalReporter(as_json)
         assert not rep.progress_bars and type(rep.progress(10, "push")) is Progress
-    _RemoteReporter(False).warning("careful\x1b[2J")
+    TerminalReporter(False).warning("careful\x1b[2J")
     assert capsys.readouterr().err == "warning: careful\\x1b[2J\n"
 
 
