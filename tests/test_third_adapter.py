@@ -21,7 +21,7 @@ import torch
 
 from mstore.adapters import base
 from mstore.adapters.base import adapter_for
-from mstore.hub.importer import supported_architectures
+from mstore.hub.plan import supported_architectures
 from tests import tiny_models
 from tests.conftest import REPO_ROOT, run_mstore
 

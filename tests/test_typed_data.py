@@ -79,7 +79,7 @@ def test_a_light_manifest_has_no_tensor_table(tmp_path):
         with pytest.raises(AttributeError):
             getattr(light, name)
     assert isinstance(store.read_manifest(commit), Manifest)
-    assert isinstance(store.read_manifest(commit, light=True), LightManifest)  # remote/ today
+    assert isinstance(store.read_light_manifest(commit), LightManifest)
     assert all(isinstance(x, LightManifest) for _oid, x in store.lineage(commit))
     assert all(isinstance(x, Manifest) for _oid, x in store.lineage(commit, light=False))
     assert isinstance(store.try_manifest(commit), LightManifest)

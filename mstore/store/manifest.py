@@ -68,12 +68,8 @@ class Manifest:
         return canonical_json(self.to_dict())
 
     @classmethod
-    def from_bytes(cls, data: bytes, oid: str = "?", light: bool = False
-                   ) -> "Manifest | LightManifest":
-        """Parse and check a manifest. `light=True` returns `LightManifest.from_bytes`
-        (kept for mstore/remote until it calls that directly)."""
-        if light:
-            return LightManifest.from_bytes(data, oid)
+    def from_bytes(cls, data: bytes, oid: str = "?") -> "Manifest":
+        """Parse and check a manifest (`LightManifest.from_bytes`: without its tensor table)."""
         d, bad = _parse_common(data, oid)
         tensors = {}
         for name, t in d["tensors"].items():

@@ -91,11 +91,8 @@ class Store:
         return StoreLock(self.lock_path, shared=False, purpose=purpose)
 
     # -- manifests ----------------------------------------------------------------------
-    def read_manifest(self, oid: str, light: bool = False) -> Manifest:
-        """The manifest, re-hashed. `light=True` is `read_light_manifest` (kept for
-        mstore/remote until it calls that directly)."""
-        if light:
-            return self.read_light_manifest(oid)
+    def read_manifest(self, oid: str) -> Manifest:
+        """The manifest in full (its tensor table too), re-hashed."""
         return Manifest.from_bytes(self._manifest_bytes(oid), oid)
 
     def read_light_manifest(self, oid: str) -> LightManifest:

@@ -10,38 +10,28 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from safetensors import SafetensorError
 
-from ..runtime import distributed
-from ..store import failpoints
-from . import recovery
 from ..adapters.base import (
-    TOKENIZER_FILES, Adapter, Checkpoint, Tokenizer, adapter_for, scratch_adapter_class,
+    TOKENIZER_FILES, Adapter, Tokenizer, adapter_for, scratch_adapter_class,
 )
-from ..runtime.checkpoint import (
-    FINETUNE_FMT, SCRATCH_FMT, CommitResult, commit_checkpoint, finetune_stem,
-)
-from .config import ARCH_KEYS, TrainConfig
-from ..errors import (
-    CommitFailed, ConfigError, DatasetError, MStoreError, NameTaken, TrainingInterrupted,
-)
-from ..runtime.generate import pick_device
-from ..store.objects import hash_file
-from ..store.repo import Store
-from ..runtime.torch_io import TORCH_DTYPES
+from ..errors import ConfigError, NameTaken, TrainingInterrupted
 from ..reporting import SILENT, Reporter
+from ..runtime import distributed
+from ..runtime.checkpoint import CommitResult
+from ..runtime.generate import pick_device
+from ..store import failpoints
+from ..store.repo import Store
+from .commit import commit_result
+from .config import ARCH_KEYS, TrainConfig
+from .data import pack, read_documents
 
-MAX_HISTORY = 100  # loss points kept in the manifest (evenly spaced)
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # torch's fused AdamW kernels
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,46 +70,6 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-# -- data ------------------------------------------------------------------------------
-def read_documents(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DatasetError(f"{path}:{i}: not a JSON line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DatasetError(f"{path}:{i}: expected {{\"text\": ...}}")
-            docs.append(row["text"])
-    else:
-        docs = [path.read_text(encoding="utf-8", errors="replace")]
-    docs = [d for d in docs if d]
-    if not docs:
-        raise DatasetError(f"config key 'dataset': {path} holds no text")
-    return docs
-
-
-def pack(tok: Tokenizer, docs: list[str], seq_len: int,
-         eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Documents -> one token stream (eos between documents) -> (train, eval) blocks."""
-    eos = tok.eos_token_ids[:1]
-    ids: list[int] = []
-    for d in docs:
-        ids += tok.encode(d) + eos
-    n = len(ids) // seq_len
-    if n < 1:
-        raise DatasetError(f"config key 'dataset': only {len(ids)} tokens, fewer than "
-                           f"seq_len ({seq_len})")
-    blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 and n >= 2 else 0
-    if n_eval == 0:
-        return blocks, None
-    return blocks[: n - n_eval], blocks[n - n_eval:]
 
 
 # -- schedule --------------------------------------------------------------------------
@@ -287,7 +237,7 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
         if full is not None:  # FSDP: rebuild one whole module from the gathered shards
             s.model = _unsharded_copy(store, cfg, s, full)
         failpoints.hit("train.trained")
-        result = _commit(store, cfg, s, loop, frozen, data_path, started, device, interrupted,
+        result = commit_result(store, cfg, s, loop, frozen, data_path, started, device, interrupted,
                          ctx, recovery_dir)
     for cb in callbacks:
         if hasattr(cb, "on_commit"):
@@ -437,109 +387,3 @@ class _NullContext:
         return False
 
 
-def _compact(history: list[list[float]]) -> list[list[float]]:
-    if len(history) <= MAX_HISTORY:
-        return history
-    stride = len(history) / MAX_HISTORY
-    picked = [history[int(i * stride)] for i in range(MAX_HISTORY - 1)]
-    return picked + [history[-1]]
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("mstore", "torch", "transformers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _commit(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen: list[str],
-            data_path: Path, started: float, device: str, interrupted: bool,
-            ctx: distributed.DistContext, recovery_dir: Path | None) -> CommitResult:
-    training = {
-        "config": cfg.to_dict(),
-        "dataset": {"path": str(data_path), "blake3": hash_file(data_path)},
-        "steps": loop.step, "tokens_seen": loop.tokens_seen,
-        "train_loss": _compact(loop.train_losses), "eval_loss": _compact(loop.eval_losses),
-        "wall_time_s": round(time.time() - started, 3), "seed": cfg.seed, "device": device,
-        "frozen": frozen, "interrupted": interrupted, "versions": _versions(),
-        "processes": ctx.world, "strategy": cfg.strategy if ctx.active else None,
-    }
-    s.model.eval()
-    ckpt = s.adapter.save_checkpoint(s.model)
-    if s.parent is None:
-        ckpt.files.update(s.new_files)
-        scratch = type(s.adapter)
-        args = dict(architecture=scratch.architectures[0], model_id=scratch.scratch_model_id,
-                    source={"type": "scratch"}, license=None, parent=None,
-                    message=f"train {scratch.scratch_title} from scratch on {data_path.name}",
-                    training=training, name=cfg.output_name, stem=scratch.scratch_stem,
-                    name_fmt=SCRATCH_FMT, fine_tuned_from=None)
-        return _commit_or_keep(store, ckpt, {}, {}, args, recovery_dir)
-    m = s.adapter.manifest
-    files = dict(m.files)
-    if s.new_files:  # a tokenizer override replaces the parent's tokenizer files
-        files = {n: o for n, o in files.items() if n not in TOKENIZER_FILES}
-        ckpt.files.update(s.new_files)
-    dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in m.tensors.items() if t.dtype in TORCH_DTYPES}
-    args = dict(architecture=m.architecture, model_id=m.model_id,
-                source={"type": "finetune", "parent": s.parent, "parent_name": s.parent_name},
-                license=m.license, parent=s.parent,
-                message=f"fine-tune {s.parent_name or s.parent[:12]} on {data_path.name}",
-                training=training, name=cfg.output_name,
-                stem=finetune_stem(s.parent_name or m.model_id.split("/")[-1].lower()),
-                name_fmt=FINETUNE_FMT, fine_tuned_from=s.parent_name)
-    return _commit_or_keep(store, ckpt, files, dtypes, args, recovery_dir)
-
-
-def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],
-                    dtypes: dict[str, torch.dtype], args: dict[str, Any],
-                    recovery_dir: Path | None) -> CommitResult:
-    """Commit; if that fails for any reason (a full disk, most likely), remove the temp
-    files this commit made and keep the trained model in a recovery folder outside the
-    store, named in the error, for `mstore train --resume-commit DIR`."""
-    before = _own_tmp_files(store)
-    try:
-        return commit_checkpoint(store, ckpt, files=files, dtypes=dtypes, **args)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - any failure keeps the model
-        for leftover in _own_tmp_files(store) - before:
-            leftover.unlink(missing_ok=True)
-        reason = _reason(e)
-        try:
-            kept = Checkpoint(
-                tensors={n: t.to(dtypes[n]) if n in dtypes and t.dtype != dtypes[n] else t
-                         for n, t in ckpt.tensors.items()},
-                config=ckpt.config, tied_weights=ckpt.tied_weights)
-            every_file = {n: store.objects.read_bytes(o) for n, o in files.items()}
-            folder = recovery.save(kept, {**every_file, **ckpt.files}, args, recovery_dir)
-        # a full disk, no memory for the copy, an object gone: said with the commit's error
-        except (OSError, RuntimeError, ValueError, SafetensorError, MStoreError) as save_error:
-            raise CommitFailed(reason, None, _reason(save_error)) from e
-        raise CommitFailed(reason, _shown(folder)) from e
-
-
-def _own_tmp_files(store: Store) -> set[Path]:
-    """This process's temp files in the store's tmp/ (fsio names them `*.<pid>.*`)."""
-    marker = f".{os.getpid()}."
-    try:
-        return {p for p in (store.root / "tmp").iterdir() if marker in p.name and p.is_file()}
-    except OSError:
-        return set()
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror + (f": {e.filename}" if e.filename else "")
-    return str(e) if isinstance(e, MStoreError) else f"{type(e).__name__}: {e}"
-
-
-def _shown(folder: Path) -> str:
-    """The folder as the user can retype it: relative when under the working folder."""
-    try:
-        return str(folder.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(folder)
