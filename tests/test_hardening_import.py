@@ -305,7 +305,7 @@ def test_an_hf_cache_snapshot_folder_imports(cli, store, hub_repos, model_dirs, 
     doc = json.loads(res.stdout)
     assert doc["name"] == "qwen2-tiny" and not doc["already"]  # named by repo, not by sha
     assert_round_trip(store, "qwen2-tiny", model_dirs["qwen2"])
-    assert store.refs()["qwen2-tiny"]["model_id"] == "tiny/Qwen2-Tiny"
+    assert store.refs()["qwen2-tiny"].model_id == "tiny/Qwen2-Tiny"
 
 
 @pytest.mark.parametrize("target", ["outside", "other-repo", "cache-root"])

@@ -116,7 +116,7 @@ def test_tag_of_a_dangling_child_records_its_parents_name(cli, two_models):
     child = two_models.resolve("q2-child").commit
     cli("rm", "q2-child")
     cli("tag", child[:8], "child-back")
-    assert two_models.refs()["child-back"]["fine_tuned_from"] == "q2"
+    assert two_models.refs()["child-back"].fine_tuned_from == "q2"
 
 
 def test_registry_missing_message_is_exact(cli, two_models):

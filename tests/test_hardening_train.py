@@ -132,7 +132,7 @@ def test_a_failed_fine_tune_commit_resumes_to_the_commit_it_would_have_made(
     assert kept.tensors == direct.tensors and kept.files == direct.files
     assert kept.parent == direct.parent == refs["tiny-base"]["commit"]
     assert kept.tied_weights == direct.tied_weights
-    assert Store(store).refs()["kept"]["fine_tuned_from"] == "tiny-base"
+    assert Store(store).refs()["kept"].fine_tuned_from == "tiny-base"
 
 
 @pytest.mark.slow

@@ -225,7 +225,7 @@ def _rewrite_config(store, name: str, change: dict) -> str:
     import check (or by hand) can hold. Returns the new ref."""
     from dataclasses import replace
 
-    commit = store.refs()[name]["commit"]
+    commit = store.refs()[name].commit
     manifest = store.read_manifest(commit)
     config = json.loads(store.objects.read_bytes(manifest.config))
     config.update(change)

@@ -58,9 +58,9 @@ def test_import_from_hub_round_trip(cli, store, model_dirs, hub_repos, repo, nam
     folder = model_dirs["qwen2" if "Qwen2" in repo else "qwen3"]
     assert_round_trip(store, name, folder)
     entry = store.refs()[name]
-    assert entry["source"] == "huggingface" and entry["model_id"] == repo
-    assert entry["license"] == ("mit" if "Qwen3" in repo else "apache-2.0")
-    assert entry["architecture_type"] == ("qwen3" if "Qwen3" in repo else "qwen2")
+    assert entry.source == "huggingface" and entry.model_id == repo
+    assert entry.license == ("mit" if "Qwen3" in repo else "apache-2.0")
+    assert entry.architecture_type == ("qwen3" if "Qwen3" in repo else "qwen2")
     # downloaded into the store's tmp/ and removed once converted: no second copy left
     assert list((store.root / "tmp").iterdir()) == []
     hf_home = Path(os.environ["HF_HOME"])

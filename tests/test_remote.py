@@ -54,7 +54,7 @@ def make_child(store: Store, name: str, parent_name: str, seed: int = 1) -> str:
                      files=m.files, tensors=tensors, parent=parent, message=f"child {seed}",
                      tied_weights=m.tied_weights, training={"steps": 1})
     commit = store.put_manifest(child)
-    current = store.refs().get(name, {}).get("commit")
+    current = (store.refs()[name].commit if name in store.refs() else None)
     store.registry.set_ref(store.registry_entry(name, commit, child, parent_name),
                            expected=current)
     return commit
@@ -307,7 +307,7 @@ def test_fast_forward_and_moved_ref(cli, store, model_dirs, tmp_path):
     assert got["ref_updated"] and got["previous"] == base and got["commit"] == child
     assert got["objects_sent"] == 2
     assert bob_store.resolve("m").commit == child
-    assert bob_store.refs()["m"]["fine_tuned_from"] == "m"
+    assert bob_store.refs()["m"].fine_tuned_from == "m"
     fsck_clean(bob_store)
 
     # Bob's own child, pushed on top: a fast-forward again, accepted.

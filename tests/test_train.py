@@ -62,7 +62,7 @@ def test_finetune_commits_a_child_sharing_frozen_tensors(cli, qwen_base, tmp_pat
         assert child.tensors[name].dtype == parent.tensors[name].dtype  # stays bf16
     assert child.tied_weights == parent.tied_weights and child.files == parent.files
     entry = store.refs()["tiny-finetuned-001"]
-    assert entry["fine_tuned_from"] == "tiny-base" and entry["license"] == parent.license
+    assert entry.fine_tuned_from == "tiny-base" and entry.license == parent.license
     t = child.training
     assert set(t) >= {"config", "dataset", "steps", "tokens_seen", "train_loss", "eval_loss",
                       "wall_time_s", "seed", "versions"}
@@ -105,7 +105,7 @@ def test_scratch_model_then_two_fine_tunes_make_three_generations(cli, store, tm
     m = store.read_manifest(first["commit"])
     assert m.architecture == "custom-transformer" and m.parent is None
     assert "tokenizer.json" in m.files and m.tied_weights == {"lm_head.weight": "tok_emb.weight"}
-    assert store.refs()["custom-transformer-001"]["source"] == "scratch"
+    assert store.refs()["custom-transformer-001"].source == "scratch"
     ft = {k: v for k, v in SCRATCH.items() if k not in ("n_layers", "d_model", "n_heads")}
     cfg2 = write_config(tmp_path, dataset=str(corpus),
                         **{**ft, "model_name": "custom-transformer-001", "max_steps": 5})

@@ -42,15 +42,13 @@ def test_ref_entry_is_built_once_and_round_trips(tmp_path):
     assert entry.model_name == "a"
 
 
-def test_refs_are_ref_entries_and_the_mapping_shim_reads_fields(tmp_path):
+def test_refs_are_ref_entries_read_by_attribute(tmp_path):
     store, commit, m = _store_with_commit(tmp_path)
     store.add_ref(commit, m, "a", lambda: "x")
     (entry,) = store.refs().values()
-    assert isinstance(entry, RefEntry) and entry.commit == commit
-    assert entry["commit"] == commit and entry.get("license") == "mit"
-    assert entry.get("nonsense", 7) == 7
-    with pytest.raises(KeyError):
-        entry["nonsense"]
+    assert isinstance(entry, RefEntry) and entry.commit == commit and entry.license == "mit"
+    with pytest.raises(TypeError):
+        entry["commit"]  # not a dict: the fields are attributes
     assert store.resolve("a").entry == entry
 
 

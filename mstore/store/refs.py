@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:
     from .manifest import Manifest
 
+
 @dataclass(frozen=True)
 class RefEntry:
     model_name: str
@@ -52,16 +53,6 @@ class RefEntry:
     def from_json(cls, d: Mapping[str, Any]) -> "RefEntry":
         """An entry `registry.entry_problem` accepted; absent fields read as None."""
         return cls(**{k: d.get(k) for k in ENTRY_FIELDS}, _raw=d)
-
-    # -- read compatibility: mapping access by field name, for mstore/remote until it
-    # -- reads attributes (to be removed then).
-    def __getitem__(self, key: str) -> Any:
-        if key not in ENTRY_FIELDS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in ENTRY_FIELDS else default
 
 
 # registry.json's fields, in the order a new entry writes them (SPEC order)
