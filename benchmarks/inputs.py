@@ -195,7 +195,7 @@ def link_store(src_root: Path, dst_root: Path, refs: list[str]) -> None:
     entries = {n: e for n, e in src.refs().items() if n in refs}
     oids: set[str] = set()
     for e in entries.values():
-        for oid, m in src.lineage(e["commit"]):
+        for oid, m in src.lineage(e.commit):
             oids.add(oid)
             if m is not None:
                 oids |= m.object_ids()

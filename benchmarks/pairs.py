@@ -376,7 +376,7 @@ def pair_list(b: Bench) -> Pair:
     def add(models):
         for i in range(1, n):
             name = f"model-{i:04d}"
-            models[name] = {**base, "model_name": name}
+            models[name] = base.renamed(name)
     store.registry.update(add)
     assert len(store.refs()) == n
 

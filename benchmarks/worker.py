@@ -207,7 +207,7 @@ def task_train(a: dict[str, Any]) -> dict[str, Any]:
         cfg = load_config(cfg_path)
         clock = StepClock()
         _free()
-        result = train(store, cfg, callbacks=[clock], progress=False)
+        result = train(store, cfg, callbacks=[clock])
         store.remove(result.name)  # keep the ref list short; gc at the end frees the objects
         return _step_times(clock.stamps, skip)
 

@@ -267,6 +267,10 @@ class HFTokenizer(Tokenizer):
     def eos_token_ids(self) -> list[int]:
         return list(self._eos)
 
+    @property
+    def native(self):
+        return self.hf
+
     def apply_chat_template(self, prompt: str) -> str:
         if not getattr(self.hf, "chat_template", None):
             return prompt
