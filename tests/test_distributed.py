@@ -49,10 +49,10 @@ def test_two_processes_match_one(base, strategy):
     assert out["name"] == "multi" and out["steps"] == 4
     refs = Store(store).refs()
     assert sorted(refs) == ["multi", "single", "tiny-base"]  # exactly one child commit
-    parent, _ = tensors(store, refs["tiny-base"]["commit"])
+    parent, _ = tensors(store, refs["tiny-base"].commit)
     m1, t1 = tensors(store, single["commit"])
     m2, t2 = tensors(store, out["commit"])
-    assert m2.parent == refs["tiny-base"]["commit"]
+    assert m2.parent == refs["tiny-base"].commit
     assert m2.training["processes"] == 2 and m2.training["strategy"] == strategy
     frozen = [n for n in parent.tensors if n.startswith(("model.embed_tokens.", "model.layers.0."))]
     for n in frozen:  # bit-identical, shared with the parent

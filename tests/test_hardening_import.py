@@ -367,7 +367,7 @@ def test_a_held_hub_revision_under_a_new_name_is_a_second_ref_without_download(
     assert doc["already"] and doc["held_by"] == "qwen2-tiny" and doc["name"] == "alias"
     assert doc["parameters"] > 0
     refs = store.refs()
-    assert refs["alias"]["commit"] == refs["qwen2-tiny"]["commit"]
+    assert refs["alias"].commit == refs["qwen2-tiny"].commit
     assert resolves(hub_server) == []
     # the name is the holder now: asking again adds nothing
     res = cli("import", "tiny/Qwen2-Tiny", "--accept-license", "--name", "alias")

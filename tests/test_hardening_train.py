@@ -130,7 +130,7 @@ def test_a_failed_fine_tune_commit_resumes_to_the_commit_it_would_have_made(
     direct = Store(store).read_manifest(json.loads(res.stdout)["commit"])
     assert json.loads(res.stdout)["bytes_written"] == 0  # the recovered tensors, bit for bit
     assert kept.tensors == direct.tensors and kept.files == direct.files
-    assert kept.parent == direct.parent == refs["tiny-base"]["commit"]
+    assert kept.parent == direct.parent == refs["tiny-base"].commit
     assert kept.tied_weights == direct.tied_weights
     assert Store(store).refs()["kept"].fine_tuned_from == "tiny-base"
 

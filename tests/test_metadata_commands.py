@@ -61,7 +61,7 @@ def test_list_and_show_json(cli, two_models):
 def test_tag_and_rm(cli, two_models):
     cli("tag", "q2", "q2-copy")
     refs = two_models.refs()
-    assert refs["q2-copy"]["commit"] == refs["q2"]["commit"]
+    assert refs["q2-copy"].commit == refs["q2"].commit
     res = cli("tag", "q2", "q3", ok=False)
     assert "already taken" in res.stderr
     cli("rm", "q2")

@@ -202,7 +202,7 @@ def test_registry_compare_and_swap(tmp_path):
     with pytest.raises(RefChanged):
         reg.set_ref(_entry("m", "2" * 64), expected="3" * 64)  # someone moved it
     reg.set_ref(_entry("m", "2" * 64), expected="1" * 64)
-    assert reg.get("m")["commit"] == "2" * 64
+    assert reg.get("m").commit == "2" * 64
     doc = json.loads((tmp_path / "registry.json").read_text())
     assert doc["version"] == 1 and set(doc["models"]["m"]) >= {"model_name", "commit", "license"}
 

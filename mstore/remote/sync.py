@@ -37,7 +37,7 @@ from ..store import failpoints, fsio
 from ..store.manifest import LightManifest
 from ..store.objects import hash_bytes, hash_file
 from ..store.reachability import Closure, closure, store_loader
-from ..store.registry import ENTRY_FIELDS, NAME_RE, validate_name
+from ..store.registry import NAME_RE, validate_name
 from ..store.repo import Store
 from .config import (
     add_remote, list_remotes, normalize_url, resolve_remote, set_tracking, tracking_refs,
@@ -158,7 +158,7 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     entry = store.registry_entry(name, r.commit, head,
                                  r.entry.fine_tuned_from if r.entry else None)
     return _PushPlan(name=name, commit=r.commit, objects=objects, manifests=plan.order,
-                     entry={k: entry.get(k) for k in ENTRY_FIELDS}, known=known, force=force)
+                     entry=entry.to_json(), known=known, force=force)
 
 
 def _send_objects(store: Store, transport: Transport, plan: _PushPlan, present: dict[str, int],
