@@ -55,6 +55,7 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
             findings.append(Finding("corrupt", oid, problem))
 
     store.require()
+    registry_read = True
     try:
         refs = store.refs()
         for key, reason in store.registry.invalid_entries():
@@ -62,7 +63,7 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
                                     f"entry {key!r} of registry.json is skipped: {reason}"))
     except MStoreError as e:
         findings.append(Finding("bad-registry", None, str(e), cause=e))
-        refs = {}
+        refs, registry_read = {}, False
 
     reachable: set[str] = set()
     checked_heads: set[str] = set()
@@ -88,7 +89,8 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
         findings.append(DanglingCommit(
             "dangling-commit", d.commit, f"{d.created_at} {d.subject}{gone}", False,
             d.created_at, d.message, d.weights_present))
-    for oid in sorted(set(on_disk) - reachable):
+    # without a readable registry nothing is known to be unreachable (and gc refuses)
+    for oid in sorted(set(on_disk) - reachable) if registry_read else ():
         findings.append(Finding("unreachable", oid, "no ref needs it (gc will collect it)", False))
     if store.objects.tmp_dir.is_dir():
         for entry in sorted(os.scandir(store.objects.tmp_dir), key=lambda e: e.name):
