@@ -452,14 +452,17 @@ class CommitFailed(MStoreError):
     (or, if even that failed, the message says so)."""
 
     def __init__(self, reason: str, folder: str | None, save_error: str | None = None):
-        self.reason, self.folder = reason, folder
+        self.reason, self.folder, self.save_error = reason, folder, save_error
+        super().__init__(self.describe(folder))
+
+    def describe(self, folder: str | None) -> str:
+        """The message, naming the recovery folder as `folder` (the CLI passes the folder
+        as a user can retype it)."""
         if folder is not None:
-            msg = (f"commit failed ({reason}); nothing was committed. The trained model is "
-                   f"saved in {folder}")
-        else:
-            msg = (f"commit failed ({reason}), and the trained model could not be saved "
-                   f"either ({save_error}); nothing was committed")
-        super().__init__(msg)
+            return (f"commit failed ({self.reason}); nothing was committed. The trained model "
+                    f"is saved in {folder}")
+        return (f"commit failed ({self.reason}), and the trained model could not be saved "
+                f"either ({self.save_error}); nothing was committed")
 
 
 # -- hardening: store

@@ -290,8 +290,9 @@ def _then(hint: str) -> Callable[[Any], str]:
 def _commit_failed(e: CommitFailed) -> str:
     if e.folder is None:
         return str(e)
-    return (f"{e}: once the store has room, commit it with "
-            f"`mstore train --resume-commit {e.folder}`")
+    where = shown_path(e.folder)
+    return (f"{e.describe(where)}: once the store has room, commit it with "
+            f"`mstore train --resume-commit {where}`")
 
 
 # How the CLI words errors whose hint is one of its own flags or commands (the library's

@@ -113,7 +113,7 @@ def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],
         # a full disk, no memory for the copy, an object gone: said with the commit's error
         except (OSError, RuntimeError, ValueError, SafetensorError, MStoreError) as save_error:
             raise CommitFailed(reason, None, _reason(save_error)) from e
-        raise CommitFailed(reason, _shown(folder)) from e
+        raise CommitFailed(reason, str(folder)) from e
 
 
 def _own_tmp_files(store: Store) -> set[Path]:
@@ -131,11 +131,3 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f": {e.filename}" if e.filename else "")
     return str(e) if isinstance(e, MStoreError) else f"{type(e).__name__}: {e}"
-
-
-def _shown(folder: Path) -> str:
-    """The folder as the user can retype it: relative when under the working folder."""
-    try:
-        return str(folder.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(folder)
