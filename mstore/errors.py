@@ -223,6 +223,11 @@ class GcRefused(MStoreError):
         super().__init__(f"gc refused, nothing deleted: {reason}")
 
 
+class NothingToPack(MStoreError, ValueError):
+    def __init__(self, verb: str = "pack"):
+        super().__init__(f"nothing to {verb}: name one or more models, or pass --all")
+
+
 class ConfigError(MStoreError, ValueError):
     """A training config that cannot be used; the message names the key."""
 

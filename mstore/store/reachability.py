@@ -7,6 +7,11 @@ the other side holds, so after a transfer gc on either side deletes nothing and 
 transfer has nothing to send. A new kind of dependency (an adapter child's base, a delta's
 base object) is added here, in `closure`, and nowhere else.
 
+Delta bases: a packed object XOR-ed against a base object cannot be rebuilt without it,
+so every kept object keeps the base its packed encoding names, and that base's base, even
+when no ref names them any more (`base_of`, the packed header's lookup; `delta_bases` says
+which delta keeps each one, for `gc --dry-run`).
+
 `load` reads a manifest from wherever the walk runs (the local store, or a remote for a
 pull); it returns None for one that cannot be read, which ends that root's walk and is
 reported in `unreadable`: gc refuses on it, a transfer decides what it can do without it.
@@ -27,6 +32,8 @@ class Closure:
     objects: set[str] = field(default_factory=set)  # tensor/file objects the roots need
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest, root label)
     order: list[str] = field(default_factory=list)  # the manifests, each after its parent
+    # objects kept only as the base of a kept packed delta -> that delta
+    delta_bases: dict[str, str] = field(default_factory=dict)
 
     def keep(self) -> set[str]:
         """Every object id (manifests included) this closure keeps."""
@@ -34,12 +41,14 @@ class Closure:
 
 
 def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None],
-            lenient: Mapping[str, str] | None = None) -> Closure:
+            lenient: Mapping[str, str] | None = None,
+            base_of: Callable[[str], str | None] | None = None) -> Closure:
     """The objects `roots` (label -> commit id) keep alive, read through `load`.
 
     `lenient` roots keep what they reach too, but a manifest they cannot read is not
     reported: they are registry entries that are skipped as invalid (they protect what
-    they name, yet must never hold gc back)."""
+    they name, yet must never hold gc back). `base_of(oid)`: the base object the packed
+    encoding of `oid` names (None: none); each kept object keeps its chain of bases."""
     out = Closure()
     strict = list(roots.items())
     for label, commit in strict + [(None, c) for c in (lenient or {}).values()]:
@@ -61,7 +70,22 @@ def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None
         if head and oid in out.manifests:  # a root another root already reached
             out.objects |= out.manifests[oid].object_ids()
         out.order.extend(reversed(chain))
+    if base_of is not None:
+        add_delta_bases(out, base_of)
     return out
+
+
+def add_delta_bases(out: Closure, base_of: Callable[[str], str | None]) -> None:
+    """Keep the chain of bases under every kept object (each base once; loops end)."""
+    for oid in sorted(out.objects):
+        cur = oid
+        while True:
+            base = base_of(cur)
+            if base is None or base in out.objects:
+                break
+            out.objects.add(base)
+            out.delta_bases[base] = cur
+            cur = base
 
 
 def store_loader(store) -> Callable[[str], LightManifest | None]:
@@ -79,4 +103,5 @@ def store_loader(store) -> Callable[[str], LightManifest | None]:
 def ref_closure(store) -> Closure:
     """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
     return closure({name: e.commit for name, e in store.refs().items()}, store_loader(store),
-                   lenient={c: c for c in sorted(store.registry.invalid_commits())})
+                   lenient={c: c for c in sorted(store.registry.invalid_commits())},
+                   base_of=store.objects.delta_base)
