@@ -233,6 +233,13 @@ class ObjectStore:
 
         return packed.object_bytes(self, oid)
 
+    def verify_stored_pack(self, oid: str, path: Path) -> str | None:
+        """Check a packed file received for `oid` (not yet published) against this store:
+        rebuilt with its base from here and re-hashed; a problem or None."""
+        from . import packed
+
+        return packed.verify_packed_bytes(self, oid, Path(path).read_bytes())
+
     def pack_header(self, oid: str):
         """The header of the packed encoding of `oid` (ObjectMissing if it has none)."""
         from . import packed
@@ -494,7 +501,7 @@ class ObjectBatch:
             return self._stage(oid, tmp, len(blob), True)
         res = self.put_bytes(data) if data is not None else self.put_file(Path(path))  # type: ignore[arg-type]
         if res.oid != oid:
-            raise ObjectCorrupt(oid, f"content hashes to {res.oid[:12]}", "received object")
+            raise ObjectCorrupt(oid, f"its bytes hash to {res.oid[:12]}", "received object")
         return res
 
     def _stage(self, oid: str, tmp: Path, size: int, packed: bool = False) -> PutResult:

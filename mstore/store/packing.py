@@ -70,9 +70,12 @@ def _targets(store: Store, names: list[str], every: bool, verb: str = "pack") ->
 def pack(store: Store, names: Iterable[str] = (), every: bool = False, *,
          reporter: Reporter = SILENT) -> PackResult:
     """Pack the tensor objects of the commits `names` (or of every ref's, `every`)."""
+    names = list(names)
+    store.require()
+    _targets(store, names, every)  # bad input refused before a lock file is made
     with store.writer_lock("pack", create=False), \
             StoreLock(store.root / "pack.lock", shared=False, purpose="pack"):
-        result = PackResult(commits=_targets(store, list(names), every))
+        result = PackResult(commits=_targets(store, names, every))
         _Packer(store, result, reporter).run()
     return result
 
@@ -81,6 +84,9 @@ def unpack(store: Store, names: Iterable[str] = (), every: bool = False, *,
            reporter: Reporter = SILENT) -> PackResult:
     """Store the tensor objects of `names` loose again (`every`: every packed object)."""
     names = list(names)
+    store.require()
+    if names or not every:
+        _targets(store, names, every, "unpack")  # bad input refused before any lock
     with store.writer_lock("unpack", create=False), \
             StoreLock(store.root / "pack.lock", shared=False, purpose="unpack"):
         commits = [] if every and not names else _targets(store, names, every, "unpack")
