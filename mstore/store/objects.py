@@ -136,7 +136,10 @@ class ObjectStore:
             return self.path(oid).stat().st_size
         except FileNotFoundError:
             pass
-        h = self.pack_header(oid)
+        try:
+            h = self.pack_header(oid)
+        except ObjectMissing:
+            raise ObjectMissing(oid) from None
         return len(h.loose_header) + h.nbytes
 
     def stored_size(self, oid: str) -> int:
@@ -148,8 +151,8 @@ class ObjectStore:
             raise ObjectMissing(oid) from None
 
     def stored_file(self, oid: str) -> tuple[Path, bool]:
-        """(file, packed?) of the smaller encoding present: what push and pull move as it
-        is. The receiver verifies it (`ObjectBatch.put_stored`) before it is visible."""
+        """(file, packed?): the packed file if there is one (it is the smaller: pack keeps
+        nothing packed that is not), else the loose one; what push and pull move as it is. The receiver verifies it (`ObjectBatch.put_stored`) before it is visible."""
         packed = self.pack_path(oid)
         if packed.is_file():
             return packed, True
