@@ -5,8 +5,8 @@ weight decay 0.01) runs STEPS steps on an fp32 master copy of every tensor of th
 0.5B-shaped bf16 model, tensor by tensor (AdamW is elementwise, so this is the same update a
 whole-model step gives without grad clipping), and the result is cast back to bf16 as
 `mstore train` does. The gradients are synthetic: per tensor, a fixed random direction
-(0.7) plus fresh per-step noise (0.3) at the scale of the weights, so successive steps
-agree as real gradients do. A real forward/backward of the 0.5B model on this 2-core
+plus a second random field whose sign flips from step to step (0.3 of it), at the scale of
+the weights, so successive steps mostly agree as real gradients do. A real forward/backward of the 0.5B model on this 2-core
 machine takes about a minute a step; Adam's update size (about lr per step) does not depend
 on the gradient's scale, which is what decides how many low bits a step flips.
 
@@ -42,13 +42,13 @@ def finetune(store_root: Path, base_ref: str, name: str, lr: float, steps: int =
     for tname, t in sorted(base.tensors.items()):
         w = torch_io.load_tensor(store.objects, t).float()
         p = torch.nn.Parameter(w.clone())
-        opt = torch.optim.AdamW([p], lr=lr)
+        opt = torch.optim.AdamW([p], lr=lr, fused=True)
         scale = w.abs().mean().clamp_min(1e-3)
         direction = torch.randn(w.shape, generator=gen) * scale
         noise = torch.randn(w.shape, generator=gen) * scale
+        signs = torch.randint(0, 2, (steps,), generator=gen) * 2.0 - 1.0
         for step in range(steps):
-            shift = (step * 7919) % max(w.numel(), 1)
-            p.grad = 0.7 * direction + 0.3 * noise.flatten().roll(shift).view(w.shape)
+            p.grad = torch.add(direction, noise, alpha=0.3 * float(signs[step])).mul_(0.7)
             opt.step()
         out[tname] = p.detach().to(torch.bfloat16 if t.dtype == "BF16" else w.dtype)
     with store.objects.batch() as batch:

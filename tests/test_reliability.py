@@ -301,14 +301,21 @@ def test_power_loss_at_every_step_of_import_tag_rm_gc(template, model_dirs, tmp_
     _power_loss(root, tmp_path, lambda: collect(s, grace=0))
 
 
-def test_power_loss_at_every_step_of_pack_unpack_and_gc_of_packs(pack_template, tmp_path):
+def test_power_loss_at_every_step_of_pack_unpack_and_gc_of_packs(template, tmp_path):
+    """On small models (six tensors of every dtype, a child of them): every prefix is
+    rebuilt and fsck-ed, so the store is kept small."""
     from mstore.store import packing
     from mstore.store.gc import collect
+    from tests.packs_helpers import dtype_model
 
-    root = copy_store(pack_template, tmp_path / "store")
+    root = copy_store(template, tmp_path / "store")
     s = Store(root)
-    _power_loss(root, tmp_path, lambda: packing.pack(s, ["kid2"]))
-    _power_loss(root, tmp_path, lambda: packing.unpack(s, ["kid"]))
+    dtype_model(s, "dp")
+    dtype_model(s, "dc", parent="dp", seed=3)
+    _power_loss(root, tmp_path, lambda: packing.pack(s, ["dp", "dc"]))
+    _power_loss(root, tmp_path, lambda: packing.unpack(s, ["dp"]))
+    s.remove("dp")
+    s.remove("dc")
     _power_loss(root, tmp_path, lambda: collect(s, grace=0))
 
 
