@@ -194,3 +194,22 @@ def test_push_and_pull_carry_attachments_and_adapter_bases(cli, base, tmp_path):
     cli("push", "child")
     other("pull", "child")
     assert sorted(a.payload["loss"] for a in dest.attachments.list(commit)) == [2.5, 3.25]
+
+
+@pytest.mark.parametrize("point", ["attach.object-written", "attach.index-tmp-written"])
+def test_a_kill_while_attaching_leaves_the_old_list_and_a_clean_store(cli, base, point):
+    import subprocess
+    import sys
+    from tests.conftest import REPO_ROOT
+    commit = base.resolve("base").commit
+    first = base.attachments.add(commit, "eval", {"loss": 1.0})
+    code = ("import sys; from mstore.store.repo import Store; "
+            "Store(sys.argv[1]).attachments.add(sys.argv[2], 'eval', {'loss': 2.0})")
+    env = {**__import__("os").environ, "MSTORE_FAILPOINT": point}
+    res = subprocess.run([sys.executable, "-c", code, str(base.root), commit], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 137, res.stderr
+    assert base.attachments.index(commit) == [first]
+    assert json.loads(cli("fsck", "--json").stdout)["ok"]
+    base.attachments.add(commit, "eval", {"loss": 2.0})
+    assert sorted(a.payload["loss"] for a in base.attachments.list(commit)) == [1.0, 2.0]

@@ -85,6 +85,7 @@ def commands(model_dirs, tmp: Path, corpus: Path):
         "train": (["train", "--config", scratch_config(tmp, corpus)],
                   "custom-transformer-001", False),
         "push": (["push", "base", "origin"], None, False),
+        "upgrade": (["tag", "base", "t"], "t", False),  # a format-1 store's first write
     }
 
 
@@ -93,6 +94,9 @@ def prepare(command: str, store: Path, i: int) -> None:
     if command == "push":
         res = mstore(store, "remote", "add", "origin", store.parent / f"remote-{i}")
         assert res.returncode == 0, res.stderr
+    if command == "upgrade":  # registry.json as the first release wrote it
+        reg = store / "registry.json"
+        reg.write_text(reg.read_text().replace('"version": 2', '"version": 1', 1))
 
 
 def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter:
@@ -108,7 +112,7 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
     return Counter(log.read_text().split())
 
 
-@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "push",
+@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "push", "upgrade",
                                      pytest.param("train", marks=pytest.mark.slow)])
 def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus):
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
