@@ -46,7 +46,7 @@ def _read_pem(path: Path) -> bytes:
     return data
 
 
-def _algorithm(key, path: Path) -> str:
+def key_algorithm(key, path: Path) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
@@ -71,7 +71,7 @@ def load_private_key(path: Path):
             from None
     except ValueError:
         raise BadKeyFile(str(path), "not a PEM private key") from None
-    _algorithm(key, path)
+    key_algorithm(key, path)
     return key
 
 
@@ -89,7 +89,7 @@ def load_public_key(path: Path):
             key = load_pem_private_key(data, password=None).public_key()
         except (TypeError, ValueError):
             raise BadKeyFile(str(path), "not a PEM public key") from None
-    _algorithm(key, path)
+    key_algorithm(key, path)
     return key
 
 
@@ -160,7 +160,7 @@ def sign(commit: str, m: Manifest, private_key) -> dict[str, Any]:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    algorithm = _algorithm(private_key, Path("key"))
+    algorithm = key_algorithm(private_key, Path("key"))
     body = canonical_json(statement(commit, m))
     message = pae(PAYLOAD_TYPE, body)
     if algorithm == ECDSA_P256:
@@ -247,7 +247,7 @@ def _open_envelope(p: dict[str, Any]):
         key = load_pem_public_key(str(p.get("public_key", "")).encode("ascii"))
     except (ValueError, TypeError, UnicodeEncodeError) as e:
         raise ValueError(type(e).__name__) from None
-    if p.get("algorithm") != _algorithm(key, Path("public_key")):
+    if p.get("algorithm") != key_algorithm(key, Path("public_key")):
         raise ValueError("algorithm does not match its key")
     return key, body
 
