@@ -1,11 +1,13 @@
 """`export --sign`: an OpenSSF model-signing signature of an exported folder.
 
 The signature is made by the `model_signing` package itself (its elliptic-key signer and
-its default hashing, which ignores the signature file), so `model_signing verify key
+its default file-by-file SHA-256 hashing, ignoring the signature file), so `model_signing verify key
 --signature OUT/model.sig --public_key PUB.pem OUT` accepts it and rejects the folder
 after any file in it changes. It runs once the export is complete and in place; if it
 fails, the folder this export made is removed again, so no unsigned folder is left where
-a signed one was asked for.
+a signed one was asked for. (model-signing can hash with BLAKE3, as mstore does, but the
+1.1 `verify key` command re-hashes with SHA-256 whatever the signature says, and then
+rejects every file: SHA-256 is what its verifier accepts.)
 """
 
 from __future__ import annotations
