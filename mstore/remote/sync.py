@@ -246,20 +246,17 @@ def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
     validate_name(name)
     local_name = validate_name(as_name or name)
     transport = transport or open_transport(url)
+    if require_signature is not None:  # first without the lock: a refusal leaves no lock file
+        with backend_errors(url), transport.session(writing=False):
+            commit = _remote_entry(transport, url, remote_name, name)[0]["commit"]
+            plan, fetched = _plan_fetch(store, transport, remote_name, commit)
+            _require_signature(store, transport, remote_name, name, commit, plan, fetched,
+                               require_signature)
     with backend_errors(url), store.writer_lock("pull"), transport.session(writing=False):
-        listing = transport.read_registry_entries()
-        if listing is None:
-            raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
-        models, invalid = listing
-        entry = models.get(name)
-        if entry is None:
-            reason = dict(invalid).get(name)
-            if reason is not None:
-                raise RemoteRefInvalid(name, remote_name, reason)
-            raise RemoteRefMissing(name, remote_name, sorted(models))
+        entry, invalid = _remote_entry(transport, url, remote_name, name)
         commit = entry["commit"]
         plan, fetched = _plan_fetch(store, transport, remote_name, commit)
-        if require_signature is not None:
+        if require_signature is not None:  # again: the remote ref may have moved since
             _require_signature(store, transport, remote_name, name, commit, plan, fetched,
                                require_signature)
         result = TransferResult(
@@ -274,6 +271,22 @@ def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
             _set_local_ref(store, local_name, commit, entry, result)
     set_tracking(store, remote_name, name, commit)
     return result
+
+
+def _remote_entry(transport: Transport, url: str, remote_name: str, name: str
+                  ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The remote's registry entry for `name`, and the invalid entries it skipped."""
+    listing = transport.read_registry_entries()
+    if listing is None:
+        raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
+    models, invalid = listing
+    entry = models.get(name)
+    if entry is None:
+        reason = dict(invalid).get(name)
+        if reason is not None:
+            raise RemoteRefInvalid(name, remote_name, reason)
+        raise RemoteRefMissing(name, remote_name, sorted(models))
+    return entry, invalid
 
 
 def _check_local_ref(store: Store, local_name: str, name: str, commit: str, plan: Closure,
