@@ -8,7 +8,9 @@ import typer
 
 from ..units import fmt_bytes
 from .options import JsonOpt, NameArg, store_of
-from .output import echo, error_message, print_json, print_table, safe_text, shown_path
+from .output import (
+    TerminalReporter, echo, error_message, print_json, print_table, safe_text, shown_path,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +59,12 @@ def fsck(
     lost_found: Annotated[bool, typer.Option("--lost-found", help=(
         "Name each dangling commit lost-found-<id>; rebuild a missing or damaged "
         "registry.json (a damaged one is kept as registry.json.corrupt-<time>)."))] = False,
+    repair: Annotated[bool, typer.Option("--repair", help=(
+        "Fetch a good copy of every missing or corrupt object (from --from REMOTE, the "
+        "default remote, or the Hub revision it was imported from), verify it, put it; "
+        "corrupt copies are moved to lost-found/objects/."))] = False,
+    from_: Annotated[Optional[str], typer.Option(
+        "--from", help="The remote to repair from (default: the default remote).")] = None,
 ):
     """Re-hash every object and check every ref; exit 1 on any problem."""
     from ..store.fsck import check, to_json
@@ -71,6 +79,7 @@ def fsck(
         except ValueError:
             raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
     store = store_of(ctx, must_exist=True)
+    repaired = _repair(store, from_, as_json) if repair else None
     findings = check(store, part)
     for f in findings:
         if f.cause is not None:  # the CLI's own wording of the error (its hint)
@@ -85,8 +94,12 @@ def fsck(
         doc = to_json(findings)
         if recovery is not None:
             doc["lost_found"] = recovery.to_json()
+        if repaired is not None:
+            doc["repair"] = repaired.to_json()
         print_json(doc)
     else:
+        if repaired is not None:
+            _print_repair(repaired)
         for f in findings:
             echo(("error " if f.error else "info  ") + safe_text(f.line()))
         if recovery is not None:
@@ -94,6 +107,34 @@ def fsck(
         echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
     if errors:
         raise typer.Exit(1)
+
+
+def _repair(store, remote: str | None, as_json: bool):
+    """Repair from the named remote (else the default one, if any), then the Hub."""
+    from ..errors import NoDefaultRemote
+    from ..hub.repair import HubCopies
+    from ..remote.config import resolve_remote
+    from ..remote.repair import RemoteCopies
+    from ..store.repair import repair
+
+    sources = []
+    try:
+        sources.append(RemoteCopies(*resolve_remote(store, remote)))
+    except NoDefaultRemote:
+        if remote is not None:
+            raise
+    sources.append(HubCopies(store, TerminalReporter(as_json)))
+    return repair(store, sources)
+
+
+def _print_repair(res) -> None:
+    if not res.repaired and not res.failed:
+        echo("nothing to repair")
+    for r in res.repaired:
+        moved = f"; the damaged copy is in {safe_text(r.moved_to)}" if r.moved_to else ""
+        echo(f"repaired {r.object[:12]} ({r.problem}) from {safe_text(r.source)}{moved}")
+    for f in res.failed:
+        echo(f"not repaired {f.object[:12]} ({f.problem}): {safe_text(f.reason)}")
 
 
 def _print_recovery(rec) -> None:
