@@ -70,11 +70,19 @@ def _stream_text(text: str) -> None:
 
 def export(ctx: typer.Context, name: NameArg,
            dest: Annotated[Path, typer.Argument(help="New folder to write.")],
+           fmt: Annotated[str, typer.Option(
+               "--format", help="safetensors (a Hugging Face folder) or gguf (one file for "
+               "llama.cpp and Ollama).")] = "safetensors",
+           gguf_type: Annotated[str, typer.Option(
+               "--type", help="GGUF tensor type: f16, bf16 or q8_0.")] = "f16",
            as_json: JsonOpt = False):
-    """Write a Hugging Face-format folder (config, safetensors, tokenizer, metadata.json)."""
+    """Write a Hugging Face-format folder or a GGUF file, with a model card (README.md)."""
     from ..hub.export import export_model
 
-    doc = export_model(store_of(ctx, must_exist=True), name, dest)
+    if gguf_type != "f16" and fmt != "gguf":
+        raise typer.BadParameter("--type applies to --format gguf", param_hint="--type")
+    doc = export_model(store_of(ctx, must_exist=True), name, dest, fmt=fmt,
+                       gguf_type=gguf_type)
     if as_json:
         return print_json(doc)
     what, where = safe_text(doc["name"] or doc["commit"][:12]), safe_text(shown_path(doc["dir"]))

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .licenses import inherited_note
 from .manifest import LightManifest, Manifest
 from .repo import Store
 
@@ -21,15 +22,29 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
     """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
     (`name` is the row's ref; the other names of its commit are rows of their own)."""
     parents: dict[str, str | None] = {}
+    notes: dict[str, str | None] = {}
     rows = []
     for name, e in sorted(store.refs().items()):
         commit = e.commit
         if commit not in parents:
             parents[commit] = _parent_of(store, commit)
+            notes[commit] = license_note(store, parents[commit])
         rows.append({**e.to_json(), "name": name,
                      "short_commit": commit[:12], "architecture": e.architecture_type,
-                     "parent": parents[commit], "license": e.license or None})
+                     "parent": parents[commit], "license": e.license or None,
+                     "license_note": notes[commit]})
     return rows
+
+
+def license_note(store: Store, parent: str | None) -> str | None:
+    """What a child says about the license it carries from `parent` (None: nothing)."""
+    if parent is None:
+        return None
+    try:
+        parent_license = store.read_light_manifest(parent).license
+    except MStoreError:  # the parent is gone or damaged: fsck names it
+        return None
+    return inherited_note(parent_license, True)
 
 
 def _parent_of(store: Store, commit: str) -> str | None:
@@ -196,5 +211,6 @@ def show(store: Store, ref: str) -> dict[str, Any]:
             "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
             "weights_present": weights_present(store, m), "parent": m.parent,
             "parent_names": parent_names, "architecture": m.architecture,
-            "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
+            "model_id": m.model_id, "license": m.license or None,
+            "license_note": license_note(store, m.parent), "created_at": m.created_at,
             "message": m.message, "manifest": m.to_dict()}
