@@ -535,3 +535,16 @@ class HubClientError(HubError):
     def __init__(self, repo_id: str, detail: str):
         self.repo_id = repo_id
         super().__init__(f"the Hub client failed for {repo_id!r} ({detail})")
+
+
+class NothingToPlot(MStoreError):
+    """A model whose lineage holds no training record: there is no curve to draw."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"{name} has no training record (an import, or trained before "
+                         "mstore kept one): nothing to plot; name a fine-tuned model")
+
+
+class PlotError(MStoreError, ValueError):
+    pass
