@@ -46,6 +46,10 @@ Many.
 """
 
 
+EVAL_NOTE = {"dataset": "held-out [news]", "dataset_blake3": "ab" * 32, "tokens": 4096,
+             "loss": 3.25, "perplexity": 25.79, "seq_len": 16}
+
+
 def front_matter(path) -> dict:
     text = path.read_text()
     assert text.startswith("---\n")
@@ -71,7 +75,9 @@ def lineage(hub_server, model_dirs, tmp_path_factory):
         cfg.write_text(f"model_name: {parent}\ndataset: '{corpus}'\nmax_steps: 2\n"
                        "batch_size: 2\nseq_len: 16\neval_interval: 2\ndevice: cpu\n")
         cli("train", "--config", cfg, "--name", child)
-    return cli, Store(tmp_path / "store"), tmp_path
+    store = Store(tmp_path / "store")
+    store.attachments.add(store.resolve("ft1").commit, "eval", EVAL_NOTE)
+    return cli, store, tmp_path
 
 
 def test_an_imported_model_keeps_its_own_card_as_it_was(lineage):
@@ -117,7 +123,11 @@ def test_fine_tune_cards_carry_base_model_lineage_training_and_attribution(linea
         assert t["dataset"]["blake3"] in section
         assert f"- final train loss: {t['train_loss'][-1][1]:.4f}" in section
         assert f"- final eval loss: {t['eval_loss'][-1][1]:.4f}" in section
-        assert "- eval notes: none recorded" in section
+        if name == "ft1":
+            assert "- eval note: held-out \\[news\\], loss 3.2500, perplexity 25.7900, " \
+                   "4,096 tokens" in section
+        else:
+            assert "- eval notes: none recorded" in section
 
 
 def test_list_and_show_say_the_child_carries_a_restrictive_license(lineage):

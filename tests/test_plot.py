@@ -28,7 +28,11 @@ def trained(model_dirs, tmp_path_factory):
                        f"batch_size: 2\nseq_len: 16\neval_interval: 2\ndevice: cpu\n"
                        f"learning_rate: {lr}\n")
         cli("train", "--config", cfg, "--name", child)
-    return cli, Store(tmp / "store"), tmp
+    store = Store(tmp / "store")
+    store.attachments.add(store.resolve("a").commit, "eval", {
+        "dataset": "held-out", "dataset_blake3": "cd" * 32, "tokens": 512, "loss": 6.5,
+        "perplexity": 665.1, "seq_len": 16})
+    return cli, store, tmp
 
 
 def test_generations_follow_their_parents_on_one_step_axis(trained):
@@ -41,6 +45,7 @@ def test_generations_follow_their_parents_on_one_step_axis(trained):
     assert [s for s, _ in a.train] == [5, 6, 7] and [s for s, _ in b.eval][-1] == 7
     losses = store.read_manifest(store.resolve("a").commit).training["train_loss"]
     assert [v for _, v in a.train] == [v for _, v in losses]
+    assert a.notes == [(7, 6.5, "held-out")] and not b.notes and not ft.notes
 
 
 @pytest.mark.parametrize("names, suffix, size", [(["a"], ".png", "640x400"),

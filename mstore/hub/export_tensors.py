@@ -34,8 +34,8 @@ class LazyTensor:
 
 
 def kind_of(m: Manifest) -> str:
-    """The manifest's kind ("full" for format-1 manifests, which have no `kind`)."""
-    return getattr(m, "kind", "full")
+    """The manifest's kind (format-1 manifests read as "full")."""
+    return m.kind
 
 
 def check_exportable(m: Manifest, what: str) -> None:

@@ -221,11 +221,8 @@ def last_value(history: Any) -> float | None:
 
 
 def eval_notes(store: Store, commit: str) -> list[dict[str, Any]]:
-    """The eval attachments' payloads of `commit`, oldest first (none before format 2)."""
-    attachments = getattr(store, "attachments", None)
-    if attachments is None:
-        return []
-    return [a.payload for a in attachments.list(commit, "eval")]
+    """The eval attachments' payloads of `commit`, oldest first."""
+    return [a.payload for a in store.attachments.list(commit, "eval")]
 
 
 def describe_eval(payload: dict[str, Any]) -> str:

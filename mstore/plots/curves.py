@@ -55,13 +55,11 @@ def _curve(store: Store, oid: str, names: list[str], offset: int, steps: int,
     label = f"{', '.join(sorted(names)) or '(no ref)'} ({oid[:12]})"
     curve = Curve(oid, label, offset, steps, _points(t.get("train_loss"), offset),
                   _points(t.get("eval_loss"), offset))
-    attachments = getattr(store, "attachments", None)
-    if attachments is not None:
-        for a in attachments.list(oid, "eval"):
-            loss = a.payload.get("loss")
-            if isinstance(loss, (int, float)):
-                curve.notes.append((offset + steps, float(loss),
-                                    str(a.payload.get("dataset") or "eval")))
+    for a in store.attachments.list(oid, "eval"):
+        loss = a.payload.get("loss")
+        if isinstance(loss, (int, float)):
+            curve.notes.append((offset + steps, float(loss),
+                                str(a.payload.get("dataset") or "eval")))
     return curve
 
 
