@@ -230,3 +230,18 @@ def test_architectures_llama_cpp_cannot_take_are_refused(cli, tmp_path, store):
     assert res.exit_code == 1 and "GGUF export supports qwen2, qwen2_moe, qwen3, qwen3_moe" \
         in res.stderr and "use --format safetensors" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind, words", [("adapter", "q is an adapter: export of merged"),
+                                         ("quantized", "q is a quantized model: export of")])
+def test_adapter_and_quantized_kinds_are_refused_until_they_plug_in(store, model_dirs, kind,
+                                                                     words):
+    import dataclasses
+
+    from mstore.errors import ExportError
+    from mstore.hub.export_tensors import commit_tensors
+
+    import_model(store, str(model_dirs["qwen2"]), name="q", accept_license=True)
+    m = store.read_manifest(store.resolve("q").commit)
+    with pytest.raises(ExportError, match=words):
+        next(commit_tensors(store, dataclasses.replace(m, kind=kind), "q"))
