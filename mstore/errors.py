@@ -580,3 +580,14 @@ class NothingToRepairWith(MStoreError):
     def __init__(self, count: int, reason: str):
         self.count, self.reason = count, reason
         super().__init__(f"{count} object(s) need repair but {reason}; nothing was changed")
+class NothingToPlot(MStoreError):
+    """A model whose lineage holds no training record: there is no curve to draw."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"{name} has no training record (an import, or trained before "
+                         "mstore kept one): nothing to plot; name a fine-tuned model")
+
+
+class PlotError(MStoreError, ValueError):
+    pass

@@ -82,6 +82,7 @@ def commands(model_dirs, tmp: Path, corpus: Path):
         "rm": (["rm", "extra"], "extra", True),
         "gc": (["gc", "--grace", "0"], None, False),
         "export": (["export", "base", tmp / "exported"], None, True),
+        "export-gguf": (["export", "base", tmp / "exported", "--format", "gguf"], None, True),
         "train": (["train", "--config", scratch_config(tmp, corpus)],
                   "custom-transformer-001", False),
         "push": (["push", "base", "origin"], None, False),
@@ -108,11 +109,12 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
     if "export" in map(str, args):
         import shutil
 
-        shutil.rmtree(Path(args[-1]))
+        shutil.rmtree(tmp / "exported")
     return Counter(log.read_text().split())
 
 
-@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "push", "upgrade",
+@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "export-gguf",
+                                     "push", "upgrade",
                                      pytest.param("train", marks=pytest.mark.slow)])
 def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus):
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
@@ -149,8 +151,8 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
         elif command == "push":
             remote = store.parent / f"remote-{i}"
             assert refs_of(remote)["base"] == before["base"] and not fsck_errors(remote)
-        elif command == "export":
-            assert (tmp_path / "exported" / "config.json").exists()
+        elif command.startswith("export"):
+            assert (tmp_path / "exported" / "README.md").exists()
             import shutil
 
             shutil.rmtree(tmp_path / "exported")

@@ -163,6 +163,12 @@ def source_line(m: dict[str, Any]) -> str:
     return src.get("type") or "-"
 
 
+def license_text(license: str | None, note: str | None) -> str:
+    """The license as list and show print it, with the note a child carries (see
+    mstore.store.licenses)."""
+    return (license or "unknown") + (f" ({note})" if note else "")
+
+
 def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
     m = doc["manifest"]
     dtypes = Counter(t["dtype"] for t in m["tensors"].values())
@@ -173,7 +179,7 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         *([("variant", doc["variant"])] if doc.get("variant") else []),
         ("model_id", m["model_id"]),
         ("source", source_line(m)),
-        ("license", m.get("license") or "unknown"),
+        ("license", license_text(m.get("license"), doc.get("license_note"))),
         ("parent", (m["parent"][:12] + (f" ({', '.join(doc['parent_names'])})"
                                          if doc["parent_names"] else "")) if m["parent"] else "-"),
         ("created", m["created_at"]),

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .licenses import inherited_note
 from .manifest import LightManifest, Manifest
 from .repo import Store
 
@@ -21,19 +22,33 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
     """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
     (`name` is the row's ref; the other names of its commit are rows of their own)."""
     heads: dict[str, LightManifest | None] = {}
+    notes: dict[str, str | None] = {}
     names = store.names_by_commit()
     rows = []
     for name, e in sorted(store.refs().items()):
         commit = e.commit
         if commit not in heads:
             heads[commit] = _head_of(store, commit)
+            notes[commit] = license_note(store, heads[commit].parent if heads[commit] else None)
         m = heads[commit]
         rows.append({**e.to_json(), "name": name,
                      "short_commit": commit[:12], "architecture": e.architecture_type,
                      "parent": m.parent if m else None, "license": e.license or None,
+                     "license_note": notes[commit],
                      "kind": m.kind if m else None,
                      "variant": variant(m, names) if m else ""})
     return rows
+
+
+def license_note(store: Store, parent: str | None) -> str | None:
+    """What a child says about the license it carries from `parent` (None: nothing)."""
+    if parent is None:
+        return None
+    try:
+        parent_license = store.read_light_manifest(parent).license
+    except MStoreError:  # the parent is gone or damaged: fsck names it
+        return None
+    return inherited_note(parent_license, True)
 
 
 def _head_of(store: Store, commit: str) -> LightManifest | None:
@@ -211,6 +226,7 @@ def show(store: Store, ref: str) -> dict[str, Any]:
             "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
             "weights_present": weights_present(store, m), "parent": m.parent,
             "parent_names": parent_names, "architecture": m.architecture,
-            "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
+            "model_id": m.model_id, "license": m.license or None,
+            "license_note": license_note(store, m.parent), "created_at": m.created_at,
             "message": m.message, "kind": m.kind, "variant": variant(m, by_commit),
             "manifest": m.to_dict()}
