@@ -13,8 +13,8 @@ import typer
 from ..units import fmt_bytes, fmt_count
 from .options import JsonOpt, NameArg, TensorsOpt, store_of
 from .output import (
-    TerminalReporter, echo, echo_line, print_json, print_table, render_graph, render_log,
-    render_show, safe_text, shown_path,
+    TerminalReporter, echo, echo_line, license_text, print_json, print_table, render_graph,
+    render_log, render_show, safe_text, shown_path,
 )
 
 RefArg = Annotated[str, typer.Argument(help="Ref to remove.")]
@@ -96,11 +96,13 @@ def _list(ctx: typer.Context, as_json: bool):
     if not rows:
         echo("no models (try `mstore import`)")
         return
-    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "LICENSE")]
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "KIND", "LICENSE")]
     for r in rows:
         table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
                       fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
-                      r.get("fine_tuned_from") or "-", r.get("license") or "unknown"))
+                      r.get("fine_tuned_from") or "-", r.get("variant") or r.get("kind") or "-",
+                      license_text(r.get("license"), r.get("license_note") and "inherited, "
+                                   "not permissive")))
     print_table(table)
 
 

@@ -2,8 +2,9 @@
 
 Roots are the refs. Every manifest reachable through `parent` stays, so `log` can always
 show where a model came from; tensor and file objects stay only while some ref's own
-manifest names them, so removing a base frees its weights while its fine-tunes keep their
-history. Two mechanisms keep a writer in flight safe:
+manifest names them (or, for an adapter child, its base's), so removing a base frees its
+weights while its full fine-tunes keep their history and its adapters keep working.
+A commit's attachments stay with it; the lists of commits gc deletes go too. Two mechanisms keep a writer in flight safe:
   1. the store lock: writers hold it shared for their whole run, gc exclusive, so gc never
      runs beside an import or a train;
   2. the grace period: unreachable objects younger than it are kept, and a dedup hit
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from . import failpoints, fsio
 from ..errors import GcRefused, ObjectCorrupt, ObjectMissing
-from .reachability import ref_closure
+from .reachability import Closure, ref_closure
 from .repo import Store
 
 DEFAULT_GRACE = 3600.0
@@ -39,6 +40,7 @@ class GcPlan:
     tmp_delete: list[tuple[Path, int]] = field(default_factory=list)
     kept_young: int = 0
     kept_reachable: int = 0
+    why: dict[str, str] | None = None  # oid -> why it is kept (explain)
     kept_as_base: dict[str, str] = field(default_factory=dict)  # base -> the delta keeping it
     delete_levels: list[int] = field(default_factory=list)  # per `delete`: deltas under it
 
@@ -54,18 +56,15 @@ class GcPlan:
             "kept_as_delta_base": [{"object": b, "delta": d}
                                    for b, d in sorted(self.kept_as_base.items())],
             "deleted": [oid for oid, _ in self.delete],
+            **({"kept": [{"object": oid, "why": why} for oid, why in sorted(self.why.items())]}
+               if self.why is not None else {}),
         }
 
 
-def reachable(store: Store) -> tuple[set[str], set[str]]:
-    """(manifests to keep, tensor/file objects to keep); raises GcRefused when unsure.
-    The rule itself is `reachability.closure`, shared with push, pull and clone."""
-    c = _closure(store)
-    return set(c.manifests), c.objects
-
-
-def _closure(store: Store):
-    c = ref_closure(store)
+def reachable(store: Store, explain: bool = False) -> Closure:
+    """What the refs keep; raises GcRefused when unsure. The rule itself is
+    `reachability.closure`, shared with push, pull and clone."""
+    c = ref_closure(store, explain=explain)
     if c.unreadable:
         oid, name = c.unreadable[0]
         raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
@@ -73,14 +72,15 @@ def _closure(store: Store):
     return c
 
 
-def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:
+def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None,
+         explain: bool = False) -> GcPlan:
     now = time.time() if now is None else now
     try:
-        c = _closure(store)
+        c = reachable(store, explain)
     except (ObjectMissing, ObjectCorrupt) as e:
         raise GcRefused(str(e)) from None
     keep = c.keep()
-    p = GcPlan(kept_as_base=dict(c.delta_bases))
+    p = GcPlan(why={} if explain else None, kept_as_base=dict(c.delta_bases))
     stored = list(store.objects.iter_stored())
     young = {s.oid for s in stored if s.oid not in keep
              and now - max(st.st_mtime for st in (s.loose, s.packed) if st) < grace}
@@ -92,14 +92,20 @@ def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -
             cur = base
     bases: dict[str, str | None] = {}
     for s in stored:
-        if s.oid in young:
+        oid = s.oid
+        if oid in young:
             p.kept_young += 1
-        elif s.oid in keep:
+            if p.why is not None:
+                p.why[oid] = "unreachable, but younger than the grace period"
+        elif oid in keep:
             p.kept_reachable += 1
+            if p.why is not None:
+                p.why[oid] = c.why(oid) or (f"base of packed delta {p.kept_as_base[oid][:12]}"
+                                            if oid in p.kept_as_base else "reachable")
         else:
-            p.delete.append((s.oid, s.disk_bytes))
+            p.delete.append((oid, s.disk_bytes))
             if s.packed is not None:
-                bases[s.oid] = store.objects.delta_base(s.oid)
+                bases[oid] = store.objects.delta_base(oid)
     if store.objects.tmp_dir.is_dir():
         for entry in os.scandir(store.objects.tmp_dir):
             st = entry.stat(follow_symlinks=False)
@@ -120,11 +126,12 @@ def _depth(oid: str, bases: dict[str, str | None]) -> int:
     return depth
 
 
-def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GcPlan:
+def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False,
+            explain: bool = False) -> GcPlan:
     """Plan and (unless dry_run) delete, under the exclusive store lock."""
     store.require()
     with nullcontext() if dry_run else store.gc_lock():
-        p = plan(store, grace)
+        p = plan(store, grace, explain=explain)
         failpoints.hit("gc.planned")
         if not dry_run:
             touched: set[Path] = set()
@@ -139,6 +146,7 @@ def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -
                 if level:
                     touched.add(store.objects.path(oid).parent)
                 failpoints.hit("gc.object-deleted")
+            store.attachments.drop_orphans()
             for path, _ in p.tmp_delete:
                 _remove_tree(path)
                 failpoints.hit("gc.tmp-deleted")

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .licenses import inherited_note
 from .manifest import LightManifest, Manifest
 from .repo import Store
 
@@ -20,23 +21,51 @@ from .repo import Store
 def list_rows(store: Store) -> list[dict[str, Any]]:
     """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
     (`name` is the row's ref; the other names of its commit are rows of their own)."""
-    parents: dict[str, str | None] = {}
+    heads: dict[str, LightManifest | None] = {}
+    notes: dict[str, str | None] = {}
+    names = store.names_by_commit()
     rows = []
     for name, e in sorted(store.refs().items()):
         commit = e.commit
-        if commit not in parents:
-            parents[commit] = _parent_of(store, commit)
+        if commit not in heads:
+            heads[commit] = _head_of(store, commit)
+            notes[commit] = license_note(store, heads[commit].parent if heads[commit] else None)
+        m = heads[commit]
         rows.append({**e.to_json(), "name": name,
                      "short_commit": commit[:12], "architecture": e.architecture_type,
-                     "parent": parents[commit], "license": e.license or None})
+                     "parent": m.parent if m else None, "license": e.license or None,
+                     "license_note": notes[commit],
+                     "kind": m.kind if m else None,
+                     "variant": variant(m, names) if m else ""})
     return rows
 
 
-def _parent_of(store: Store, commit: str) -> str | None:
+def license_note(store: Store, parent: str | None) -> str | None:
+    """What a child says about the license it carries from `parent` (None: nothing)."""
+    if parent is None:
+        return None
     try:
-        return store.read_light_manifest(commit).parent
+        parent_license = store.read_light_manifest(parent).license
+    except MStoreError:  # the parent is gone or damaged: fsck names it
+        return None
+    return inherited_note(parent_license, True)
+
+
+def _head_of(store: Store, commit: str) -> LightManifest | None:
+    try:
+        return store.read_light_manifest(commit)
     except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
         return None
+
+
+def variant(m: Manifest | LightManifest, names: dict[str, list[str]]) -> str:
+    """'' for a full model; 'lora r=16 on base' for an adapter, 'int8 of base' for a
+    quantized child (the parent by its first ref name, else its short id)."""
+    what = m.describe()
+    if not what or not m.parent:
+        return what
+    parent = (sorted(names.get(m.parent, [])) or [m.parent[:12]])[0]
+    return f"{what} {'on' if m.kind == 'adapter' else 'of'} {parent}"
 
 
 def weights_present(store: Store, m: Manifest | LightManifest,
@@ -64,6 +93,7 @@ def _entry(store: Store, oid: str, m: LightManifest | None, names: dict[str, lis
         "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
         "model_id": m.model_id, "source": m.source, "license": m.license or None,
         "training": m.training, "weights_present": weights_present(store, m, present),
+        "kind": m.kind, "variant": variant(m, names),
     }
 
 
@@ -206,5 +236,7 @@ def show(store: Store, ref: str) -> dict[str, Any]:
             "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
             "weights_present": weights_present(store, m), "parent": m.parent,
             "parent_names": parent_names, "architecture": m.architecture,
-            "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
-            "message": m.message, "manifest": m.to_dict()}
+            "model_id": m.model_id, "license": m.license or None,
+            "license_note": license_note(store, m.parent), "created_at": m.created_at,
+            "message": m.message, "kind": m.kind, "variant": variant(m, by_commit),
+            "manifest": m.to_dict()}
