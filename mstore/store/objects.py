@@ -161,6 +161,10 @@ class ObjectStore:
             return loose, False
         raise ObjectMissing(oid)
 
+    def files_of(self, oid: str) -> list[Path]:
+        """Every file `oid` has on disk (loose first), for moving a damaged one aside."""
+        return [p for p in (self.path(oid), self.pack_path(oid)) if p.is_file()]
+
     def iter_stored(self) -> Iterator[Stored]:
         """Every object on disk, once, with its encodings (one scandir per fan-out folder)."""
         if not self.objects_dir.is_dir():
