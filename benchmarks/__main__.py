@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.only:
         wanted = [ALIASES.get(w.strip(), w.strip()) for w in ns.only.split(",") if w.strip()]
+        if "packs" in wanted:  # the group: every packs-* pair
+            wanted = [w for w in wanted if w != "packs"] + [n for n in PAIRS
+                                                            if n.startswith("packs-")]
         unknown = [w for w in wanted if w not in PAIRS]
         if unknown:
             print(f"unknown pair(s): {', '.join(unknown)}; known: {', '.join(names)}",

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from . import inputs
+from . import inputs, packs
 from .inputs import SHAPES, Shape
 from .measure import (
     PY, RSS_HOW, CommandFailed, Pair, alternate, drop_dirty_pages, mstore_argv, run_process,
@@ -528,6 +528,10 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "log": pair_log,
     "gc": pair_gc,
     "du-frozen": pair_du_frozen,
+    "packs-1e-5": packs.pair_packs_low,
+    "packs-1e-4": packs.pair_packs_high,
+    "packs-base": packs.pair_packs_base,
+    "packs-push": packs.pair_packs_push,
 }
 
 

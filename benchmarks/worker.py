@@ -256,7 +256,14 @@ def task_build(a: dict[str, Any]) -> dict[str, Any]:
     return build_model_folder(Path(a["dir"]), SHAPES[a["shape"]], int(a.get("seed", 0)))
 
 
-TASKS = {"build": task_build, "load": task_load, "decode": task_decode, "train": task_train}
+def task_packs(a: dict[str, Any]) -> dict[str, Any]:
+    from .packs import task_packs as run
+
+    return run(a)
+
+
+TASKS = {"build": task_build, "load": task_load, "decode": task_decode, "train": task_train,
+         "packs": task_packs}
 
 
 def main() -> None:

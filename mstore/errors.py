@@ -230,6 +230,11 @@ class GcRefused(MStoreError):
         super().__init__(f"gc refused, nothing deleted: {reason}")
 
 
+class NothingToPack(MStoreError, ValueError):
+    def __init__(self, verb: str = "pack"):
+        super().__init__(f"nothing to {verb}: name one or more models, or pass --all")
+
+
 class ConfigError(MStoreError, ValueError):
     """A training config that cannot be used; the message names the key."""
 
@@ -371,10 +376,11 @@ class RemoteObjectMissing(RemoteError):
 
 
 class RemoteObjectCorrupt(RemoteError):
-    def __init__(self, oid: str, got: str, remote: str):
+    def __init__(self, oid: str, got: str, remote: str, reason: str | None = None):
         self.oid, self.got, self.remote = oid, got, remote
-        super().__init__(f"object {oid} received from {remote!r} is corrupt (its bytes hash to "
-                         f"{got[:12]}); refused, nothing was published locally. Delete it on "
+        why = reason or f"its bytes hash to {got[:12]}"
+        super().__init__(f"object {oid} received from {remote!r} is corrupt ({why}); "
+                         "refused, nothing was published locally. Delete it on "
                          "the remote and push it again from a good copy")
 
 

@@ -66,6 +66,37 @@ def template(tmp_path_factory, model_dirs) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def pack_template(tmp_path_factory, template) -> Path:
+    """`template` plus `kid` (a nudged child of base, packed), `kid2` (its child, loose)
+    and an unreachable packed pair (`dp` and its child `dc`, removed) for gc to take."""
+    from mstore.store import packing
+    from tests.packs_helpers import dtype_model, make_child
+
+    root = copy_store(template, tmp_path_factory.mktemp("packs") / "store")
+    s = Store(root)
+    make_child(s, "base", "kid", seed=1)
+    make_child(s, "kid", "kid2", seed=2)
+    dtype_model(s, "dp")
+    dtype_model(s, "dc", parent="dp", seed=3)
+    packing.pack(s, ["kid", "dp", "dc"])
+    s.remove("dc")
+    s.remove("dp")
+    old = time.time() - 7200
+    for st in s.objects.iter_stored():
+        for path in (s.objects.path(st.oid), s.objects.pack_path(st.oid)):
+            if path.exists():
+                os.utime(path, (old, old))
+    return root
+
+
+PACK_COMMANDS = {
+    "pack": (["pack", "kid2"], None, False),
+    "unpack": (["unpack", "kid"], None, False),
+    "gc-packs": (["gc", "--grace", "0"], None, False),
+}
+
+
 def scratch_config(tmp: Path, corpus: Path) -> Path:
     cfg = tmp / "scratch.yaml"
     cfg.write_text(f"model_name: null\ndataset: {corpus}\nmax_steps: 3\nbatch_size: 4\n"
@@ -86,6 +117,7 @@ def commands(model_dirs, tmp: Path, corpus: Path):
         "train": (["train", "--config", scratch_config(tmp, corpus)],
                   "custom-transformer-001", False),
         "push": (["push", "base", "origin"], None, False),
+        **PACK_COMMANDS,
         "upgrade": (["tag", "base", "t"], "t", False),  # a format-1 store's first write
     }
 
@@ -97,7 +129,9 @@ def prepare(command: str, store: Path, i: int) -> None:
         assert res.returncode == 0, res.stderr
     if command == "upgrade":  # registry.json as the first release wrote it
         reg = store / "registry.json"
-        reg.write_text(reg.read_text().replace('"version": 2', '"version": 1', 1))
+        from mstore.store.registry import VERSION
+
+        reg.write_text(reg.read_text().replace(f'"version": {VERSION}', '"version": 1', 1))
 
 
 def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter:
@@ -114,10 +148,13 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
 
 
 @pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "export-gguf",
-                                     "push", "upgrade",
+                                     "push", "upgrade", *PACK_COMMANDS,
                                      pytest.param("train", marks=pytest.mark.slow)])
-def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus):
+def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus,
+                                          request):
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
+    if command in PACK_COMMANDS:
+        template = request.getfixturevalue("pack_template")
     reached = failpoints_reached(template, tmp_path, command, args)
     assert reached, "the command passed no failpoint"
     cases = []
@@ -146,8 +183,16 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
                                   if target else None, None)
         if command == "rm":
             assert "extra" not in after
-        elif command == "gc":
+        elif command in ("gc", "gc-packs"):
             assert not (set(_objects(store)) - _reachable(store)), spec
+        elif command in ("pack", "unpack"):
+            s = Store(store)
+            ref = "kid2" if command == "pack" else "kid"
+            tensors = s.read_manifest(s.resolve(ref).commit).tensors.values()
+            packed = [s.objects.is_packed(t.object) for t in tensors]
+            assert (any(packed) if command == "pack" else not any(packed)), spec
+            assert all(not (s.objects.path(t.object).exists()
+                            and s.objects.pack_path(t.object).exists()) for t in tensors)
         elif command == "push":
             remote = store.parent / f"remote-{i}"
             assert refs_of(remote)["base"] == before["base"] and not fsck_errors(remote)
@@ -177,11 +222,11 @@ def _reachable(store: Path) -> set[str]:
     return reachable(Store(store)).keep()
 
 
-def test_sigkill_campaign(template, model_dirs, tmp_path, corpus):
-    """Random kill -9 of import/train/gc/tag processes at random times (seeded)."""
+def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus):
+    """Random kill -9 of import/train/gc/tag/pack/unpack processes at random times (seeded)."""
     rng = random.Random(SEED)
     print(f"sigkill campaign: seed {SEED}, {KILLS} kills (MSTORE_TORTURE_SEED to replay)")
-    store = copy_store(template, tmp_path / "store")
+    store = copy_store(pack_template, tmp_path / "store")
     cfg = scratch_config(tmp_path, corpus)
     folders = [model_dirs[k] for k in ("qwen2", "qwen2-changed", "qwen2-sharded", "qwen3-moe")]
     env = env_without_failpoints()
@@ -194,17 +239,19 @@ def test_sigkill_campaign(template, model_dirs, tmp_path, corpus):
             return ["gc", "--grace", "0"]
         if kind == "tag":
             return ["tag", "base", f"t{i}"]
+        if kind in ("pack", "unpack"):
+            return [kind, "--all"]
         return ["train", "--config", cfg, "--name", f"c{i}"]
 
     # how long each kind takes here, so that the kills land inside the runs
     duration = {}
-    for kind in ("import", "gc", "tag", "train"):
+    for kind in ("import", "gc", "tag", "train", "pack", "unpack"):
         t0 = time.time()
         assert mstore(store, *args_for(kind, -1)).returncode == 0
         duration[kind] = time.time() - t0
     outcomes = Counter()
     for i in range(KILLS):
-        kind = rng.choice(["import", "import", "gc", "tag", "train"])
+        kind = rng.choice(["import", "import", "gc", "tag", "train", "pack", "unpack"])
         args = args_for(kind, i)
         delay = rng.uniform(0.05, 1.0) * duration[kind]
         proc = subprocess.Popen([sys.executable, "-m", "mstore", "--store", str(store),
@@ -258,6 +305,24 @@ def test_power_loss_at_every_step_of_import_tag_rm_gc(template, model_dirs, tmp_
     _power_loss(root, tmp_path, lambda: s.remove("base"))
     from mstore.store.gc import collect
 
+    _power_loss(root, tmp_path, lambda: collect(s, grace=0))
+
+
+def test_power_loss_at_every_step_of_pack_unpack_and_gc_of_packs(template, tmp_path):
+    """On small models (six tensors of every dtype, a child of them): every prefix is
+    rebuilt and fsck-ed, so the store is kept small."""
+    from mstore.store import packing
+    from mstore.store.gc import collect
+    from tests.packs_helpers import dtype_model
+
+    root = copy_store(template, tmp_path / "store")
+    s = Store(root)
+    dtype_model(s, "dp")
+    dtype_model(s, "dc", parent="dp", seed=3)
+    _power_loss(root, tmp_path, lambda: packing.pack(s, ["dp", "dc"]))
+    _power_loss(root, tmp_path, lambda: packing.unpack(s, ["dp"]))
+    s.remove("dp")
+    s.remove("dc")
     _power_loss(root, tmp_path, lambda: collect(s, grace=0))
 
 

@@ -446,8 +446,8 @@ def test_interrupted_pull_resumes(cli, store, model_dirs, tmp_path, monkeypatch)
     fetched = []
     real_fetch = T.LocalTransport.fetch
     monkeypatch.setattr(T.LocalTransport, "fetch",
-                        lambda self, oid, size, tmp: (fetched.append(oid),
-                                                      real_fetch(self, oid, size, tmp))[1])
+                        lambda self, oid, size, tmp, packed=False: (
+                            fetched.append(oid), real_fetch(self, oid, size, tmp, packed))[1])
     res = R.pull(other, "m")
     assert len(fetched) == total - 10 and res.objects_sent == total - 10 + 1  # + manifest
     assert res.objects_present == 10 and other.resolve("m").commit == commit

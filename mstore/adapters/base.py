@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
-import os
 import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -235,7 +234,7 @@ class Adapter(abc.ABC):
                     raise ObjectMissing(oid, f"file object ({name})")
                 if problem:
                     raise ObjectCorrupt(oid, problem, f"file object ({name})")
-                os.symlink(objects.path(oid).resolve(), root / name)
+                objects.link_or_copy(oid, root / name)
             yield root
 
 

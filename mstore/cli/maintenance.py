@@ -46,8 +46,12 @@ def gc(
         for oid, why in sorted(p.why.items()):
             echo(f"keep {oid[:12]}  {safe_text(why)}")
     verb = "would delete" if dry_run else "deleted"
+    if dry_run:
+        for base, delta in sorted(p.kept_as_base.items()):
+            echo(f"keep {base[:12]}: no ref names it; base of packed delta {delta[:12]}")
+    bases = f" ({len(p.kept_as_base)} as delta bases)" if p.kept_as_base else ""
     echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
-         f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
+         f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable{bases}, "
          f"{p.kept_young} younger than {safe_text(grace)}")
 
 
@@ -157,18 +161,20 @@ def du(ctx: typer.Context, as_json: JsonOpt = False):
     doc = du_report(store_of(ctx, must_exist=True))
     if as_json:
         return print_json(doc)
-    table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT")]
+    table = [("NAME", "LOGICAL", "UNIQUE", "NEW VS PARENT", "STORED")]
     for m in doc["models"]:
         new = m.get("new_vs_parent_bytes")
         table.append((", ".join(m["names"]), fmt_bytes(m["logical_bytes"]),
                       fmt_bytes(m["unique_bytes"]),
-                      "-" if new is None else fmt_bytes(new)))
+                      "-" if new is None else fmt_bytes(new), fmt_bytes(m["stored_bytes"])))
     if len(table) > 1:
         print_table(table)
     ratio = doc["dedup_ratio"]
     echo(f"logical {fmt_bytes(doc['logical_bytes'])}, physical "
          f"{fmt_bytes(doc['physical_bytes'])} in {doc['objects']} objects"
-         + (f", dedup ratio {ratio:.2f}x" if ratio else ""))
+         + (f", dedup ratio {ratio:.2f}x" if ratio else "")
+         + (f" (loose {fmt_bytes(doc['loose_bytes'])}, {doc['packed_objects']} packed "
+            f"{fmt_bytes(doc['packed_bytes'])})" if doc["packed_objects"] else ""))
 
 
 def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):

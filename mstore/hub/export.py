@@ -21,7 +21,6 @@ from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
 from ..errors import ExportError, ObjectCorrupt, UnknownAdapter
 from ..store.manifest import Manifest
-from ..store.objects import copy_range
 from ..store.report import log_entries
 from ..store.repo import Store
 from .export_tensors import check_exportable
@@ -190,9 +189,7 @@ def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path)
         out.write(struct.pack("<Q", len(body)) + body)
         out.flush()
         for name in names:
-            info = infos[name]
-            with open(store.objects.path(m.tensors[name].object), "rb") as src:
-                copy_range(src.fileno(), out.fileno(), info.start, info.nbytes)
+            store.objects.write_data(m.tensors[name].object, out.fileno())
 
 
 def _metadata(store: Store, m: Manifest, r) -> dict:

@@ -69,9 +69,7 @@ def _object_tensor(store: Store, oid: str, dtype: str, shape: tuple[int, ...],
 
     def load() -> np.ndarray:
         (info,) = store.objects.tensor_header(oid).tensors.values()
-        with open(store.objects.path(oid), "rb") as f:
-            f.seek(info.start)
-            raw = f.read(info.nbytes)
+        raw = store.objects.tensor_bytes(oid)[info.start:info.end].tobytes()
         if len(raw) != info.nbytes:
             raise ExportError(f"object {oid} ({name}) is truncated; nothing exported")
         if dtype == "BF16":

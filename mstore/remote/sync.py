@@ -15,6 +15,11 @@ and synced), then the manifests, then the local ref by the registry's compare-an
 Objects are content-addressed, so an interrupted push or pull resumes by sending only what
 the other side still lacks.
 
+Packed objects move as they are stored (less to send). A delta needs its base, so the
+closure adds the chain of bases (`reachability.closure`'s `base_of`), and objects travel in
+waves, bases first: the receiving side rebuilds each packed object against its base and
+re-hashes it before it becomes visible (a file remote does this itself; a pull always).
+
 Progress and warnings go to the caller's `Reporter` (silent by default); nothing here
 prints. This module never imports torch or transformers.
 """
@@ -37,14 +42,16 @@ from ..store import failpoints, fsio
 from ..store.manifest import LightManifest, Manifest
 from ..store.objects import hash_bytes, hash_file
 from ..store.attachments import parse_attachment
-from ..store.reachability import Closure, closure, store_attachments, store_loader
+from ..store.reachability import (
+    Closure, add_delta_bases, closure, store_attachments, store_loader,
+)
 from ..store.registry import NAME_RE, validate_name
 from ..store.signing import check_signature
 from ..store.repo import Store
 from .config import (
     add_remote, list_remotes, normalize_url, resolve_remote, set_tracking, tracking_refs,
 )
-from .transports import Transport, backend_errors, open_transport, transfer_jobs
+from .transports import Present, Transport, backend_errors, open_transport, transfer_jobs
 
 BATCH_BYTES = 1024**3  # a pull publishes its objects in batches of about this many bytes
 BATCH_OBJECTS = 2000
@@ -156,7 +163,7 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     r = store.resolve(ref)
     head = store.read_manifest(r.commit)
     plan = closure({name: r.commit}, store_loader(store),  # parents end where none is here
-                   attachments=store_attachments(store))
+                   attachments=store_attachments(store), base_of=store.objects.delta_base)
     objects = sorted(plan.objects)
     for oid in objects:
         if not store.objects.exists(oid):
@@ -173,8 +180,10 @@ def _send_objects(store: Store, transport: Transport, plan: _PushPlan, present: 
     """(objects, bytes) sent: the objects the remote lacks, in parallel, then the manifests
     it lacks, parents first, each complete before the next."""
     to_send = [o for o in plan.objects if o not in present]
-    sizes = {o: store.objects.size(o) for o in to_send}
-    sent = _upload(store, transport, to_send, sizes, reporter)
+    sizes = {o: store.objects.stored_size(o) for o in to_send}
+    sent = 0
+    for wave in _waves(to_send, store.objects.delta_base):
+        sent += _upload(store, transport, wave, sizes, reporter)
     nbytes = sum(sizes.values())
     for oid in plan.manifests:
         if oid not in present:
@@ -199,12 +208,32 @@ def _swap_remote_ref(transport: Transport, plan: _PushPlan, remote_name: str, ur
     raise RemoteBusy(url, SWAP_TRIES)
 
 
+def _waves(oids: list[str], base_of) -> list[list[str]]:
+    """`oids` in rounds: each packed delta after the round holding its base (when that
+    base travels too), so the receiver can rebuild every delta it is given."""
+    moving = set(oids)
+    level: dict[str, int] = {}
+
+    def depth(oid: str, seen: frozenset = frozenset()) -> int:
+        if oid not in level:
+            base = base_of(oid)
+            level[oid] = (depth(base, seen | {oid}) + 1
+                          if base in moving and base not in seen else 0)
+        return level[oid]
+
+    rounds: dict[int, list[str]] = {}
+    for oid in oids:
+        rounds.setdefault(depth(oid), []).append(oid)
+    return [rounds[k] for k in sorted(rounds)]
+
+
 def _upload_one(store: Store, transport: Transport, oid: str) -> None:
-    src = store.objects.path(oid)
-    got = hash_file(src)
-    if got != oid:  # never spread a damaged object
-        raise ObjectCorrupt(oid, f"content hashes to {got[:12]}; not pushed")
-    transport.put(oid, src)
+    src, packed = store.objects.stored_file(oid)
+    problem = store.objects.verify(oid) if packed else None
+    got = oid if packed else hash_file(src)
+    if problem or got != oid:  # never spread a damaged object
+        raise ObjectCorrupt(oid, f"{problem or 'content hashes to ' + got[:12]}; not pushed")
+    transport.put(oid, src, packed)
 
 
 def _upload(store: Store, transport: Transport, oids: list[str], sizes: dict[str, int],
@@ -359,7 +388,27 @@ def _plan_fetch(store: Store, transport: Transport, remote_name: str, commit: st
     plan = closure({commit: commit}, load, attachments=transport.attachment_index)
     if commit not in plan.manifests:
         raise RemoteObjectMissing(commit, remote_name, "manifest")
+    add_delta_bases(plan, _remote_base_of(store, transport, plan.objects))
     return plan, fetched
+
+
+def _remote_base_of(store: Store, transport: Transport, objects: set[str]):
+    """`base_of` for a pull: an object here names its base here; one only the remote has
+    names the base its remote packed header names (listed once, read where packed)."""
+    listing = transport.present(sorted(o for o in objects if not store.objects.exists(o)))
+
+    def base_of(oid: str) -> str | None:
+        if store.objects.exists(oid):
+            return store.objects.delta_base(oid)
+        if oid not in listing:
+            listing.update(more := transport.present([oid]))
+            listing.packed |= more.packed
+        if oid not in listing.packed:
+            return None
+        h = transport.read_pack_header(oid)
+        return h.base if h is not None else None
+
+    return base_of
 
 
 def _require_signature(store: Store, transport: Transport, remote_name: str, name: str,
@@ -403,7 +452,11 @@ def _fetch(store: Store, transport: Transport, remote_name: str, plan: Closure,
     for o in wanted:
         if o not in remote_has:
             raise RemoteObjectMissing(o, remote_name)
-    received, nbytes = _download(store, transport, remote_name, wanted, remote_has, reporter)
+    base_of = _remote_base_of(store, transport, set(wanted))
+    received = nbytes = 0
+    for wave in _waves(wanted, base_of):  # each round published before the next is checked
+        got, size = _download(store, transport, remote_name, wave, remote_has, reporter)
+        received, nbytes = received + got, nbytes + size
     for oid in plan.order:
         data = fetched.get(oid)
         if data is None:
@@ -426,7 +479,7 @@ def _fetch(store: Store, transport: Transport, remote_name: str, plan: Closure,
 
 
 def _download(store: Store, transport: Transport, remote_name: str, oids: list[str],
-              sizes: dict[str, int], reporter: Reporter) -> tuple[int, int]:
+              sizes: Present, reporter: Reporter) -> tuple[int, int]:
     """Fetch objects in parallel; publish them in synced batches, each verified first."""
     if not oids:
         return 0, 0
@@ -434,7 +487,8 @@ def _download(store: Store, transport: Transport, remote_name: str, oids: list[s
     bar = reporter.progress(sum(sizes.get(o, 0) for o in oids), "pull")
     received = nbytes = 0
     pool = ThreadPoolExecutor(min(transfer_jobs(), len(oids)))
-    futures = {pool.submit(transport.fetch, o, sizes.get(o), tmp_dir): o for o in oids}
+    futures = {pool.submit(transport.fetch, o, sizes.get(o), tmp_dir, o in sizes.packed): o
+               for o in oids}
     batch = store.objects.batch()
     batch.__enter__()
     in_batch = 0
@@ -444,12 +498,12 @@ def _download(store: Store, transport: Transport, remote_name: str, oids: list[s
             oid = futures[fut]
             data, path, is_temp = fut.result()
             try:
-                res = batch.put_bytes(data) if data is not None else batch.put_file(path)
+                res = batch.put_stored(oid, path, data, oid in sizes.packed)
+            except ObjectCorrupt as e:
+                raise RemoteObjectCorrupt(oid, "", remote_name, e.reason) from None
             finally:
                 if is_temp:
                     fsio.unlink(path, missing_ok=True)
-            if res.oid != oid:
-                raise RemoteObjectCorrupt(oid, res.oid, remote_name)
             received += 1
             nbytes += res.size
             in_batch += 1

@@ -1,7 +1,9 @@
 """Transports: how one remote URL is read and written, and its one compare-and-swap.
 
 A remote has the local layout (`objects/ab/cdef...`, `registry.json`), so a path remote is
-itself a store and an `s3://bucket/prefix` remote holds the same keys. A transport lists,
+itself a store and an `s3://bucket/prefix` remote holds the same keys. A packed tensor
+object travels as it is stored, under its packed name (`objects/ab/cdef....pack`);
+`present` says which objects a remote holds packed, so a pull fetches that encoding. A transport lists,
 puts and fetches objects, reads the remote registry, and moves a ref with
 `set_ref_if_equals` (dulwich's `RefsContainer.set_if_equals`): written only if the ref
 still holds what the caller expected. That one method is built on each backend's atomic
@@ -40,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .. import env
 from ..errors import (
-    MStoreError, ObjectCorrupt, RemoteBusy, RemoteError, RemoteLocked, RemoteNotAStore,
+    MStoreError, ObjectCorrupt, ObjectMissing, RemoteBusy, RemoteError, RemoteLocked, RemoteNotAStore,
     RemoteUnavailable,
 )
 from ..reporting import SILENT, Reporter
@@ -59,6 +61,16 @@ SMALL_OBJECT = 4 * 1024 * 1024  # fetched into memory below this size, else via 
 ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "hf", "memory"}
 
 Models = dict[str, dict[str, Any]]
+PACK_SUFFIX = ".pack"
+
+
+class Present(dict):
+    """oid -> bytes of the file the remote holds for it; `packed`: those held packed (the
+    packed file is the one listed, and moved, when a remote holds both)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed: set[str] = set()
 # A registry change: edits the freshly read valid refs in place; True if they are to be written.
 RegistryChange = Callable[[Models], bool]
 
@@ -116,6 +128,9 @@ class Transport:
             raise ObjectCorrupt(oid, "not an object id", "remote reference")
         return f"{self.root}/objects/{oid[:2]}/{oid[2:]}"
 
+    def stored_key(self, oid: str, packed: bool) -> str:
+        return self.key(oid) + (PACK_SUFFIX if packed else "")
+
     @property
     def registry_key(self) -> str:
         return f"{self.root}/registry.json"
@@ -131,39 +146,58 @@ class Transport:
         yield
 
     # objects
-    def present(self, oids: Iterable[str]) -> dict[str, int]:
+    def present(self, oids: Iterable[str]) -> Present:
         """Which of `oids` the remote holds, with their sizes: one listing per fan-out folder."""
         by_fan: dict[str, set[str]] = {}
         for oid in oids:
             self.key(oid)
             by_fan.setdefault(oid[:2], set()).add(oid)
+        found = Present()
         if not by_fan:
-            return {}
+            return found
         self.fs.invalidate_cache()
-        found: dict[str, int] = {}
 
-        def list_fan(fan: str) -> dict[str, int]:
+        def list_fan(fan: str) -> list[tuple[str, int, bool]]:
             try:
                 entries = self.fs.ls(f"{self.root}/objects/{fan}", detail=True)
             except FileNotFoundError:
-                return {}
-            out = {}
+                return []
+            out = []
             for e in entries:
                 if e.get("type", "file") != "file":
                     continue
-                oid = fan + e["name"].rstrip("/").rsplit("/", 1)[-1]
+                name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+                packed = name.endswith(PACK_SUFFIX)
+                oid = fan + (name[:-len(PACK_SUFFIX)] if packed else name)
                 if oid in by_fan[fan]:
-                    out[oid] = int(e.get("size") or 0)
+                    out.append((oid, int(e.get("size") or 0), packed))
             return out
 
         with ThreadPoolExecutor(min(transfer_jobs(), len(by_fan))) as pool:
             for part in pool.map(list_fan, sorted(by_fan)):
-                found.update(part)
+                for oid, size, packed in part:
+                    if packed or oid not in found.packed:
+                        found[oid] = size
+                    if packed:
+                        found.packed.add(oid)
         return found
 
-    def put(self, oid: str, src: Path) -> None:
-        """Upload one object (already verified by the caller) to its final key."""
-        final = self.key(oid)
+    def read_pack_header(self, oid: str):
+        """The header of the packed object `oid` on the remote (None: not held packed)."""
+        from ..store import packcodec
+
+        key = self.stored_key(oid, True)
+        try:
+            first = self.fs.cat_file(key, start=0, end=16)
+            need = packcodec.header_prefix_length(first, oid)
+            return packcodec.parse_header(first + self.fs.cat_file(key, start=16, end=need), oid)
+        except FileNotFoundError:
+            return None
+
+    def put(self, oid: str, src: Path, packed: bool = False) -> None:
+        """Upload one object (already verified by the caller) to its final key, in the
+        encoding it is stored in here."""
+        final = self.stored_key(oid, packed)
         if self.protocol in ATOMIC_PUT:
             self.fs.put_file(str(src), final)
             return
@@ -181,13 +215,15 @@ class Transport:
                 with contextlib.suppress(OSError):
                     self.fs.rm(tmp)
 
-    def fetch(self, oid: str, size: int | None, tmp_dir: Path) -> tuple[bytes | None, Path | None, bool]:
+    def fetch(self, oid: str, size: int | None, tmp_dir: Path, packed: bool = False
+              ) -> tuple[bytes | None, Path | None, bool]:
         """(bytes, None, False) for small objects, else (None, path, is_temp)."""
+        key = self.stored_key(oid, packed)
         if size is not None and size < SMALL_OBJECT:
-            return self.fs.cat_file(self.key(oid)), None, False
+            return self.fs.cat_file(key), None, False
         dest = fsio.tmp_name(tmp_dir, "pull")
         try:
-            self.fs.get_file(self.key(oid), str(dest))
+            self.fs.get_file(key, str(dest))
         except BaseException:
             fsio.unlink(dest, missing_ok=True)
             raise
@@ -446,27 +482,43 @@ class LocalTransport(Transport):
                 raise RemoteNotAStore(self.url, "no registry.json or objects/")
             yield
 
-    def present(self, oids: Iterable[str]) -> dict[str, int]:
-        out = {}
+    def present(self, oids: Iterable[str]) -> Present:
+        out = Present()
         for oid in oids:
             try:
-                out[oid] = self.store.objects.path(oid).stat().st_size
-            except FileNotFoundError:
-                pass
+                path, packed = self.store.objects.stored_file(oid)
+                out[oid] = path.stat().st_size
+            except (ObjectMissing, FileNotFoundError):
+                continue
+            if packed:
+                out.packed.add(oid)
         return out
 
-    def put(self, oid: str, src: Path) -> None:
+    def read_pack_header(self, oid: str):
+        try:
+            return self.store.objects.pack_header(oid)
+        except ObjectMissing:
+            return None
+
+    def put(self, oid: str, src: Path, packed: bool = False) -> None:
+        """Copy, sync, and (a packed object: rebuilt against this store's own copy of its
+        base and re-hashed first) publish: nothing unverified becomes visible here."""
         objects = self.store.objects
-        final = objects.path(oid)
+        final = objects.pack_path(oid) if packed else objects.path(oid)
         with open(src, "rb") as s, fsio.open_tmp(objects.tmp_dir, "push") as (tmp, f):
             shutil.copyfileobj(s, f, 8 * 1024 * 1024)
             fsio.fsync_file(f, tmp)
+        if packed:
+            problem = objects.verify_stored_pack(oid, tmp)
+            if problem:
+                fsio.unlink(tmp, missing_ok=True)
+                raise ObjectCorrupt(oid, problem, "pushed packed object")
         fsio.makedirs(final.parent)
         os.chmod(tmp, OBJECT_MODE)
         fsio.publish(tmp, final)
 
-    def fetch(self, oid, size, tmp_dir):
-        path = self.store.objects.path(oid)
+    def fetch(self, oid, size, tmp_dir, packed: bool = False):
+        path = self.store.objects.pack_path(oid) if packed else self.store.objects.path(oid)
         if not path.is_file():
             raise FileNotFoundError(str(path))
         return None, path, False

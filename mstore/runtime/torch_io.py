@@ -5,6 +5,10 @@ the tensor's storage *is* the page cache of the object file, so loading costs no
 no extra memory, and writes (training) go copy-on-write to private pages, never to the
 object. Every load checks the object's header against its size, so a truncated object is
 caught on every load; `verify=True` also re-hashes it.
+
+A packed object cannot be mapped: the object store rebuilds it into memory (its frames
+decompressed on a thread pool) and re-hashes it, always; `load_state_dict` rebuilds the
+packed ones of a model on a pool of their own, while the mapped ones need no work.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
-        raise ObjectMissing(entry.object, what) from None
+        return _rebuilt(objects, entry, dtype, start, what)
     if size != start + nbytes:
         raise ObjectCorrupt(entry.object, f"{size} bytes, {entry.dtype}{entry.shape} needs "
                             f"{start + nbytes} (truncated?)", what)
@@ -58,14 +62,48 @@ def load_tensor(objects: ObjectStore, entry: TensorEntry, verify: bool = False,
         raise ObjectCorrupt(entry.object, "content does not match its name", what)
     if nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    try:
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    except RuntimeError:
+        if os.path.exists(path):
+            raise
+        return _rebuilt(objects, entry, dtype, start, what)  # packed since our stat
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)[start:]
+    return flat.view(dtype).reshape(entry.shape)
+
+
+def _rebuilt(objects: ObjectStore, entry: TensorEntry, dtype: torch.dtype, start: int,
+             what: str) -> torch.Tensor:
+    """A packed object rebuilt in memory (re-hashed by the object store)."""
+    try:
+        data = objects.tensor_bytes(entry.object)
+    except ObjectMissing:
+        raise ObjectMissing(entry.object, what) from None
+    except ObjectCorrupt as e:
+        raise ObjectCorrupt(entry.object, e.reason, what) from None
+    if data.size != start + math.prod(entry.shape) * dtype.itemsize:
+        raise ObjectCorrupt(entry.object, f"holds {data.size - start} data bytes, "
+                            f"{entry.dtype}{entry.shape} needs more or less", what)
+    flat = torch.from_numpy(data)[start:]
     return flat.view(dtype).reshape(entry.shape)
 
 
 def load_state_dict(objects: ObjectStore, tensors: dict[str, TensorEntry],
                     verify: bool = False) -> dict[str, torch.Tensor]:
-    return {name: load_tensor(objects, e, verify, name) for name, e in tensors.items()}
+    """Every tensor of a manifest: loose ones mapped, packed ones rebuilt on threads
+    (decompression and hashing release the GIL), largest first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    packed = [n for n, e in tensors.items() if objects.is_packed(e.object)]
+    out: dict[str, torch.Tensor] = {}
+    if len(packed) > 1:
+        packed.sort(key=lambda n: -math.prod(tensors[n].shape))
+        with ThreadPoolExecutor(min(len(packed), max(2, os.cpu_count() or 2)),
+                                thread_name_prefix="mstore-load") as pool:
+            done = pool.map(lambda n: load_tensor(objects, tensors[n], verify, n), packed)
+            out.update(zip(packed, done))
+    return {name: out[name] if name in out else load_tensor(objects, e, verify, name)
+            for name, e in tensors.items()}
 
 
 def put_tensors(batch: ObjectBatch,

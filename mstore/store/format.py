@@ -28,8 +28,15 @@ def _to_2(store: "Store") -> None:
     things a store may hold, nothing existing changes; the version alone says so."""
 
 
+def _to_3(store: "Store") -> None:
+    """Format 3 adds packed tensor objects (`objects/ab/<62 hex>.pack`, `mstore pack`) and
+    the rule that a packed delta keeps its base: a store of format 2 holds no packed file,
+    so nothing is rewritten; the version alone tells an older mstore (whose gc and readers
+    would take packed tensors for missing ones) to keep off."""
+
+
 # MIGRATIONS[n] takes a store of format n + 1 to format n + 2.
-MIGRATIONS: list[Callable[["Store"], None]] = [_to_2]
+MIGRATIONS: list[Callable[["Store"], None]] = [_to_2, _to_3]
 assert len(MIGRATIONS) == STORE_FORMAT - 1
 
 

@@ -1,6 +1,7 @@
 """fsck: re-hash every object, check every ref's chain, and report findings, never stop early.
 
-Errors (exit 1): a missing or corrupt object a ref needs, a manifest that does not parse,
+Every object is re-hashed in each encoding it is stored in (a packed one is rebuilt
+against its chain of bases first). Errors (exit 1): a missing or corrupt object a ref needs, a manifest that does not parse,
 a ref whose commit is gone, a damaged (or, beside objects, missing) registry, a registry
 entry that had to be skipped. Informational (exit 0): dangling commits (tips of the
 manifests no ref reaches: `--lost-found` names them), unreachable objects (gc's to
@@ -91,6 +92,10 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
         kept = ref_closure(store)
         reachable = kept.keep() | {oid for oid, _label in kept.unreadable}
     findings += _check_attachments(store, on_disk, bad_hash)
+
+    for oid in sorted(reachable):  # a kept delta's chain of bases is kept too
+        while (oid := store.objects.delta_base(oid)) is not None and oid not in reachable:
+            reachable.add(oid)
 
     for d in dangling_commits(store, refs):
         gone = "" if d.weights_present else " [weights missing]"

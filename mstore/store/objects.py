@@ -9,6 +9,14 @@ beside us keeps it), so re-importing identical content costs a read, not a copy.
 Bulk writes go through an `ObjectBatch`: objects are written unsynced into tmp/, made
 durable with one filesystem sync, and only then renamed into objects/; a second sync makes
 the renames durable before the caller writes the manifest that names them.
+
+A tensor object is stored in one of two encodings under the same id: loose (the
+safetensors bytes, `objects/ab/cdef...`) or packed (`objects/ab/cdef....pack`, see
+`packcodec`: XOR against a base object, byte-grouped, zstd). ObjectStore is the only place
+that knows which: `exists`, `size`, `read_bytes`, `tensor_header`, `verify` and
+`tensor_bytes` answer for the object whatever its encoding, and every reconstruction is
+re-hashed against the id. While both files exist (a pack or unpack in flight, or one a crash
+cut short) readers take the loose one; either is complete.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from .safetensors_io import Header, header_length, object_header, parse_header
 OID_RE = re.compile(r"[0-9a-f]{64}")
 OBJECT_MODE = 0o444  # immutable once written
 CHUNK = 8 * 1024 * 1024
+PACK_SUFFIX = ".pack"  # = packcodec.SUFFIX (not imported here: it pulls in numpy)
+MAX_CHAIN = 64  # a longer chain of bases than any pack writes is a damaged (cyclic) one
 
 
 def is_oid(text: str) -> bool:
@@ -73,6 +83,22 @@ class _Pending:
     size: int
 
 
+@dataclass(frozen=True)
+class Stored:
+    """One object as it lies on disk: the stat of each encoding present (at least one)."""
+    oid: str
+    loose: os.stat_result | None
+    packed: os.stat_result | None
+
+    @property
+    def stat(self) -> os.stat_result:
+        return self.loose or self.packed  # type: ignore[return-value]
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(st.st_size for st in (self.loose, self.packed) if st is not None)
+
+
 class ObjectStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -93,26 +119,72 @@ class ObjectStore:
             raise BadObjectId(oid)
         return f"{self._objects_str}/{oid[:2]}/{oid[2:]}"
 
+    def pack_path(self, oid: str) -> Path:
+        """Where the packed encoding of `oid` lives: a name no loose object can have."""
+        return self.path(oid).with_name(oid[2:] + PACK_SUFFIX)
+
     def exists(self, oid: str) -> bool:
-        return self.path(oid).is_file()
+        return self.path(oid).is_file() or self.pack_path(oid).is_file()
+
+    def is_packed(self, oid: str) -> bool:
+        """Stored packed only (no loose copy beside it)."""
+        return not self.path(oid).is_file() and self.pack_path(oid).is_file()
 
     def size(self, oid: str) -> int:
+        """The object's size (its loose bytes), whatever its encoding on disk."""
         try:
             return self.path(oid).stat().st_size
         except FileNotFoundError:
+            pass
+        try:
+            h = self.pack_header(oid)
+        except ObjectMissing:
+            raise ObjectMissing(oid) from None
+        return len(h.loose_header) + h.nbytes
+
+    def stored_size(self, oid: str) -> int:
+        """Bytes of the file a transfer moves for `oid` (`stored_file`)."""
+        path, _packed = self.stored_file(oid)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
             raise ObjectMissing(oid) from None
 
-    def iter_objects(self) -> Iterator[tuple[str, os.stat_result]]:
-        """Every object on disk with its stat (one scandir per fan-out folder)."""
+    def stored_file(self, oid: str) -> tuple[Path, bool]:
+        """(file, packed?): the packed file if there is one (it is the smaller: pack keeps
+        nothing packed that is not), else the loose one; what push and pull move as it is. The receiver verifies it (`ObjectBatch.put_stored`) before it is visible."""
+        packed = self.pack_path(oid)
+        if packed.is_file():
+            return packed, True
+        loose = self.path(oid)
+        if loose.is_file():
+            return loose, False
+        raise ObjectMissing(oid)
+
+    def files_of(self, oid: str) -> list[Path]:
+        """Every file `oid` has on disk (loose first), for moving a damaged one aside."""
+        return [p for p in (self.path(oid), self.pack_path(oid)) if p.is_file()]
+
+    def iter_stored(self) -> Iterator[Stored]:
+        """Every object on disk, once, with its encodings (one scandir per fan-out folder)."""
         if not self.objects_dir.is_dir():
             return
         for fan in os.scandir(self.objects_dir):
             if not (fan.is_dir() and len(fan.name) == 2):
                 continue
+            found: dict[str, list] = {}
             for entry in os.scandir(fan.path):
-                oid = fan.name + entry.name
+                name, packed = entry.name, entry.name.endswith(PACK_SUFFIX)
+                oid = fan.name + (name[:-len(PACK_SUFFIX)] if packed else name)
                 if is_oid(oid) and entry.is_file(follow_symlinks=False):
-                    yield oid, entry.stat(follow_symlinks=False)
+                    found.setdefault(oid, [None, None])[packed] = entry.stat(follow_symlinks=False)
+            for oid, (loose, packed) in found.items():
+                yield Stored(oid, loose, packed)
+
+    def iter_objects(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every object on disk with the stat of its file (the loose one when both are)."""
+        for s in self.iter_stored():
+            yield s.oid, s.stat
 
     def holds_any(self) -> bool:
         """At least one object is on disk (stops at the first: cheap on any store)."""
@@ -131,21 +203,64 @@ class ObjectStore:
 
     # -- reading ------------------------------------------------------------------------
     def read_bytes(self, oid: str, verify: bool = True) -> bytes:
+        """The object's bytes; a packed one is reconstructed (and always re-hashed)."""
         try:
             data = self.path(oid).read_bytes()
         except FileNotFoundError:
-            raise ObjectMissing(oid) from None
+            if self.pack_path(oid).is_file():
+                return self.tensor_bytes(oid).tobytes()
+            try:  # an unpack may have just replaced the packed file by the loose one
+                data = self.path(oid).read_bytes()
+            except FileNotFoundError:
+                raise ObjectMissing(oid) from None
         if verify and hash_bytes(data) != oid:
             raise ObjectCorrupt(oid, "content does not match its name")
         return data
 
     def verify(self, oid: str) -> str | None:
-        """Re-hash one object; returns a problem description or None."""
+        """Re-hash one object (each encoding present); returns a problem or None."""
+        from . import packed
+
+        problem = None
         try:
             got = hash_file(self.path(oid))
+            if got != oid:
+                return f"content hashes to {got[:12]}"
         except FileNotFoundError:
-            return "missing"
-        return None if got == oid else f"content hashes to {got[:12]}"
+            problem = "missing"
+        if self.pack_path(oid).is_file():
+            return packed.verify_packed(self, oid)
+        return problem
+
+    def tensor_bytes(self, oid: str):
+        """The tensor object's bytes as a writable numpy uint8 array: a loose object read
+        whole, a packed one reconstructed on the pack thread pool. Packed reconstructions
+        are always re-hashed (an ObjectCorrupt names a mismatch)."""
+        from . import packed
+
+        return packed.object_bytes(self, oid)
+
+    def verify_stored_pack(self, oid: str, path: Path) -> str | None:
+        """Check a packed file received for `oid` (not yet published) against this store:
+        rebuilt with its base from here and re-hashed; a problem or None."""
+        from . import packed
+
+        return packed.verify_packed_bytes(self, oid, Path(path).read_bytes())
+
+    def pack_header(self, oid: str):
+        """The header of the packed encoding of `oid` (ObjectMissing if it has none)."""
+        from . import packed
+
+        return packed.read_header(self, oid)
+
+    def delta_base(self, oid: str) -> str | None:
+        """The object a packed `oid` is XOR-ed against (None: loose, or packed alone)."""
+        if not self.pack_path(oid).is_file():
+            return None
+        try:
+            return self.pack_header(oid).base
+        except ObjectMissing:  # unpacked meanwhile
+            return None
 
     def tensor_header(self, oid: str) -> Header:
         """Header of a tensor object, checked against the file size (catches truncation)."""
@@ -156,6 +271,10 @@ class ObjectStore:
                 n = header_length(f.read(8), size, oid)
                 header = parse_header(struct.pack("<Q", n) + f.read(n), size, oid)
         except FileNotFoundError:
+            if self.pack_path(oid).is_file():
+                from . import packed
+
+                return packed.tensor_header(self, oid)
             raise ObjectMissing(oid, "tensor object") from None
         except InvalidSafetensors as e:
             raise ObjectCorrupt(oid, f"truncated or damaged ({e.reason})", "tensor object") \
@@ -173,13 +292,44 @@ class ObjectStore:
         fsio.makedirs(self.tmp_dir)
 
     def _hit(self, oid: str) -> bool:
-        """True if the object is present; refreshes its mtime for gc's grace period."""
-        path = self.path(oid)
+        """True if the object is present (either encoding); refreshes its mtime for gc's
+        grace period."""
+        for path in (self.path(oid), self.pack_path(oid)):
+            try:
+                fsio.touch(path)
+                return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    def remove(self, oid: str) -> None:
+        """Delete every encoding of `oid` (gc)."""
+        fsio.unlink(self.path(oid), missing_ok=True)
+        fsio.unlink(self.pack_path(oid), missing_ok=True)
+
+    def write_data(self, oid: str, out_fd: int) -> None:
+        """Append the tensor's data (no header) to `out_fd`: copied in the kernel from a
+        loose object, written from the reconstruction of a packed one."""
         try:
-            fsio.touch(path)
-            return True
+            header = self.tensor_header(oid)
+            (info,) = header.tensors.values()
+            with open(self.path(oid), "rb") as src:
+                copy_range(src.fileno(), out_fd, info.start, info.nbytes)
+                return
         except FileNotFoundError:
-            return False
+            pass
+        data = self.tensor_bytes(oid)
+        (info,) = self.tensor_header(oid).tensors.values()
+        view = memoryview(data)[info.start:info.end]
+        while view:
+            view = view[os.write(out_fd, view):]
+
+    def link_or_copy(self, oid: str, dest: Path) -> None:
+        """`dest` shows the object's bytes: a symlink to a loose object, else a copy."""
+        try:
+            os.symlink(self.path(oid).resolve(strict=True), dest)
+        except FileNotFoundError:
+            dest.write_bytes(self.read_bytes(oid))
 
     def put_bytes(self, data: bytes) -> PutResult:
         """Write one small object durably right away (manifests, single files)."""
@@ -194,10 +344,11 @@ class ObjectStore:
         failpoints.hit("object.written")
         return PutResult(oid, len(data), True)
 
-    def _publish(self, tmp: Path, oid: str, sync: bool = True) -> None:
-        """Rename a written temp file to its object path. With sync, the new entry (and a
-        new fan-out folder) is durable on return; without, the caller syncs the filesystem."""
-        final = self.path(oid)
+    def _publish(self, tmp: Path, oid: str, sync: bool = True, final: Path | None = None) -> None:
+        """Rename a written temp file to its object path (`final`: another encoding's). With
+        sync, the new entry (and a new fan-out folder) is durable on return; without, the
+        caller syncs the filesystem."""
+        final = final or self.path(oid)
         fsio.makedirs(final.parent, sync=sync)
         os.chmod(tmp, OBJECT_MODE)
         if sync:
@@ -331,8 +482,38 @@ class ObjectBatch:
             f.write(buf)
         return self._stage(oid, tmp, size)
 
-    def _stage(self, oid: str, tmp: Path, size: int) -> PutResult:
-        self.pending[oid] = _Pending(tmp, self.store.path(oid), size)
+    def put_encoding(self, oid: str, data, packed: bool) -> None:
+        """Stage one encoding of an object already known (pack and unpack): no dedup check,
+        since the object exists in its other encoding; the caller verified `data`."""
+        with fsio.open_tmp(self.store.tmp_dir, "pack" if packed else "obj") as (tmp, f):
+            f.write(data)
+        self._stage(oid, tmp, len(data), packed)
+
+    def put_stored(self, oid: str, path: Path | None, data: bytes | None,
+                   packed: bool) -> PutResult:
+        """An object received as it was stored elsewhere (a pull): re-hashed (a packed one
+        reconstructed against its base, which must be here already) before it is staged."""
+        from . import packed as packed_mod
+
+        if packed:
+            blob = data if data is not None else Path(path).read_bytes()  # type: ignore[arg-type]
+            problem = packed_mod.verify_packed_bytes(self.store, oid, blob)
+            if problem:
+                raise ObjectCorrupt(oid, problem, "received packed object")
+            hit = self._record(oid, len(blob))
+            if hit:
+                return hit
+            with fsio.open_tmp(self.store.tmp_dir, "pack") as (tmp, f):
+                f.write(blob)
+            return self._stage(oid, tmp, len(blob), True)
+        res = self.put_bytes(data) if data is not None else self.put_file(Path(path))  # type: ignore[arg-type]
+        if res.oid != oid:
+            raise ObjectCorrupt(oid, f"its bytes hash to {res.oid[:12]}", "received object")
+        return res
+
+    def _stage(self, oid: str, tmp: Path, size: int, packed: bool = False) -> PutResult:
+        final = self.store.pack_path(oid) if packed else self.store.path(oid)
+        self.pending[oid] = _Pending(tmp, final, size)
         self.written += size
         failpoints.hit("objects.staged")
         return PutResult(oid, size, True)
@@ -344,7 +525,7 @@ class ObjectBatch:
         fsio.sync_filesystem(self.store.tmp_dir)  # object bytes durable before any rename
         failpoints.hit("objects.synced")
         for oid, p in self.pending.items():
-            self.store._publish(p.tmp, oid, sync=False)
+            self.store._publish(p.tmp, oid, sync=False, final=p.final)
             failpoints.hit("objects.published")
         fsio.sync_filesystem(self.store.objects_dir)  # renames durable before the manifest
         failpoints.hit("objects.durable")

@@ -9,6 +9,11 @@ the other side holds, so after a transfer gc on either side deletes nothing and 
 transfer has nothing to send. A new kind of dependency (an adapter child's base, a delta's
 base object) is added here, in `closure`, and nowhere else.
 
+Delta bases: a packed object XOR-ed against a base object cannot be rebuilt without it,
+so every kept object keeps the base its packed encoding names, and that base's base, even
+when no ref names them any more (`base_of`, the packed header's lookup; `delta_bases` says
+which delta keeps each one, for `gc --dry-run`).
+
 `load` reads a manifest from wherever the walk runs (the local store, or a remote for a
 pull); it returns None for one that cannot be read, which ends that root's walk and is
 reported in `unreadable`: gc refuses on it, a transfer decides what it can do without it.
@@ -31,6 +36,8 @@ class Closure:
     order: list[str] = field(default_factory=list)  # the manifests, each after its parent
     attachments: dict[str, list[str]] = field(default_factory=dict)  # commit -> its attachments
     reasons: dict[str, str] | None = None  # oid -> why it is kept, when asked (`explain`)
+    # objects kept only as the base of a kept packed delta -> that delta
+    delta_bases: dict[str, str] = field(default_factory=dict)
 
     def keep(self) -> set[str]:
         """Every object id (manifests included) this closure keeps."""
@@ -53,13 +60,16 @@ class Closure:
 def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None],
             lenient: Mapping[str, str] | None = None,
             attachments: Callable[[str], list[str]] | None = None,
-            explain: bool = False) -> Closure:
+            explain: bool = False,
+            base_of: Callable[[str], str | None] | None = None) -> Closure:
     """The objects `roots` (label -> commit id) keep alive, read through `load`.
 
     `lenient` roots keep what they reach too, but a manifest they cannot read is not
     reported: they are registry entries that are skipped as invalid (they protect what
     they name, yet must never hold gc back). `attachments(commit)` lists a commit's
-    attachment objects (None: none are kept). `explain` records why each object is kept."""
+    attachment objects (None: none are kept). `explain` records why each object is kept.
+    `base_of(oid)`: the base object the packed encoding of `oid` names (None: none); each
+    kept object keeps its chain of bases."""
     out = Closure(reasons={} if explain else None)
     strict = list(roots.items())
     for label, commit in strict + [(None, c) for c in (lenient or {}).values()]:
@@ -92,7 +102,22 @@ def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None
             if listed:
                 out.attachments[commit] = listed
                 out._keep(listed, f"attachment of commit {commit[:12]}")
+    if base_of is not None:
+        add_delta_bases(out, base_of)
     return out
+
+
+def add_delta_bases(out: Closure, base_of: Callable[[str], str | None]) -> None:
+    """Keep the chain of bases under every kept object (each base once; loops end)."""
+    for oid in sorted(out.objects):
+        cur = oid
+        while True:
+            base = base_of(cur)
+            if base is None or base in out.objects:
+                break
+            out._keep([base], f"base of packed delta {cur[:12]}")
+            out.delta_bases[base] = cur
+            cur = base
 
 
 def _root_reason(label: str | None, root: str, oid: str, chain: list[str]) -> str:
@@ -135,4 +160,5 @@ def ref_closure(store, explain: bool = False) -> Closure:
     """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
     return closure({name: e.commit for name, e in store.refs().items()}, store_loader(store),
                    lenient={c: c for c in sorted(store.registry.invalid_commits())},
-                   attachments=store_attachments(store), explain=explain)
+                   attachments=store_attachments(store), explain=explain,
+                   base_of=store.objects.delta_base)

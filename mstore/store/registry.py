@@ -25,8 +25,8 @@ from .locks import StoreLock
 from .objects import ObjectStore, is_oid
 from .refs import ENTRY_FIELDS, RefEntry  # noqa: F401 - ENTRY_FIELDS: the registry's fields, part of this module's API
 
-VERSION = 2  # the store format this mstore writes (mstore/store/format.py migrates older ones)
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # the store format this mstore writes (mstore/store/format.py migrates older ones)
+READABLE_VERSIONS = (1, 2, 3)
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 COMMIT_LIKE_RE = re.compile(r"[0-9a-f]{7,}")  # would read as a commit id prefix
 _ANY = object()  # "no expectation" for compare-and-swap

@@ -153,9 +153,9 @@ def _move_aside(store: Store, oid: str) -> str:
     target, n = folder / f"{oid}.{stamp}", 2
     while target.exists():
         target, n = folder / f"{oid}.{stamp}-{n}", n + 1
-    src = store.objects.path(oid)
-    os.rename(src, target)
-    fsio.fsync_dir(src.parent)
+    for i, src in enumerate(store.objects.files_of(oid)):  # each encoding on disk
+        os.rename(src, target if i == 0 else target.with_name(target.name + src.suffix))
+        fsio.fsync_dir(src.parent)
     fsio.fsync_dir(folder)
     failpoints.hit("repair.moved-aside")
     return str(target.relative_to(store.root))

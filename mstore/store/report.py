@@ -120,8 +120,13 @@ def all_commits_graph(store: Store) -> list[dict[str, Any]]:
 def du(store: Store) -> dict[str, Any]:
     """Logical bytes (each distinct commit that refs hold, its manifest and every object it
     names, counted in full once: a second name for a commit adds nothing) against physical
-    bytes on disk. One row per commit; `new_vs_parent_bytes` counts tensor and file objects."""
-    sizes = {oid: st.st_size for oid, st in store.objects.iter_objects()}
+    bytes on disk (`loose_bytes` + `packed_bytes`). One row per commit; `new_vs_parent_bytes`
+    counts tensor and file objects; `stored_bytes` is what its objects take on disk, packed
+    ones at their packed size."""
+    stored = {s.oid: s for s in store.objects.iter_stored()}
+    sizes = {oid: s.loose.st_size if s.loose else store.objects.size(oid)
+             for oid, s in stored.items()}  # logical: what the object is, packed or not
+    disk = {oid: s.disk_bytes for oid, s in stored.items()}
     by_commit = store.names_by_commit()
     held: dict[str, set[str]] = {}
     parents: dict[str, tuple[str, set[str]]] = {}
@@ -150,6 +155,8 @@ def du(store: Store) -> dict[str, Any]:
             "logical_bytes": sum(sizes.get(o, 0) for o in oids),
             "unique_bytes": sum(sizes.get(o, 0) for o in oids if users[o] == 1),
             "objects": len(oids),
+            "stored_bytes": sum(disk.get(o, 0) for o in oids),
+            "packed_objects": sum(1 for o in oids if o in stored and stored[o].packed),
         }
         if commit in parents:
             base = parents[commit][1]
@@ -157,9 +164,12 @@ def du(store: Store) -> dict[str, Any]:
             row["shared_with_parent"] = len(oids & base)
         models.append(row)
     logical = sum(r["logical_bytes"] for r in models)
-    physical = sum(sizes.values())
+    physical = sum(disk.values())
+    loose = sum(s.loose.st_size for s in stored.values() if s.loose)
     return {"models": models, "refs": sum(len(n) for n in by_commit.values()),
             "commits": len(models), "logical_bytes": logical, "physical_bytes": physical,
+            "loose_bytes": loose, "packed_bytes": physical - loose,
+            "packed_objects": sum(1 for s in stored.values() if s.packed),
             "objects": len(sizes),
             "dedup_ratio": round(logical / physical, 3) if physical else None}
 

@@ -20,9 +20,7 @@ def load_as_float(store: Store, oid: str) -> np.ndarray | None:
     """The tensor as float64 (None for dtypes numpy cannot widen, e.g. float8)."""
     header = store.objects.tensor_header(oid)
     (info,) = header.tensors.values()
-    with open(store.objects.path(oid), "rb") as f:
-        f.seek(info.start)
-        raw = f.read(info.nbytes)
+    raw = store.objects.tensor_bytes(oid)[info.start:info.end].tobytes()
     if info.dtype == "BF16":
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).astype(np.float64).reshape(info.shape)

@@ -92,6 +92,9 @@ class DiskUsage(JsonView):
     objects: int
     dedup_ratio: float | None
     models: list[dict[str, Any]]
+    loose_bytes: int = 0  # physical bytes of loose objects (manifests and files included)
+    packed_bytes: int = 0  # physical bytes of packed tensor objects
+    packed_objects: int = 0
 
 
 @dataclass(frozen=True)
