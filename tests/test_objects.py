@@ -12,6 +12,7 @@ from mstore.errors import BadName, BadObjectId, ObjectCorrupt, RefChanged, Regis
 from mstore.store.manifest import Manifest, TensorEntry, canonical_json
 from mstore.store.objects import ObjectStore, hash_bytes, hash_file, tensor_oid
 from mstore.store.refs import RefEntry
+from mstore.store.registry import VERSION
 from mstore.store.registry import Registry, validate_name
 from mstore.store.safetensors_io import object_header, read_header_from_file
 from mstore.store.repo import Store
@@ -204,7 +205,7 @@ def test_registry_compare_and_swap(tmp_path):
     reg.set_ref(_entry("m", "2" * 64), expected="1" * 64)
     assert reg.get("m").commit == "2" * 64
     doc = json.loads((tmp_path / "registry.json").read_text())
-    assert doc["version"] == 2 and set(doc["models"]["m"]) >= {"model_name", "commit", "license"}
+    assert doc["version"] == VERSION and set(doc["models"]["m"]) >= {"model_name", "commit", "license"}
 
 
 @pytest.mark.parametrize("content", [b"{", b"[]", b'{"version": 1}',
