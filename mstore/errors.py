@@ -535,3 +535,12 @@ class HubClientError(HubError):
     def __init__(self, repo_id: str, detail: str):
         self.repo_id = repo_id
         super().__init__(f"the Hub client failed for {repo_id!r} ({detail})")
+
+
+# -- quantized children and eval
+class QuantizeError(MStoreError, ValueError):
+    """A quantization request that cannot be met (scheme, group size, what is quantized)."""
+
+
+class EvalError(MStoreError, ValueError):
+    """An eval that cannot run (an empty dataset, no token to predict)."""

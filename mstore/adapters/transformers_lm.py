@@ -61,6 +61,32 @@ class TransformersAdapter(Adapter):
         false), as `from_pretrained` ties them."""
         return dict(cls.tied_pairs) if config.get("tie_word_embeddings", False) else {}
 
+    @classmethod
+    def linear_weights(cls, config: dict) -> set[str]:
+        """The `nn.Linear` weights of the module transformers builds from config.json (on
+        the meta device: nothing allocated) that the checkpoint names as they are, the
+        output head left out. MoE experts fused into one parameter are no `nn.Linear`:
+        they stay as they are."""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with torch.device("meta"), no_init_weights():
+            model = AutoModelForCausalLM.from_config(cls._config_class(config),
+                                                     trust_remote_code=False)
+        head = model.get_output_embeddings()
+        return {f"{name}.weight" for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and m is not head}
+
+    @staticmethod
+    def _config_class(config: dict):
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise MStoreError(f"transformers has no config class for {model_type!r}")
+        return CONFIG_MAPPING[model_type].from_dict(config)
+
     # -- config -----------------------------------------------------------------------
     def config_bytes(self) -> bytes:
         """config.json exactly as the manifest holds it (re-hashed on read)."""
@@ -96,14 +122,12 @@ class TransformersAdapter(Adapter):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from ..runtime import torch_io
-
         # Objects first: a missing, truncated or (with verify) corrupt one fails before any
         # model code runs. config.json is small: always re-hashed. Then config and tensor
         # table must agree (a store from an older mstore was not checked at import).
         self.config_bytes()
         self.check_manifest()
-        state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
+        state = self.load_state(verify, dtype)
         from transformers.initialization import no_init_weights
 
         config = self._hf_config()

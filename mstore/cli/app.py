@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 from .. import env
 from ..errors import MStoreError
-from . import maintenance, models, remote, run
+from . import maintenance, models, quantized, remote, run
 from .output import echo, echo_line, error_message
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
@@ -168,6 +168,7 @@ def _register_commands(app: typer.Typer) -> None:
     models.register(app)
     maintenance.register(app)
     run.register(app)
+    quantized.register(app)
     remote.register(app)
 
 
