@@ -215,12 +215,12 @@ class Adapter(abc.ABC):
         return n if isinstance(n, int) and n > 0 else None
 
     @classmethod
-    def linear_weights(cls, config: dict) -> set[str]:
-        """Checkpoint names of the weights of the model's linear layers, the output head
-        left out: what `quantize` and `import --quantize` quantize (embeddings, norms and
-        biases are kept as they are). The default: none (the architecture cannot be
-        quantized)."""
-        return set()
+    def linear_weights(cls, config: dict) -> dict[str, tuple[int, ...]]:
+        """{checkpoint name: shape} of the weights of the model's linear layers, the output
+        head left out: what `quantize` and `import --quantize` quantize (embeddings, norms
+        and biases are kept as they are), and what the pre-import check counts. The
+        default: none (the architecture cannot be quantized)."""
+        return {}
 
     # -- tokenizer ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -145,12 +145,12 @@ class CustomTransformerAdapter(Adapter):
                                f"the embedding has {vocab_rows} rows: the vocabulary does not fit")
 
     @classmethod
-    def linear_weights(cls, config: dict) -> set[str]:
+    def linear_weights(cls, config: dict) -> dict[str, tuple[int, ...]]:
         """Every block's qkv, attention output and MLP weights (the tied lm_head is the
         embedding, kept as it is)."""
         cfg = _config_of(config, "config.json")
-        return {f"blocks.{i}.{name}.weight" for i in range(cfg.n_layers)
-                for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+        return {e.name: tuple(e.shape) for e in expected_tensors(cfg)
+                if e.name.startswith("blocks.") and len(e.shape) == 2}
 
     def get_config(self) -> dict[str, Any]:
         return json.loads(self.store.objects.read_bytes(self.manifest.config))

@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 
 from . import torch_io
-from ..adapters.base import adapter_class
+from ..adapters.quantizable import check_request, plan_weights
 from ..errors import NameTaken, QuantizeError
 from ..reporting import SILENT, Reporter
 from ..store import failpoints
@@ -103,20 +103,6 @@ def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for n, t in state.items()}
 
 
-def check_request(scheme: str, group_size: int | None) -> int | None:
-    """The group size the scheme uses (None for int8), or QuantizeError."""
-    if scheme not in layout.SCHEMES:
-        raise QuantizeError(f"unknown quantization scheme {scheme!r} (int8 or int4)")
-    if scheme == "int8":
-        if group_size is not None:
-            raise QuantizeError("int8 is quantized per output channel: a group size is for int4 only")
-        return None
-    g = layout.DEFAULT_GROUP_SIZE if group_size is None else group_size
-    if g < 2 or g % 2:
-        raise QuantizeError(f"group size must be an even number >= 2, not {g}")
-    return g
-
-
 def check_run_dtype(manifest, dtype: "torch.dtype | None") -> None:
     """A quantized child runs in the dtype its scales have (its activations' dtype)."""
     from .torch_io import TORCH_DTYPES
@@ -129,26 +115,6 @@ def check_run_dtype(manifest, dtype: "torch.dtype | None") -> None:
         have = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored if d))
         raise QuantizeError(f"a quantized model runs in the dtype it was quantized in ({have}), "
                             f"not {str(dtype).removeprefix('torch.')}")
-
-
-def plan_weights(architecture: str, config: dict, tensors: Mapping[str, tuple[str, list]],
-                 scheme: str, group_size: int | None, where: str) -> set[str]:
-    """The checkpoint names to quantize (the adapter's linear weights that `tensors`,
-    {name: (dtype, shape)}, holds as floating-point matrices); QuantizeError when there are
-    none or one cannot take the scheme (a group size that does not divide its width)."""
-    linear = adapter_class(architecture).linear_weights(config)
-    targets = {n for n in linear if n in tensors and tensors[n][0] in FLOAT_DTYPES}
-    if not targets:
-        raise QuantizeError(f"{where}: no linear layer to quantize (architecture "
-                            f"{architecture!r})")
-    for n in sorted(targets):
-        problem = layout.check_shape(n, tensors[n][1], scheme, group_size)
-        if problem:
-            raise QuantizeError(f"{where}: {problem}")
-    return targets
-
-
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def quantization_record(scheme: str, group_size: int | None) -> dict:
@@ -197,9 +163,9 @@ def quantize_model(store: Store, ref: str, scheme: str, group_size: int | None =
         r = store.resolve(ref)
         m = store.read_manifest(r.commit)
         if m.kind != "full":
-            what = m.describe() or m.kind
-            raise QuantizeError(f"{ref} is already a {what} child of {(m.parent or '?')[:12]}: "
-                                "quantize a full-precision model (its parent)")
+            what = f"quantized ({m.describe()})" if m.kind == "quantized" else m.kind
+            raise QuantizeError(f"{ref} is already a {what} child of {(m.parent or '?')[:12]}; "
+                                "quantize a full-precision model (its parent) instead")
         if name is not None and not store.name_is_free(name):
             raise NameTaken(name, store.next_free_name(name))
         config = json.loads(store.objects.read_bytes(m.config, verify=True))

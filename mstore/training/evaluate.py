@@ -123,7 +123,7 @@ def _window(seq_len: int | None, context: int | None) -> int:
     return n
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto's tensors make tensors of their own
 def _score(adapter, model, ids: torch.Tensor, n: int) -> tuple[float, int, torch.Tensor]:
     """(mean loss, tokens predicted, greedy token at each predicted position)."""
     windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n)]
