@@ -86,6 +86,13 @@ class RegistryCorrupt(MStoreError):
         )
 
 
+class AttachmentIndexCorrupt(MStoreError):
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"attachment list {path} is damaged ({reason}); `mstore fsck` "
+                         "names it")
+
+
 class ObjectMissing(MStoreError, FileNotFoundError):
     def __init__(self, oid: str, what: str = "object"):
         self.oid, self.what = oid, what

@@ -168,8 +168,7 @@ def _objects(store: Path) -> list[str]:
 def _reachable(store: Path) -> set[str]:
     from mstore.store.gc import reachable
 
-    manifests, objects = reachable(Store(store))
-    return manifests | objects
+    return reachable(Store(store)).keep()
 
 
 def test_sigkill_campaign(template, model_dirs, tmp_path, corpus):

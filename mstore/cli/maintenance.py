@@ -24,6 +24,8 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go.")] = False,
     grace: Annotated[str, typer.Option("--grace", help="Keep unreachable objects younger "
                                        "than this (e.g. 1h, 30m, 0).")] = "1h",
+    explain: Annotated[bool, typer.Option("--explain", help="Say why each kept object is "
+                                          "kept (a ref names it, an adapter's base, ...).")] = False,
     as_json: JsonOpt = False,
 ):
     """Delete objects no ref can reach."""
@@ -34,9 +36,13 @@ def gc(
         seconds = parse_duration(grace)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--grace")
-    p = collect(store_of(ctx, must_exist=True), grace=seconds, dry_run=dry_run)
+    p = collect(store_of(ctx, must_exist=True), grace=seconds, dry_run=dry_run,
+                explain=explain)
     if as_json:
         return print_json(p.to_json(dry_run))
+    if p.why is not None:
+        for oid, why in sorted(p.why.items()):
+            echo(f"keep {oid[:12]}  {safe_text(why)}")
     verb = "would delete" if dry_run else "deleted"
     echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
          f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "

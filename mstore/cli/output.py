@@ -170,6 +170,7 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         ("name", ", ".join(doc["names"]) or "(no ref)"),
         ("commit", doc["commit"]),
         ("architecture", m["architecture"]),
+        *([("variant", doc["variant"])] if doc.get("variant") else []),
         ("model_id", m["model_id"]),
         ("source", source_line(m)),
         ("license", m.get("license") or "unknown"),
@@ -219,6 +220,8 @@ def render_log(entries: list[dict[str, Any]]) -> str:
             out.append(f"Source: {safe_text(source_line(e))}")
         if e.get("parent"):
             out.append(f"Parent: {safe_text(e['parent'][:12])}")
+        if e.get("variant"):
+            out.append(f"Kind:   {safe_text(e['variant'])}")
         out.append("")
         out.append(f"    {safe_text(e.get('message', ''))}")
         summary = training_summary(e.get("training"))

@@ -36,7 +36,8 @@ from ..reporting import SILENT, Reporter
 from ..store import failpoints, fsio
 from ..store.manifest import LightManifest
 from ..store.objects import hash_bytes, hash_file
-from ..store.reachability import Closure, closure, store_loader
+from ..store.attachments import parse_attachment
+from ..store.reachability import Closure, closure, store_attachments, store_loader
 from ..store.registry import NAME_RE, validate_name
 from ..store.repo import Store
 from .config import (
@@ -100,6 +101,7 @@ class _PushPlan:
     entry: dict[str, Any]
     known: str | None  # what this store last saw of the remote ref
     force: bool
+    attachments: dict[str, list[str]] = field(default_factory=dict)  # commit -> its attachments
 
     def may_set(self, current: str | None, remote_name: str) -> tuple[bool, bool]:
         """The push rule for a remote ref holding `current`: (write it?, forced?). Raises
@@ -135,6 +137,8 @@ def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | No
             present = transport.present(plan.objects + plan.manifests)
             sent, bytes_sent = _send_objects(store, transport, plan, present, reporter)
             failpoints.hit("push.objects-sent")
+            for commit, listed in sorted(plan.attachments.items()):
+                transport.merge_attachments(commit, listed)
             previous, written, forced = _swap_remote_ref(transport, plan, remote_name, url,
                                                          reporter)
             failpoints.hit("push.ref-updated")
@@ -150,7 +154,8 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     """Under the writer lock: the commit `ref` names now and everything it needs, all here."""
     r = store.resolve(ref)
     head = store.read_manifest(r.commit)
-    plan = closure({name: r.commit}, store_loader(store))  # parents end where none is here
+    plan = closure({name: r.commit}, store_loader(store),  # parents end where none is here
+                   attachments=store_attachments(store))
     objects = sorted(plan.objects)
     for oid in objects:
         if not store.objects.exists(oid):
@@ -158,7 +163,8 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     entry = store.registry_entry(name, r.commit, head,
                                  r.entry.fine_tuned_from if r.entry else None)
     return _PushPlan(name=name, commit=r.commit, objects=objects, manifests=plan.order,
-                     entry=entry.to_json(), known=known, force=force)
+                     entry=entry.to_json(), known=known, force=force,
+                     attachments=plan.attachments)
 
 
 def _send_objects(store: Store, transport: Transport, plan: _PushPlan, present: dict[str, int],
@@ -329,7 +335,7 @@ def _plan_fetch(store: Store, transport: Transport, remote_name: str, commit: st
         fetched[oid] = data
         return m
 
-    plan = closure({commit: commit}, load)
+    plan = closure({commit: commit}, load, attachments=transport.attachment_index)
     if commit not in plan.manifests:
         raise RemoteObjectMissing(commit, remote_name, "manifest")
     return plan, fetched
@@ -354,6 +360,14 @@ def _fetch(store: Store, transport: Transport, remote_name: str, plan: Closure,
             raise RemoteObjectCorrupt(oid, res.oid, remote_name)
         received += 1
         nbytes += len(data)
+    for commit, listed in sorted(plan.attachments.items()):
+        for oid in listed:  # hashed on arrival; a record of another commit is refused
+            try:
+                parse_attachment(store.objects.read_bytes(oid), oid, commit)
+            except ObjectCorrupt as e:
+                raise RemoteObjectCorrupt(oid, f"not an attachment of {commit[:12]}: {e.reason}",
+                                          remote_name) from None
+        store.attachments.merge(commit, listed)
     result.objects_sent, result.bytes_sent = received, nbytes
     result.objects_present = len(plan.keep()) - len(wanted) - len(fetched)
 

@@ -20,23 +20,37 @@ from .repo import Store
 def list_rows(store: Store) -> list[dict[str, Any]]:
     """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
     (`name` is the row's ref; the other names of its commit are rows of their own)."""
-    parents: dict[str, str | None] = {}
+    heads: dict[str, LightManifest | None] = {}
+    names = store.names_by_commit()
     rows = []
     for name, e in sorted(store.refs().items()):
         commit = e.commit
-        if commit not in parents:
-            parents[commit] = _parent_of(store, commit)
+        if commit not in heads:
+            heads[commit] = _head_of(store, commit)
+        m = heads[commit]
         rows.append({**e.to_json(), "name": name,
                      "short_commit": commit[:12], "architecture": e.architecture_type,
-                     "parent": parents[commit], "license": e.license or None})
+                     "parent": m.parent if m else None, "license": e.license or None,
+                     "kind": m.kind if m else None,
+                     "variant": variant(m, names) if m else ""})
     return rows
 
 
-def _parent_of(store: Store, commit: str) -> str | None:
+def _head_of(store: Store, commit: str) -> LightManifest | None:
     try:
-        return store.read_light_manifest(commit).parent
+        return store.read_light_manifest(commit)
     except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
         return None
+
+
+def variant(m: Manifest | LightManifest, names: dict[str, list[str]]) -> str:
+    """'' for a full model; 'lora r=16 on base' for an adapter, 'int8 of base' for a
+    quantized child (the parent by its first ref name, else its short id)."""
+    what = m.describe()
+    if not what or not m.parent:
+        return what
+    parent = (sorted(names.get(m.parent, [])) or [m.parent[:12]])[0]
+    return f"{what} {'on' if m.kind == 'adapter' else 'of'} {parent}"
 
 
 def weights_present(store: Store, m: Manifest | LightManifest,
@@ -64,6 +78,7 @@ def _entry(store: Store, oid: str, m: LightManifest | None, names: dict[str, lis
         "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
         "model_id": m.model_id, "source": m.source, "license": m.license or None,
         "training": m.training, "weights_present": weights_present(store, m, present),
+        "kind": m.kind, "variant": variant(m, names),
     }
 
 
@@ -197,4 +212,5 @@ def show(store: Store, ref: str) -> dict[str, Any]:
             "weights_present": weights_present(store, m), "parent": m.parent,
             "parent_names": parent_names, "architecture": m.architecture,
             "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
-            "message": m.message, "manifest": m.to_dict()}
+            "message": m.message, "kind": m.kind, "variant": variant(m, by_commit),
+            "manifest": m.to_dict()}

@@ -120,6 +120,7 @@ class GcResult(JsonView):
     kept_reachable: int
     kept_within_grace: int
     deleted: list[str]
+    kept: list[dict[str, str]] | None  # with explain: [{"object", "why"}]
 
 
 @dataclass(frozen=True)
