@@ -101,10 +101,13 @@ def _list(ctx: typer.Context, as_json: bool):
     if not rows:
         echo("no models (try `mstore import`)")
         return
-    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "KIND", "LICENSE")]
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "RUN MEM", "PARENT", "KIND",
+              "LICENSE")]
     for r in rows:
+        run = r.get("run_bytes")
         table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
                       fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
+                      "-" if run is None else fmt_bytes(run),
                       r.get("fine_tuned_from") or "-", r.get("variant") or r.get("kind") or "-",
                       r.get("license") or "unknown"))
     print_table(table)
