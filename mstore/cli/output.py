@@ -23,8 +23,8 @@ import typer
 
 from ..errors import (
     CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
-    MStoreError, NotFastForward, RegistryCorrupt, RegistryMissing, SizeLimitExceeded,
-    StoreNotFound, TrainingInterrupted, WorkersFailed,
+    MStoreError, NotFastForward, QuantizedExport, RegistryCorrupt, RegistryMissing,
+    SizeLimitExceeded, StoreNotFound, TrainingInterrupted, WorkersFailed,
 )
 from ..reporting import Progress, Reporter
 from ..units import fmt_bytes, fmt_count
@@ -329,6 +329,7 @@ CLI_WORDING: dict[type, Callable[[Any], str]] = {
     NotFastForward: _then("; pull with --as NEW_NAME to keep both, or --force to replace the "
                           "local ref"),
     LocalRefWouldMove: _then("; pull with --as NEW_NAME to keep both, or --force to move it"),
+    QuantizedExport: _then("; `export --dequantize` writes full-precision weights"),
     CommitNeedsRefName: lambda e: (f"{e.ref!r} is a commit, not a ref: name the remote ref "
                                    "with --as NAME"),
 }

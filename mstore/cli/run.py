@@ -70,11 +70,13 @@ def _stream_text(text: str) -> None:
 
 def export(ctx: typer.Context, name: NameArg,
            dest: Annotated[Path, typer.Argument(help="New folder to write.")],
+           dequantize: Annotated[bool, typer.Option(
+               "--dequantize", help="A quantized child: write full-precision weights.")] = False,
            as_json: JsonOpt = False):
     """Write a Hugging Face-format folder (config, safetensors, tokenizer, metadata.json)."""
     from ..hub.export import export_model
 
-    doc = export_model(store_of(ctx, must_exist=True), name, dest)
+    doc = export_model(store_of(ctx, must_exist=True), name, dest, dequantize=dequantize)
     if as_json:
         return print_json(doc)
     what, where = safe_text(doc["name"] or doc["commit"][:12]), safe_text(shown_path(doc["dir"]))

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
-from ..errors import ExportError, ObjectCorrupt, UnknownAdapter
+from ..errors import ExportError, ObjectCorrupt, QuantizedExport, UnknownAdapter
 from ..store.manifest import Manifest
 from ..store.objects import copy_range
 from ..store.report import log_entries
@@ -28,12 +28,17 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES) -> dict:
+def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES,
+                 dequantize: bool = False) -> dict:
+    """`dequantize`: a quantized child is written as full-precision weights (its quantized
+    layout has no `quantization_config` transformers loads; without it, QuantizedExport)."""
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)
     m = store.read_manifest(r.commit)
+    if m.kind == "quantized" and not dequantize:
+        raise QuantizedExport(r.name or r.commit[:12], m.describe())
     _verify_objects(store, m)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
@@ -41,7 +46,7 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
     work.mkdir()
     finished = False
     try:
-        written = _write_folder(store, m, r, work, shard_bytes)
+        written = _write_folder(store, m, r, work, shard_bytes, dequantize)
         for f in work.iterdir():
             with open(f, "rb") as fh:
                 fsio.fsync_file(fh, f)
@@ -70,7 +75,8 @@ def _verify_objects(store: Store, m: Manifest) -> None:
             raise ObjectCorrupt(oid, f"{problem} ({name}); nothing exported")
 
 
-def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) -> list[str]:
+def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
+                  dequantize: bool = False) -> list[str]:
     written = []
     (work / "config.json").write_bytes(store.objects.read_bytes(m.config))
     written.append("config.json")
@@ -85,8 +91,16 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) ->
         if gen is not None:
             (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             written.append("generation_config.json")
-    written += _write_weights(store, m, work, shard_bytes)
+    if m.kind == "quantized" and dequantize:
+        from ..runtime.quantize import save_dequantized
+
+        save_dequantized(store, m, work / WEIGHTS)
+        written.append(WEIGHTS)
+    else:
+        written += _write_weights(store, m, work, shard_bytes)
     meta = _metadata(store, m, r)
+    if m.kind == "quantized" and dequantize:
+        meta["dequantized_from"] = m.quantization
     (work / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     written.append("metadata.json")
     for f in work.iterdir():

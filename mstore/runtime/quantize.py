@@ -94,13 +94,18 @@ def assemble(state: dict[str, torch.Tensor], tensors: Mapping[str, "TensorEntry"
     return out
 
 
-def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every quanto tensor of an assembled state dict back to a plain tensor (`export
-    --dequantize`); the others as they are."""
+def save_dequantized(store: Store, manifest: Manifest, path) -> None:
+    """A quantized child's weights, every quantized one dequantized to its scales' dtype,
+    as one safetensors file under the full-precision names (`export --dequantize`). The
+    dequantized model is in memory once while it is written."""
     from optimum.quanto import QTensor
+    from safetensors.torch import save_file
 
-    return {n: t.dequantize().contiguous() if isinstance(t, QTensor) else t
-            for n, t in state.items()}
+    state = assemble(torch_io.load_state_dict(store.objects, manifest.tensors, verify=False),
+                     manifest.tensors, manifest.quantization)
+    plain = {n: t.dequantize().contiguous() if isinstance(t, QTensor) else t.contiguous()
+             for n, t in state.items()}
+    save_file(plain, str(path), metadata={"format": "pt"})
 
 
 def check_run_dtype(manifest, dtype: "torch.dtype | None") -> None:
