@@ -27,6 +27,7 @@ from tests.reliability import (
     PowerLoss, assert_consistent, copy_store, env_without_failpoints, fsck_errors, refs_of,
 )
 
+SLOW_COMMANDS = ("train", "quantize", "import-quantize")  # first hit of each point only
 KILLS = int(os.environ.get("MSTORE_TORTURE_KILLS", "12"))
 SEED = int(os.environ.get("MSTORE_TORTURE_SEED", "20261125"))
 
@@ -85,6 +86,11 @@ def commands(model_dirs, tmp: Path, corpus: Path):
         "train": (["train", "--config", scratch_config(tmp, corpus)],
                   "custom-transformer-001", False),
         "push": (["push", "base", "origin"], None, False),
+        # a rerun once the ref is there: its --name is taken (error), nothing changes
+        "quantize": (["quantize", "base", "--scheme", "int4", "--group-size", "32",
+                      "--name", "qb"], "qb", True),
+        "import-quantize": (["import", model_dirs["qwen2"], "--name", "qq", "--quantize",
+                             "int8", "--accept-license"], "qq", True),
     }
 
 
@@ -109,14 +115,17 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
 
 
 @pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "push",
-                                     pytest.param("train", marks=pytest.mark.slow)])
+                                     pytest.param("train", marks=pytest.mark.slow),
+                                     pytest.param("quantize", marks=pytest.mark.slow),
+                                     pytest.param("import-quantize", marks=pytest.mark.slow)])
 def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus):
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
     reached = failpoints_reached(template, tmp_path, command, args)
     assert reached, "the command passed no failpoint"
     cases = []
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
-        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command != "train" else [])
+        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in SLOW_COMMANDS
+                                  else [])
     before = refs_of(template)
     for i, spec in enumerate(cases):
         store = copy_store(template, tmp_path / f"s{i}")
@@ -259,6 +268,18 @@ def test_power_loss_at_every_step_of_a_train_commit(template, tmp_path, corpus):
     root = copy_store(template, tmp_path / "store")
     cfg = load_config(scratch_config(tmp_path, corpus))
     _power_loss(root, tmp_path, lambda: train(Store(root), cfg))
+
+
+@pytest.mark.slow
+def test_power_loss_at_every_step_of_quantize_and_import_quantize(template, model_dirs,
+                                                                  tmp_path):
+    from mstore.runtime.quantize import quantize_model
+
+    root = copy_store(template, tmp_path / "store")
+    s = Store(root)
+    _power_loss(root, tmp_path, lambda: quantize_model(s, "base", "int8", name="qb"))
+    _power_loss(root, tmp_path, lambda: import_model(s, str(model_dirs["qwen2"]), name="qq",
+                                                     accept_license=True, quantize="int8"))
 
 
 def test_power_loss_model_catches_a_missing_sync(template, model_dirs, tmp_path, monkeypatch):
