@@ -82,9 +82,10 @@ def quality(work: Path) -> dict:
     data = work / "corpus.txt"
     data.write_text(CORPUS)
     store = Store(work / "quality-store")
-    mstore.train({"model_name": None, "dataset": str(data), "max_steps": 300, "batch_size": 16,
-                  "seq_len": 64, "n_layers": 2, "d_model": 64, "n_heads": 4,
-                  "learning_rate": 3e-3, "warmup_steps": 10, "eval_interval": 300,
+    mstore.train({"model_name": None, "dataset": str(data), "max_steps": 200,
+                           "batch_size": 8, "seq_len": 32, "n_layers": 2, "d_model": 32,
+                           "n_heads": 2, "learning_rate": 1e-2, "warmup_steps": 10,
+                           "eval_interval": 200,
                   "device": "cpu", "seed": 0}, store=store, output_name="char-base")
     from mstore.runtime.quantize import quantize_model
 

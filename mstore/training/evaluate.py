@@ -4,7 +4,7 @@
 The text (a .txt or .jsonl file, as training reads it) is tokenized by each model's own
 tokenizer, cut at `max_tokens`, and scored in consecutive windows of `seq_len` tokens: the
 loss is the mean next-token cross-entropy over every predicted token, the perplexity its
-exponential. With several models sharing a tokenizer, `agreement` is the share of
+exponential (every token but the first is predicted once). With several models sharing a tokenizer, `agreement` is the share of
 positions where a model's greedy (argmax) token is the first model's.
 """
 
@@ -125,7 +125,9 @@ def _window(seq_len: int | None, context: int | None) -> int:
 @torch.no_grad()  # not inference_mode: quanto's tensors make tensors of their own
 def _score(adapter, model, ids: torch.Tensor, n: int) -> tuple[float, int, torch.Tensor]:
     """(mean loss, tokens predicted, greedy token at each predicted position)."""
-    windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n)]
+    # each window starts at the last token of the one before: every token but the first
+    # is predicted exactly once
+    windows = [ids[i:i + n] for i in range(0, len(ids) - 1, n - 1)]
     windows = [w for w in windows if len(w) >= 2]
     total, count, greedy = 0.0, 0, []
     full = [w for w in windows if len(w) == n]
