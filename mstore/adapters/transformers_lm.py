@@ -232,7 +232,8 @@ class TransformersAdapter(Adapter):
         """Incremental decode with the model's KV cache; yields each new token id.
 
         Stops after `max_new_tokens` or at an eos id (which is not yielded). Each step
-        runs under `torch.inference_mode()` (no_grad for a quantized child); the caller's code between two tokens does not.
+        runs under `torch.inference_mode()` (no_grad for a quantized child); the caller's code
+        between two tokens does not.
         """
         import torch
 
