@@ -87,7 +87,7 @@ def test_quantized_child_generates_greedily_and_log_shows_its_lineage(trained):
     listing = _text(cli("list"))
     assert "int8 of tiny-base" in listing and "RUN MEM" in listing
     show = _text(cli("show", "tiny-int8"))
-    assert "memory to run" in show and "eval " in show
+    assert "to run (weights)" in show and "eval " in show
 
 
 def test_load_returns_a_model_that_runs_in_quantized_memory(trained):

@@ -191,7 +191,7 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
                        + ", ".join(f"{n} {d}" for d, n in sorted(dtypes.items())) + ")"),
         ("size", fmt_bytes(doc["size_bytes"])
          + ("" if doc["weights_present"] else "  [weights collected or missing]")),
-        ("memory to run", f"~{fmt_bytes(doc['run_bytes'])} of weights"),
+        ("memory", f"~{fmt_bytes(doc['run_bytes'])} to run (weights)"),
         ("config", m["config"][:12]),
         ("files", ", ".join(sorted(m["files"])) or "-"),
     ]
