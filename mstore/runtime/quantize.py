@@ -91,7 +91,30 @@ def assemble(state: dict[str, torch.Tensor], tensors: Mapping[str, "TensorEntry"
         out[w] = WeightQBitsTensor.create(qint4, 0, g, torch.Size((rows, cols)), (cols, 1),
                                           packed, scale.reshape(groups, 1),
                                           shift.reshape(groups, 1))
+        _release_freed_memory()
     return out
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the kernel (glibc's `malloc_trim`). quanto's
+    conversion of an int4 weight to the tinygemm layout goes through temporaries a few
+    times the weight's size; once glibc has raised its mmap threshold they are freed into
+    the heap, which keeps them resident, and a model's worth of them made the peak RSS of
+    an int4 load larger than the bf16 model's. Elsewhere than glibc: nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def save_dequantized(store: Store, manifest: Manifest, path) -> None:
