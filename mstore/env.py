@@ -14,6 +14,8 @@ import. Torch-free; imports nothing.
 | MSTORE_REMOTE_JOBS        | remote_jobs         | parallel object transfers of push/pull         |
 | MSTORE_REMOTE_LOCK_STALE  | remote_lock_stale   | seconds before a remote's lock object is stale |
 | MSTORE_REMOTE_CAS         | remote_cas          | "lock": s3 uses a lock object, not If-Match    |
+| MSTORE_MEMORY_AVAILABLE   | memory_available    | bytes of RAM import's check counts as free     |
+|                           |                     | (default: the kernel's MemAvailable)           |
 | WORLD_SIZE, RANK,         | world_size, rank,   | set by torchrun: this process's place in a     |
 | LOCAL_RANK                | local_rank          | `train --nproc N` run                          |
 | OMP_NUM_THREADS           | child_environment   | passed to torchrun's workers (1 unless set)    |
@@ -73,6 +75,14 @@ def remote_lock_stale(default: float = 600.0) -> float:
 
 def remote_cas() -> str:
     return os.environ.get("MSTORE_REMOTE_CAS", "")
+
+
+def memory_available() -> int | None:
+    """A size in bytes (a value that is not an integer is ignored: None)."""
+    try:
+        return int(os.environ["MSTORE_MEMORY_AVAILABLE"])
+    except (KeyError, ValueError):
+        return None
 
 
 def under_torchrun() -> bool:

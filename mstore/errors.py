@@ -597,3 +597,21 @@ class NothingToPlot(MStoreError):
 
 class PlotError(MStoreError, ValueError):
     pass
+# -- quantized children and eval
+class QuantizeError(MStoreError, ValueError):
+    """A quantization request that cannot be met (scheme, group size, what is quantized)."""
+
+
+class QuantizedExport(ExportError):
+    """transformers cannot load a quantized child's layout as a pre-quantized checkpoint
+    (optimum-quanto's transformers integration does not load serialised weights)."""
+
+    def __init__(self, name: str, scheme: str):
+        self.name, self.scheme = name, scheme
+        super().__init__(f"{name} is quantized ({scheme}): transformers cannot load that "
+                         "layout as a quantized checkpoint (its quanto support loads no saved "
+                         "weights), so nothing was exported")
+
+
+class EvalError(MStoreError, ValueError):
+    """An eval that cannot run (an empty dataset, no token to predict)."""

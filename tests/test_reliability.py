@@ -27,6 +27,7 @@ from tests.reliability import (
     PowerLoss, assert_consistent, copy_store, env_without_failpoints, fsck_errors, refs_of,
 )
 
+SLOW_COMMANDS = ("train", "quantize", "import-quantize")  # first hit of each point only
 KILLS = int(os.environ.get("MSTORE_TORTURE_KILLS", "12"))
 SEED = int(os.environ.get("MSTORE_TORTURE_SEED", "20261125"))
 
@@ -119,6 +120,11 @@ def commands(model_dirs, tmp: Path, corpus: Path):
         "push": (["push", "base", "origin"], None, False),
         **PACK_COMMANDS,
         "upgrade": (["tag", "base", "t"], "t", False),  # a format-1 store's first write
+        # a rerun once the ref is there: its --name is taken (error), nothing changes
+        "quantize": (["quantize", "base", "--scheme", "int4", "--group-size", "32",
+                      "--name", "qb"], "qb", True),
+        "import-quantize": (["import", model_dirs["qwen2"], "--name", "qq", "--quantize",
+                             "int8", "--accept-license"], "qq", True),
     }
 
 
@@ -149,7 +155,9 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
 
 @pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "export-gguf",
                                      "push", "upgrade", *PACK_COMMANDS,
-                                     pytest.param("train", marks=pytest.mark.slow)])
+                                     pytest.param("train", marks=pytest.mark.slow),
+                                     pytest.param("quantize", marks=pytest.mark.slow),
+                                     pytest.param("import-quantize", marks=pytest.mark.slow)])
 def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus,
                                           request):
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
@@ -159,7 +167,8 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
     assert reached, "the command passed no failpoint"
     cases = []
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
-        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command != "train" else [])
+        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in SLOW_COMMANDS
+                                  else [])
     before = refs_of(template)
     for i, spec in enumerate(cases):
         store = copy_store(template, tmp_path / f"s{i}")
@@ -330,6 +339,18 @@ def test_power_loss_at_every_step_of_a_train_commit(template, tmp_path, corpus):
     root = copy_store(template, tmp_path / "store")
     cfg = load_config(scratch_config(tmp_path, corpus))
     _power_loss(root, tmp_path, lambda: train(Store(root), cfg))
+
+
+@pytest.mark.slow
+def test_power_loss_at_every_step_of_quantize_and_import_quantize(template, model_dirs,
+                                                                  tmp_path):
+    from mstore.runtime.quantize import quantize_model
+
+    root = copy_store(template, tmp_path / "store")
+    s = Store(root)
+    _power_loss(root, tmp_path, lambda: quantize_model(s, "base", "int8", name="qb"))
+    _power_loss(root, tmp_path, lambda: import_model(s, str(model_dirs["qwen2"]), name="qq",
+                                                     accept_license=True, quantize="int8"))
 
 
 def test_power_loss_model_catches_a_missing_sync(template, model_dirs, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from ..errors import ConfigError, ObjectCorrupt, ObjectMissing, UnknownAdapter
+from ..store.quant_layout import logical_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -184,10 +185,41 @@ class Adapter(abc.ABC):
 
     def check_manifest(self) -> None:
         """`check_tensors` on the bound manifest: a store written by an older mstore, or
-        a config.json that does not match, fails in one line before any allocation."""
+        a config.json that does not match, fails in one line before any allocation. A
+        quantized child is checked as the full-precision model it stands for."""
         where = f"commit {self.commit[:12]}" if self.commit else f"model {self.manifest.model_id}"
-        tensors = {n: (e.dtype, e.shape) for n, e in self.manifest.tensors.items()}
+        tensors = logical_tensors(self.manifest.tensors, self.manifest.quantization)
         type(self).check_tensors(self.get_config(), tensors, where)
+
+    def load_state(self, verify: bool = False,
+                   dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
+        """The bound manifest's tensors, mmapped, as the module takes them: what
+        `load_checkpoint` attaches. For a quantized child each quantized weight is one
+        optimum-quanto tensor (its scale and shift folded in), which runs in the child's
+        stored dtype only."""
+        from ..runtime import torch_io
+
+        state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
+        if not self.manifest.quantization:
+            return state
+        from ..runtime.quantize import assemble, check_run_dtype
+
+        check_run_dtype(self.manifest, dtype)
+        return assemble(state, self.manifest.tensors, self.manifest.quantization)
+
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes in one forward pass (None: unknown). The
+        default: config.json's `max_position_embeddings`."""
+        n = self.get_config().get("max_position_embeddings")
+        return n if isinstance(n, int) and n > 0 else None
+
+    @classmethod
+    def linear_weights(cls, config: dict) -> dict[str, tuple[int, ...]]:
+        """{checkpoint name: shape} of the weights of the model's linear layers, the output
+        head left out: what `quantize` and `import --quantize` quantize (embeddings, norms
+        and biases are kept as they are), and what the pre-import check counts. The
+        default: none (the architecture cannot be quantized)."""
+        return {}
 
     # -- tokenizer ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -144,8 +144,19 @@ class CustomTransformerAdapter(Adapter):
             raise BadTokenizer(where, f"{TOKENIZER_FILE} has {tok.vocab_size} characters but "
                                f"the embedding has {vocab_rows} rows: the vocabulary does not fit")
 
+    @classmethod
+    def linear_weights(cls, config: dict) -> dict[str, tuple[int, ...]]:
+        """Every block's qkv, attention output and MLP weights (the tied lm_head is the
+        embedding, kept as it is)."""
+        cfg = _config_of(config, "config.json")
+        return {e.name: tuple(e.shape) for e in expected_tensors(cfg)
+                if e.name.startswith("blocks.") and len(e.shape) == 2}
+
     def get_config(self) -> dict[str, Any]:
         return json.loads(self.store.objects.read_bytes(self.manifest.config))
+
+    def context_length(self) -> int | None:
+        return self.transformer_config().block_size
 
     def transformer_config(self) -> "TransformerConfig":
         from ..nn.transformer import TransformerConfig
@@ -163,13 +174,12 @@ class CustomTransformerAdapter(Adapter):
         import torch
 
         from ..nn.transformer import Transformer
-        from ..runtime import torch_io
 
         cfg = self.transformer_config()
         self.check_manifest()
         with torch.device("meta"):
             model = Transformer(cfg, init_weights=False)
-        state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
+        state = self.load_state(verify, dtype)
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.is_meta]

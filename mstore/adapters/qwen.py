@@ -26,6 +26,18 @@ class QwenAdapter(TransformersAdapter):
             return  # a subclass's architecture (docs/adapters.md): its own check, if any
         match_tensors(expected_tensors(config, where), tensors, where, model_type)
 
+    @classmethod
+    def linear_weights(cls, config) -> dict[str, tuple[int, ...]]:
+        """Attention and dense-MLP projections (and MoE shared experts), from the layout
+        the config implies (no torch): the embedding, the head, the routers and the
+        per-expert weights (fused into one parameter on load) stay as they are."""
+        if config.get("model_type") not in QwenAdapter.architectures:
+            return super().linear_weights(config)
+        keep = (cls.input_embedding, "lm_head.weight")
+        return {e.name: tuple(e.shape) for e in expected_tensors(config, "config.json")
+                if len(e.shape) == 2 and e.name not in keep and ".experts." not in e.name
+                and e.name.endswith("_proj.weight")}
+
 
 # -- what a config implies -------------------------------------------------------------
 def expected_tensors(config: dict, where: str):

@@ -61,6 +61,31 @@ class TransformersAdapter(Adapter):
         false), as `from_pretrained` ties them."""
         return dict(cls.tied_pairs) if config.get("tie_word_embeddings", False) else {}
 
+    @classmethod
+    def linear_weights(cls, config: dict) -> dict[str, tuple[int, ...]]:
+        """The `nn.Linear` weights of the module transformers builds from config.json (on
+        the meta device: nothing allocated), the output head left out. MoE experts fused
+        into one parameter are no `nn.Linear`: they stay as they are."""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with torch.device("meta"), no_init_weights():
+            model = AutoModelForCausalLM.from_config(cls._config_class(config),
+                                                     trust_remote_code=False)
+        head = model.get_output_embeddings()
+        return {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and m is not head}
+
+    @staticmethod
+    def _config_class(config: dict):
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise MStoreError(f"transformers has no config class for {model_type!r}")
+        return CONFIG_MAPPING[model_type].from_dict(config)
+
     # -- config -----------------------------------------------------------------------
     def config_bytes(self) -> bytes:
         """config.json exactly as the manifest holds it (re-hashed on read)."""
@@ -96,14 +121,12 @@ class TransformersAdapter(Adapter):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from ..runtime import torch_io
-
         # Objects first: a missing, truncated or (with verify) corrupt one fails before any
         # model code runs. config.json is small: always re-hashed. Then config and tensor
         # table must agree (a store from an older mstore was not checked at import).
         self.config_bytes()
         self.check_manifest()
-        state = torch_io.load_state_dict(self.store.objects, self.manifest.tensors, verify)
+        state = self.load_state(verify, dtype)
         from transformers.initialization import no_init_weights
 
         config = self._hf_config()
@@ -209,7 +232,8 @@ class TransformersAdapter(Adapter):
         """Incremental decode with the model's KV cache; yields each new token id.
 
         Stops after `max_new_tokens` or at an eos id (which is not yielded). Each step
-        runs under `torch.inference_mode()`; the caller's code between two tokens does not.
+        runs under `torch.inference_mode()` (no_grad for a quantized child); the caller's code
+        between two tokens does not.
         """
         import torch
 
@@ -227,9 +251,13 @@ class TransformersAdapter(Adapter):
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns)
         cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
+        # optimum-quanto's tensors (a quantized child) make new tensors of their own class in
+        # some kernels, which inference mode forbids: no_grad for them
+        quantized = any(type(p).__module__.startswith("optimum.quanto") for p in model.parameters())
+        step_mode = torch.no_grad if quantized else torch.inference_mode
         past = None
         for _step in range(max_new_tokens):
-            with torch.inference_mode():
+            with step_mode():
                 if past is None:  # prefill: the whole prompt, logits of its last position only
                     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 else:

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 from .. import env
 from ..errors import MStoreError
-from . import maintenance, models, packs, plot, provenance, remote, run
+from . import maintenance, models, packs, plot, provenance, quantized, remote, run
 from .output import echo, echo_line, error_message
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
@@ -171,6 +171,7 @@ def _register_commands(app: typer.Typer) -> None:
     provenance.register(app)
     run.register(app)
     plot.register(app)
+    quantized.register(app)
     remote.register(app)
 
 

@@ -51,6 +51,10 @@ def import_(
                                                  help="Acknowledge the model's license.")] = False,
     max_size: Annotated[Optional[str], typer.Option(
         "--max-size", help="Refuse models larger than this (e.g. 10GB).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", help="Quantize the linear layers while importing: int8 or int4.")] = None,
+    group_size: Annotated[Optional[int], typer.Option(
+        "--group-size", help="With --quantize int4: inputs per scale (default 128).")] = None,
     as_json: JsonOpt = False,
 ):
     """Import a model from the Hugging Face Hub or a local folder."""
@@ -68,7 +72,8 @@ def import_(
         else None
     result = import_model(
         store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
-        max_size=limit, confirm=confirm, reporter=TerminalReporter(as_json),
+        max_size=limit, confirm=confirm, quantize=quantize, group_size=group_size,
+        reporter=TerminalReporter(as_json),
     )
     if as_json:
         return print_json(result.to_json())
@@ -96,10 +101,13 @@ def _list(ctx: typer.Context, as_json: bool):
     if not rows:
         echo("no models (try `mstore import`)")
         return
-    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "KIND", "LICENSE")]
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "RUN MEM", "PARENT", "KIND",
+              "LICENSE")]
     for r in rows:
+        run = r.get("run_bytes")
         table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
                       fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
+                      "-" if run is None else fmt_bytes(run),
                       r.get("fine_tuned_from") or "-", r.get("variant") or r.get("kind") or "-",
                       license_text(r.get("license"), r.get("license_note") and "inherited, "
                                    "not permissive")))

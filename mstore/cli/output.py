@@ -23,8 +23,8 @@ import typer
 
 from ..errors import (
     CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
-    MStoreError, NotFastForward, RegistryCorrupt, RegistryMissing, SizeLimitExceeded,
-    StoreNotFound, TrainingInterrupted, WorkersFailed,
+    MStoreError, NotFastForward, QuantizedExport, RegistryCorrupt, RegistryMissing,
+    SizeLimitExceeded, StoreNotFound, TrainingInterrupted, WorkersFailed,
 )
 from ..reporting import Progress, Reporter
 from ..units import fmt_bytes, fmt_count
@@ -154,6 +154,14 @@ def training_summary(t: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def eval_line(note: dict[str, Any]) -> str:
+    """One `mstore eval` note: perplexity, loss, tokens, dataset, date."""
+    return (f"perplexity {note.get('perplexity', float('nan')):.3f}, loss "
+            f"{note.get('loss', float('nan')):.4f} over {note.get('tokens', '?')} tokens of "
+            f"{shown_path(note.get('dataset', '?'))} "
+            f"(blake3 {str(note.get('dataset_blake3', ''))[:12]}), {note.get('created_at', '')}")
+
+
 def source_line(m: dict[str, Any]) -> str:
     src = m.get("source") or {}
     if src.get("type") == "huggingface":
@@ -189,6 +197,7 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
                        + ", ".join(f"{n} {d}" for d, n in sorted(dtypes.items())) + ")"),
         ("size", fmt_bytes(doc["size_bytes"])
          + ("" if doc["weights_present"] else "  [weights collected or missing]")),
+        ("memory", f"~{fmt_bytes(doc['run_bytes'])} to run (weights)"),
         ("config", m["config"][:12]),
         ("files", ", ".join(sorted(m["files"])) or "-"),
     ]
@@ -200,6 +209,7 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         losses = [x[1] if isinstance(x, list) else x for x in t.get("train_loss", [])]
         if losses:
             rows.append(("loss curve", sparkline(losses)))
+    rows += [("eval", eval_line(e)) for e in doc.get("evals") or []]
     width = max(len(k) for k, _ in rows)
     out = [f"{k.ljust(width)}  {safe_text(v)}" for k, v in rows]
     if list_tensors:
@@ -233,6 +243,8 @@ def render_log(entries: list[dict[str, Any]]) -> str:
         summary = training_summary(e.get("training"))
         if summary:
             out.append(f"    training: {safe_text(summary)}")
+        for note in e.get("evals") or []:
+            out.append(f"    eval: {safe_text(eval_line(note))}")
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -323,6 +335,7 @@ CLI_WORDING: dict[type, Callable[[Any], str]] = {
     NotFastForward: _then("; pull with --as NEW_NAME to keep both, or --force to replace the "
                           "local ref"),
     LocalRefWouldMove: _then("; pull with --as NEW_NAME to keep both, or --force to move it"),
+    QuantizedExport: _then("; `export --dequantize` writes full-precision weights"),
     CommitNeedsRefName: lambda e: (f"{e.ref!r} is a commit, not a ref: name the remote ref "
                                    "with --as NAME"),
 }

@@ -78,6 +78,8 @@ def export(ctx: typer.Context, name: NameArg,
                "llama.cpp and Ollama).")] = "safetensors",
            gguf_type: Annotated[str, typer.Option(
                "--type", help="GGUF tensor type: f16, bf16 or q8_0.")] = "f16",
+           dequantize: Annotated[bool, typer.Option(
+               "--dequantize", help="A quantized child: write full-precision weights.")] = False,
            as_json: JsonOpt = False):
     """Write a Hugging Face-format folder or a GGUF file, with a model card (README.md)."""
     from ..hub.export import export_model
@@ -89,7 +91,7 @@ def export(ctx: typer.Context, name: NameArg,
 
         keyid = check_signing_key(sign)  # a bad key is refused before anything is written
     doc = export_model(store_of(ctx, must_exist=True), name, dest, fmt=fmt,
-                       gguf_type=gguf_type)
+                       gguf_type=gguf_type, dequantize=dequantize)
     if sign is not None:
         from ..hub.export_signing import sign_folder
 

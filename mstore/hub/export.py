@@ -19,7 +19,7 @@ from typing import Any
 
 from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
-from ..errors import ExportError, ObjectCorrupt, UnknownAdapter
+from ..errors import ExportError, ObjectCorrupt, QuantizedExport, UnknownAdapter
 from ..store.manifest import Manifest
 from ..store.report import log_entries
 from ..store.repo import Store
@@ -34,7 +34,10 @@ INDEX = "model.safetensors.index.json"
 
 
 def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES,
-                 fmt: str = "safetensors", gguf_type: str = "f16") -> dict:
+                 fmt: str = "safetensors", gguf_type: str = "f16",
+                 dequantize: bool = False) -> dict:
+    """`dequantize`: a quantized child is written as full-precision weights (its quantized
+    layout has no `quantization_config` transformers loads; without it, QuantizedExport)."""
     dest = Path(dest)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -44,7 +47,11 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)
     m = store.read_manifest(r.commit)
-    check_exportable(m, r.name or r.commit[:12])
+    if m.kind == "quantized" and fmt == "safetensors":
+        if not dequantize:
+            raise QuantizedExport(r.name or r.commit[:12], m.describe())
+    else:
+        check_exportable(m, r.name or r.commit[:12])
     _verify_objects(store, m)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
@@ -55,7 +62,7 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
         if fmt == "gguf":
             written = _write_gguf_folder(store, m, r, work, gguf_type)
         else:
-            written = _write_folder(store, m, r, work, shard_bytes)
+            written = _write_folder(store, m, r, work, shard_bytes, dequantize)
         for f in work.iterdir():
             with open(f, "rb") as fh:
                 fsio.fsync_file(fh, f)
@@ -85,7 +92,8 @@ def _verify_objects(store: Store, m: Manifest) -> None:
             raise ObjectCorrupt(oid, f"{problem} ({name}); nothing exported")
 
 
-def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) -> list[str]:
+def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
+                  dequantize: bool = False) -> list[str]:
     written = []
     (work / "config.json").write_bytes(store.objects.read_bytes(m.config))
     written.append("config.json")
@@ -101,8 +109,14 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) ->
         if gen is not None:
             (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             written.append("generation_config.json")
-    written += _write_weights(store, m, work, shard_bytes)
-    return written + _write_card_and_metadata(store, m, r, work, "safetensors")
+    if m.kind == "quantized" and dequantize:
+        from ..runtime.quantize import save_dequantized
+
+        save_dequantized(store, m, work / WEIGHTS)
+        written.append(WEIGHTS)
+    else:
+        written += _write_weights(store, m, work, shard_bytes)
+    return written + _write_card_and_metadata(store, m, r, work, "safetensors", dequantize)
 
 
 def _write_gguf_folder(store: Store, m: Manifest, r, work: Path, gguf_type: str) -> list[str]:
@@ -121,12 +135,15 @@ def _write_gguf_folder(store: Store, m: Manifest, r, work: Path, gguf_type: str)
     return written + _write_card_and_metadata(store, m, r, work, "gguf")
 
 
-def _write_card_and_metadata(store: Store, m: Manifest, r, work: Path, fmt: str) -> list[str]:
+def _write_card_and_metadata(store: Store, m: Manifest, r, work: Path, fmt: str,
+                             dequantize: bool = False) -> list[str]:
     written = []
     for name, data in card_files(store, m, r.commit, r.name, fmt).items():
         (work / name).write_bytes(data)
         written.append(name)
     meta = _metadata(store, m, r)
+    if m.kind == "quantized" and dequantize:
+        meta["dequantized_from"] = m.quantization
     (work / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     written.append("metadata.json")
     for f in work.iterdir():

@@ -33,7 +33,8 @@ def check_source(plan: "SourcePlan", folder: Path,
         raise
 
 
-def _check(plan: "SourcePlan", folder: Path) -> None:
+def source_tensors(plan: "SourcePlan", folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of every tensor of the source, from the shards' headers."""
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for shard in plan.weight_files:
         header = read_header_from_file(folder / shard, where=shard)
@@ -41,6 +42,11 @@ def _check(plan: "SourcePlan", folder: Path) -> None:
             if name in tensors:
                 raise BadSource(f"tensor {name!r} appears in two shards")
             tensors[name] = (info.dtype, info.shape)
+    return tensors
+
+
+def _check(plan: "SourcePlan", folder: Path) -> None:
+    tensors = source_tensors(plan, folder)
     adapter = adapter_class(plan.architecture)
     adapter.check_tensors(plan.config, tensors, plan.model_id)
     files = {}

@@ -28,11 +28,16 @@ from ..adapters.base import adapter_class
 from ..store import failpoints
 from . import client as hub
 from ..errors import (
-    BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt,
+    MStoreError, BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt,
     ObjectMissing, RefChanged, SizeLimitExceeded, TooLarge,
 )
 from .import_cache import ImportCache
-from .import_checks import check_source
+from .import_checks import check_source, source_tensors
+from .import_quantize import ImportQuantizer
+from ..adapters.quantizable import check_request, run_bytes as quant_run_bytes
+from ..store.quant_layout import DEFAULT_GROUP_SIZE, SCHEMES
+from ..store.quant_layout import describe as describe_quantization
+from .. import env
 from .import_lock import ImportLock
 from .plan import SourcePlan, check_architecture, held_by_source, plan_source
 from ..store.manifest import Manifest, TensorEntry
@@ -45,6 +50,7 @@ from ..store.repo import Store
 from ..units import fmt_bytes, fmt_count
 
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
+HF_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass
@@ -66,21 +72,29 @@ class ImportResult:
 def import_model(store: Store, source: str, *, name: str | None = None,
                  revision: str | None = None, accept_license: bool = False,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
+                 quantize: str | None = None, group_size: int | None = None,
                  reporter: Reporter = SILENT) -> ImportResult:
     """Import `source` (a Hub repo id or URL, or a local folder) into `store`. `confirm`
     asks the user about the license when `accept_license` is not given (None: refuse);
-    `reporter` gets what is happening and the progress bars."""
+    `reporter` gets what is happening and the progress bars. `quantize` ("int8", "int4",
+    with `group_size` for int4) quantizes the linear weights while importing: the commit
+    is a quantized root (its `source` the import's) and no full-precision linear weight is
+    written."""
     store.refs()  # a damaged registry refuses now, before anything is downloaded or written
     if name is not None:
         validate_name(name)
+    if quantize is not None:
+        check_request(quantize, group_size)
     plan = plan_source(source, revision, store, reporter)
+    if quantize is not None:
+        plan.held = None  # a revision held in full precision is no quantized copy of it
     if plan.held is None:
         check_architecture(plan.config)
     elif name is not None:
         plan.held = held_by_source(store, plan.source, name) or plan.held
     if name is not None:
         _check_name(store, plan, name)
-    _describe(plan, reporter)
+    _describe(plan, reporter, quantize, group_size)
     _check_space(store, plan, max_size)
     license = plan.license or "unknown"
     reporter.message(f"  license: {license}")
@@ -88,8 +102,10 @@ def import_model(store: Store, source: str, *, name: str | None = None,
         raise LicenseNotAccepted(license)
     if plan.held is not None:
         return _already(store, plan, plan.held, name)
+    quantizer = None
     if plan.folder is not None:  # local or HF cache: refused before the store is touched
         check_source(plan, plan.folder)
+        quantizer = _quantizer(plan, plan.folder, quantize, group_size)
 
     with store.writer_lock("import"):
         store.refs()
@@ -101,30 +117,79 @@ def import_model(store: Store, source: str, *, name: str | None = None,
             folder, downloaded = _materialise(store, plan, reporter)
             if downloaded:
                 check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
+                quantizer = _quantizer(plan, folder, quantize, group_size,
+                                       on_refusal=lambda: shutil.rmtree(downloaded, True))
             cache = ImportCache(store.root)
-            manifest, batch = _convert(store, plan, folder, reporter, cache)
+            manifest, batch = _convert(store, plan, folder, reporter, cache,
+                                       quantizer=quantizer)
             result = _commit(store, plan, manifest, batch, name)
-            if not downloaded:  # files that stay where they are: worth remembering
+            if not downloaded and quantizer is None:  # files that stay: worth remembering
                 cache.save()
             if downloaded:
                 shutil.rmtree(downloaded, ignore_errors=True)
     return result
 
 
-def _describe(plan: SourcePlan, reporter: Reporter) -> None:
+def _quantizer(plan: SourcePlan, folder: Path, scheme: str | None, group_size: int | None,
+               on_refusal: Callable[[], None] | None = None) -> ImportQuantizer | None:
+    if scheme is None:
+        return None
+    try:
+        return ImportQuantizer.plan(plan.architecture, plan.config,
+                                    source_tensors(plan, folder), scheme, group_size,
+                                    plan.model_id)
+    except MStoreError:
+        if on_refusal is not None:
+            on_refusal()
+        raise
+
+
+def _describe(plan: SourcePlan, reporter: Reporter, quantize: str | None = None,
+              group_size: int | None = None) -> None:
     echo = reporter.message
     if plan.held is not None:
         echo(f"{plan.model_id}@{plan.source.get('revision', '')[:12]} is already imported "
              f"({plan.held}): nothing to download")
         return
     params, dtype = plan.estimate_params()
+    quantized = {}
+    for scheme in ([quantize] if quantize else SCHEMES):
+        g = group_size if scheme == "int4" else None
+        if scheme == "int4":
+            g = g or DEFAULT_GROUP_SIZE
+        n = quant_run_bytes(plan.architecture, plan.config, plan.weight_bytes,
+                            HF_DTYPES.get(dtype, "BF16"), scheme, g)
+        if n is not None:
+            quantized[f"{scheme} g{g}" if g else scheme] = n
     echo(f"{plan.model_id} ({plan.architecture}): {fmt_bytes(plan.total_bytes)} in "
          f"{len(plan.weight_files) + len(plan.other_files)} files, ~{fmt_count(params)} "
          f"parameters ({dtype})")
-    echo(f"  memory to run: ~{fmt_bytes(plan.weight_bytes)}; to fine-tune (fp32 AdamW): "
-         f"~{fmt_bytes(params * TRAIN_BYTES_PER_PARAM)}")
+    echo(f"  memory to run: ~{fmt_bytes(plan.weight_bytes)}"
+         + "".join(f", {s} ~{fmt_bytes(n)}" for s, n in quantized.items())
+         + f"; to fine-tune (fp32 AdamW): ~{fmt_bytes(params * TRAIN_BYTES_PER_PARAM)}")
+    ram = available_memory()
+    if ram is not None and plan.weight_bytes > ram:
+        hint = (f"it is quantized while importing ({quantize})" if quantize else
+                "quantize it while importing (int8 or int4)" if quantized else
+                "it cannot be quantized either")
+        echo(f"  unquantized it does not fit in RAM (~{fmt_bytes(ram)} available): {hint}")
     for note in plan.notes:
         echo(f"  {note}")
+
+def available_memory() -> int | None:
+    """RAM free for a model: MSTORE_MEMORY_AVAILABLE, else the kernel's MemAvailable."""
+    forced = env.memory_available()
+    if forced is not None:
+        return forced
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
 
 def _lock_key(plan: SourcePlan) -> str:
     return json.dumps(plan.source, sort_keys=True)
@@ -164,40 +229,47 @@ def _materialise(store: Store, plan: SourcePlan,
 
 def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
              cache: ImportCache, batch: "ObjectBatch | _HashOnly | None" = None,
-             ) -> tuple[Manifest, ObjectBatch]:
-    """The manifest and the objects it names; with a `_HashOnly` batch, only their ids."""
+             quantizer: ImportQuantizer | None = None) -> tuple[Manifest, ObjectBatch]:
+    """The manifest and the objects it names; with a `_HashOnly` batch, only their ids.
+    With a `quantizer`, its target weights are quantized on the way (see import_quantize)."""
     tensors: dict = {}
     with reporter.progress(plan.weight_bytes, "converting") as bar, \
             batch or store.objects.batch() as batch:
         for shard in plan.weight_files:
-            _convert_shard(batch, folder / shard, tensors, bar, cache)
+            _convert_shard(batch, folder / shard, tensors, bar, cache, quantizer)
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
     rules = adapter_class(plan.architecture).tie_rules(plan.config)
     tied = {k: v for k, v in rules.items() if k not in tensors and v in tensors}
     rev = plan.source.get("revision")
+    quantized = {} if quantizer is None else {"kind": "quantized",
+                                              "quantization": quantizer.record()}
     manifest = Manifest(
         architecture=plan.architecture, model_id=plan.model_id, source=plan.source,
         license=plan.license, config=config_oid, files=files, tensors=tensors,
         tied_weights=tied,
-        message=f"import {plan.model_id}" + (f"@{rev[:12]}" if rev else ""),
+        message=f"import {plan.model_id}" + (f"@{rev[:12]}" if rev else "")
+        + (f" quantized to {describe_quantization(quantized['quantization'])}"
+           if quantized else ""),
+        **quantized,
     )
     return manifest, batch
 
 
 def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
-                   cache: ImportCache) -> None:
+                   cache: ImportCache, quantizer: ImportQuantizer | None = None) -> None:
     """Every tensor of one shard into its own object.
 
     A helper thread hashes tensor i+1 while tensor i is copied by the kernel (both release
     the GIL; two copies at once were slower); a copy whose hash is not ready yet (the first
     tensor, always) starts anyway. A shard the stat cache knows, whose objects
-    are all present, is not read at all.
+    are all present, is not read at all (unless quantizing: the cache knows full-precision
+    objects). A tensor the `quantizer` targets is quantized instead of copied.
     """
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
-        known = cache.lookup(path, st)
+        known = cache.lookup(path, st) if quantizer is None else None
         if known is not None and _reuse(batch, known, tensors, bar):
             cache.record(path, st, known)
             return
@@ -211,18 +283,26 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
             except InvalidSafetensors as e:
                 raise BadSource(str(e)) from None
             infos = sorted(header.tensors.values(), key=lambda t: t.start)
+            targets = quantizer.targets if quantizer is not None else set()
             with ThreadPoolExecutor(1, thread_name_prefix="mstore-hash") as pool:
-                oids = [pool.submit(hash_tensor_range, i.dtype, i.shape, mm, i.start, i.end)
+                oids = [None if i.name in targets else
+                        pool.submit(hash_tensor_range, i.dtype, i.shape, mm, i.start, i.end)
                         for i in infos]
                 for info, oid in zip(infos, oids):
                     if info.name in tensors:
                         raise BadSource(f"tensor {info.name!r} appears in two shards")
+                    if oid is None:
+                        tensors.update(quantizer.put(batch, info.name, info.dtype, info.shape,
+                                                     mm, info.start, info.end))
+                        bar.update(info.nbytes)
+                        continue
                     put = batch.put_tensor(oid, info.dtype, info.shape, f.fileno(),
                                            info.start, info.end)
                     tensors[info.name] = TensorEntry(put.oid, info.dtype, list(info.shape))
                     bar.update(info.nbytes)
-        cache.record(path, st, [[i.name, tensors[i.name].object, i.dtype, list(i.shape)]
-                                for i in infos])
+        if quantizer is None:
+            cache.record(path, st, [[i.name, tensors[i.name].object, i.dtype, list(i.shape)]
+                                    for i in infos])
 
 
 def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ..errors import ObjectCorrupt
 from .objects import is_oid
+from .quant_layout import data_bytes, logical_tensors
 
 FORMAT = 2  # what this mstore writes
 READABLE_FORMATS = (1, 2)
@@ -106,7 +107,17 @@ class Manifest:
 
     @property
     def parameters(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        """Parameters of the model it stands for (a quantized child: its full-precision
+        shapes, not its packed data and scales)."""
+        if self.kind != "quantized":
+            return sum(t.numel for t in self.tensors.values())
+        return sum(math.prod(shape) for _dtype, shape
+                   in logical_tensors(self.tensors, self.quantization).values())
+
+    @property
+    def run_bytes(self) -> int:
+        """Bytes its weights take in memory when run (quantized data as stored)."""
+        return data_bytes(self.tensors)
 
     def describe(self) -> str:
         return describe(self)

@@ -23,6 +23,7 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
     (`name` is the row's ref; the other names of its commit are rows of their own)."""
     heads: dict[str, LightManifest | None] = {}
     notes: dict[str, str | None] = {}
+    run: dict[str, int | None] = {}
     names = store.names_by_commit()
     rows = []
     for name, e in sorted(store.refs().items()):
@@ -30,13 +31,16 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
         if commit not in heads:
             heads[commit] = _head_of(store, commit)
             notes[commit] = license_note(store, heads[commit].parent if heads[commit] else None)
+            full = heads[commit] is None or heads[commit].kind == "full"
+            # a full model runs on about its stored bytes: no second read of its manifest
+            run[commit] = e.size_bytes if full else _run_bytes(store, commit)
         m = heads[commit]
         rows.append({**e.to_json(), "name": name,
                      "short_commit": commit[:12], "architecture": e.architecture_type,
                      "parent": m.parent if m else None, "license": e.license or None,
                      "license_note": notes[commit],
                      "kind": m.kind if m else None,
-                     "variant": variant(m, names) if m else ""})
+                     "variant": variant(m, names) if m else "", "run_bytes": run[commit]})
     return rows
 
 
@@ -49,6 +53,12 @@ def license_note(store: Store, parent: str | None) -> str | None:
     except MStoreError:  # the parent is gone or damaged: fsck names it
         return None
     return inherited_note(parent_license, True)
+def _run_bytes(store: Store, commit: str) -> int | None:
+    """The memory a commit's weights take to run (its tensor table's data bytes)."""
+    try:
+        return store.read_manifest(commit).run_bytes
+    except MStoreError:
+        return None
 
 
 def _head_of(store: Store, commit: str) -> LightManifest | None:
@@ -93,8 +103,19 @@ def _entry(store: Store, oid: str, m: LightManifest | None, names: dict[str, lis
         "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
         "model_id": m.model_id, "source": m.source, "license": m.license or None,
         "training": m.training, "weights_present": weights_present(store, m, present),
-        "kind": m.kind, "variant": variant(m, names),
+        "kind": m.kind, "variant": variant(m, names), "evals": eval_notes(store, oid),
     }
+
+
+def eval_notes(store: Store, commit: str) -> list[dict[str, Any]]:
+    """The commit's "eval" attachments (`mstore eval`), oldest first: each payload with
+    its `created_at` and attachment id. An unreadable attachment list shows none here
+    (fsck names it)."""
+    try:
+        notes = store.attachments.list(commit, kind="eval")
+    except MStoreError:
+        return []
+    return [{**a.payload, "created_at": a.created_at, "attachment": a.oid} for a in notes]
 
 
 def log_entries(store: Store, commit: str) -> list[dict[str, Any]]:
@@ -239,4 +260,5 @@ def show(store: Store, ref: str) -> dict[str, Any]:
             "model_id": m.model_id, "license": m.license or None,
             "license_note": license_note(store, m.parent), "created_at": m.created_at,
             "message": m.message, "kind": m.kind, "variant": variant(m, by_commit),
+            "run_bytes": m.run_bytes, "evals": eval_notes(store, r.commit),
             "manifest": m.to_dict()}
