@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from . import inputs
+from . import growth, inputs
 from .inputs import SHAPES, Shape
 from .measure import (
     PY, RSS_HOW, CommandFailed, Pair, alternate, drop_dirty_pages, mstore_argv, run_process,
@@ -54,6 +54,7 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.shape: Shape = SHAPES[opts.size]
         self.import_rss: list[int] = []  # peak RSS of every timed `mstore import` run
+        self.growth: dict[str, dict] = {}  # growth pairs' results, by command
         self.setup_seconds: dict[str, float] = {}
 
     def _timed_setup(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -455,37 +456,12 @@ def pair_gc(b: Bench) -> Pair:
     """A store of N objects: (N - N/20) reachable from 100 manifests, N/20 unreachable but
     younger than the grace period; `mstore gc` (default grace) plans over all and deletes
     nothing, so every repeat sees the same store."""
-    import numpy as np
-
-    from mstore.store.manifest import Manifest, TensorEntry
-    from mstore.store.repo import Store
+    from .growth import build_gc_store
 
     total = 2_000 if b.opts.quick else 20_000
-    root = b.fresh_dir("stores", "gc")
-    commit = _import_tiny(b, root)
-    store = Store(root)
-    base = store.read_manifest(commit)
-    unreachable = total // 20
     manifests = 100
-    per = (total - unreachable) // manifests
-    rng = np.random.default_rng(1)
-    rows = {}
-    with store.objects.batch() as batch:
-        for j in range(manifests):
-            tensors = {}
-            for k in range(per):
-                data = rng.standard_normal(16).astype(np.float32)
-                oid = batch.put_tensor_bytes("F32", [16], data.tobytes()).oid
-                tensors[f"t.{k}"] = TensorEntry(oid, "F32", [16])
-            m = Manifest(architecture=base.architecture, model_id=f"gc/{j}", source={"type": "local"},
-                         license=None, config=base.config, files=base.files, tensors=tensors,
-                         message=f"gc fixture {j}")
-            rows[f"gc-{j:03d}"] = (batch.put_bytes(m.to_bytes()).oid, m)
-        for _ in range(unreachable):
-            batch.put_bytes(rng.bytes(64))
-    store.registry.update(lambda models: models.update(
-        {n: store.registry_entry(n, c, m, None) for n, (c, m) in rows.items()}))
-    count = sum(1 for _ in store.objects.iter_objects())
+    unreachable = total // 20
+    root, count = build_gc_store(b, b.fresh_dir("stores", "gc"), total, manifests)
 
     def mstore(_i):
         drop_dirty_pages()
@@ -528,6 +504,10 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "log": pair_log,
     "gc": pair_gc,
     "du-frozen": pair_du_frozen,
+    "list-growth": growth.pair_list_growth,
+    "list-10k": growth.pair_list_10k,
+    "gc-growth": growth.pair_gc_growth,
+    "log-growth": growth.pair_log_growth,
 }
 
 
