@@ -1,14 +1,19 @@
 """`mstore export`: a manifest back into a Hugging Face-format folder, without torch.
 
 The weights file is assembled from the tensor objects by copying their data ranges (kernel
-copy), sharded past 5 GB with an index like `save_pretrained`. Every object is re-hashed
-before it is used, and a corrupt one is refused by name. The folder is written next to its
-destination and renamed into place, so a failed export leaves nothing half-written.
+copy), sharded past 5 GB with an index like `save_pretrained`. Every object is re-hashed,
+and a corrupt one is refused by name: the small ones (config, files) before anything is
+written, each tensor object as it is copied, from the bytes the copy wrote (its header
+from the object, its data read back from the new file, which is still in the page cache):
+each object's bytes are read from disk once, not once to verify and again to copy. The
+folder is written next to its destination and renamed into place only once every hash
+matched, so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -19,7 +24,7 @@ from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
 from ..errors import ExportError, ObjectCorrupt, UnknownAdapter
 from ..store.manifest import Manifest
-from ..store.objects import copy_range
+from ..store.objects import copy_range, hasher
 from ..store.report import log_entries
 from ..store.repo import Store
 
@@ -60,9 +65,12 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
 
 
 def _verify_objects(store: Store, m: Manifest) -> None:
-    names = {m.config: "config.json", **{o: n for n, o in m.files.items()},
-             **{t.object: n for n, t in m.tensors.items()}}
-    for oid, name in names.items():
+    """Before anything is written: every object is present, the small ones intact (the
+    tensor objects are re-hashed as they are copied, `_write_shard`)."""
+    for oid, name in {t.object: n for n, t in m.tensors.items()}.items():
+        if not store.objects.exists(oid):
+            raise ExportError(f"object {oid} ({name}) is missing; nothing exported")
+    for oid, name in {m.config: "config.json", **{o: n for n, o in m.files.items()}}.items():
         problem = store.objects.verify(oid)
         if problem == "missing":
             raise ExportError(f"object {oid} ({name}) is missing; nothing exported")
@@ -145,13 +153,30 @@ def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path)
         offset += n
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
-    with open(path, "wb") as out:
+    with open(path, "wb") as out, open(path, "rb") as written:
         out.write(struct.pack("<Q", len(body)) + body)
         out.flush()
+        at = out.tell()
         for name in names:
-            info = infos[name]
-            with open(store.objects.path(m.tensors[name].object), "rb") as src:
+            info, oid = infos[name], m.tensors[name].object
+            with open(store.objects.path(oid), "rb") as src:
+                h = hasher().update(os.pread(src.fileno(), info.start, 0))
                 copy_range(src.fileno(), out.fileno(), info.start, info.nbytes)
+            _hash_range(h, written.fileno(), at, info.nbytes)
+            if h.hexdigest() != oid:
+                raise ObjectCorrupt(oid, f"content hashes to {h.hexdigest()[:12]} ({name}); "
+                                         "nothing exported")
+            at += info.nbytes
+
+
+def _hash_range(h, fd: int, offset: int, count: int) -> None:
+    """Feed bytes [offset, offset + count) of an open file to `h`, through mmap."""
+    if not count:
+        return
+    lead = offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, lead + count, access=mmap.ACCESS_READ, offset=offset - lead) as mm:
+        with memoryview(mm) as view:
+            h.update(view[lead:])
 
 
 def _metadata(store: Store, m: Manifest, r) -> dict:

@@ -140,9 +140,11 @@ class Store:
     def refs(self) -> dict[str, RefEntry]:
         return self.registry.load()
 
-    def names_by_commit(self) -> dict[str, list[str]]:
+    def names_by_commit(self, refs: dict[str, RefEntry] | None = None) -> dict[str, list[str]]:
+        """commit -> the names that point at it; `refs`: entries already read (one parse of
+        registry.json per command, not one per question)."""
         out: dict[str, list[str]] = {}
-        for name, entry in self.refs().items():
+        for name, entry in (self.refs() if refs is None else refs).items():
             out.setdefault(entry.commit, []).append(name)
         return out
 
