@@ -17,6 +17,7 @@ import mmap
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -153,20 +154,38 @@ def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path)
         offset += n
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
-    with open(path, "wb") as out, open(path, "rb") as written:
+    with open(path, "wb") as out, open(path, "rb") as written, \
+            ThreadPoolExecutor(1, thread_name_prefix="mstore-export-hash") as hashing:
         out.write(struct.pack("<Q", len(body)) + body)
         out.flush()
         at = out.tell()
-        for name in names:
+        checks = []
+        for name in names:  # copy tensor i + 1 while tensor i is hashed (blake3 frees the GIL)
             info, oid = infos[name], m.tensors[name].object
             with open(store.objects.path(oid), "rb") as src:
-                h = hasher().update(os.pread(src.fileno(), info.start, 0))
+                head = os.pread(src.fileno(), info.start, 0)
                 copy_range(src.fileno(), out.fileno(), info.start, info.nbytes)
-            _hash_range(h, written.fileno(), at, info.nbytes)
-            if h.hexdigest() != oid:
-                raise ObjectCorrupt(oid, f"content hashes to {h.hexdigest()[:12]} ({name}); "
-                                         "nothing exported")
+            checks.append((name, oid, hashing.submit(_check_copy, head, written.fileno(),
+                                                     at, info.nbytes)))
             at += info.nbytes
+        for name, oid, check in checks:
+            got = check.result()
+            if got != oid:
+                raise ObjectCorrupt(oid, f"content hashes to {got[:12]} ({name}); "
+                                         "nothing exported")
+
+
+def _check_copy(head: bytes, fd: int, offset: int, count: int) -> str:
+    """The id of the object whose header is `head` and whose data is what was just written
+    at [offset, offset + count) of `fd`; then that range's writeback is started, so the
+    disk works while the next tensors are copied (the final fsync still makes it durable)."""
+    h = hasher().update(head)
+    _hash_range(h, fd, offset, count)
+    try:
+        os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+    return h.hexdigest()
 
 
 def _hash_range(h, fd: int, offset: int, count: int) -> None:
