@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -216,6 +217,95 @@ def pair_import_rss(b: Bench) -> Pair:
                 f"{b.facts['largest_tensor_bytes'] / MB:.0f} MB) + 300 MB", "MB",
                 summarize([x / MB for x in b.import_rss]), summarize([limit / MB]),
                 "< 1x", ("ratio_lt", 1.0), notes=notes)
+
+
+def pair_export(b: Bench) -> Pair:
+    """Export writes the folder the import read: the same bytes `cp -r` copies, plus the
+    re-hash of every object (verified while copying) and metadata.json."""
+    src, store = b.model_dir, b.main_store
+
+    def mstore(i):
+        dst = b.fresh_dir("runs", f"export-{i}")
+        drop_dirty_pages()
+        r = run_process(["sh", "-c", " ".join(f'"{a}"' for a in mstore_argv(
+            store, "export", BASE_REF, dst)) + " && sync"])
+        shutil.rmtree(dst)
+        return r.wall
+
+    def baseline(i):
+        dst = b.fresh_dir("runs", f"cp-{i}")
+        drop_dirty_pages()
+        r = run_process(cp_sync(src, dst))
+        shutil.rmtree(dst)
+        return r.wall
+
+    _warm_store(store)
+    _warm_page_cache(src)
+    res = alternate(b.opts.medium_repeats, {"mstore": mstore, "baseline": baseline})
+    return Pair("export", f"export a {_gb(b.facts['total_bytes'])} model to a HF folder, whole "
+                "process", "mstore export NAME DIR && sync", "cp -r DIR X && sync", "s",
+                summarize(res["mstore"]), summarize(res["baseline"]), "<= 1.15x",
+                ("ratio_le", 1.15))
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_page_cache() -> None:
+    """Every clean page out of the page cache (root only): the next read comes from disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def _fsck_pair(b: Bench, cold: bool) -> Pair:
+    store = b.main_store
+    cat = ["sh", "-c", f'find "{store / "objects"}" -type f -print0 | xargs -0 cat > /dev/null']
+    fsck = mstore_argv(store, "fsck")
+
+    drop = cold and not b.opts.quick  # the smoke test never empties the machine's cache
+
+    def side(argv):
+        def run(_i):
+            if drop:
+                drop_page_cache()
+            else:
+                drop_dirty_pages()
+            return run_process(argv).wall
+        return run
+
+    if not cold:
+        _warm_store(store)
+    res = alternate(b.opts.medium_repeats, {"mstore": side(fsck), "baseline": side(cat)})
+    nbytes = sum(f.stat().st_size for f in (store / "objects").rglob("*") if f.is_file())
+    what = ("page cache dropped before every run of either side" if drop else
+            "page cache warm (--quick: not dropped)" if cold else "page cache warm")
+    return Pair(f"fsck-{'cold' if cold else 'warm'}",
+                f"`mstore fsck` of a {_gb(nbytes)} store, {what}, whole process",
+                "mstore fsck", "cat of every object > /dev/null", "s",
+                summarize(res["mstore"]), summarize(res["baseline"]), "<= 1.2x",
+                ("ratio_le", 1.2),
+                notes=["cold: python, typer and mstore are read from disk too (the cat side "
+                       "reads only the objects)"] if cold else [])
+
+
+def pair_fsck_warm(b: Bench) -> Pair:
+    return _fsck_pair(b, cold=False)
+
+
+def pair_fsck_cold(b: Bench) -> Pair:
+    if not b.opts.quick and not can_drop_caches():
+        raise CommandFailed("needs root to drop the page cache (/proc/sys/vm/drop_caches); "
+                            "fsck-warm is measured without")
+    return _fsck_pair(b, cold=True)
+
+
+def _warm_store(store: Path) -> None:
+    for p in (Path(store) / "objects").rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(64 * MB):
+                    pass
 
 
 def pair_du_frozen(b: Bench) -> Pair:
@@ -495,6 +585,9 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "import": pair_import,
     "reimport": pair_reimport,
     "import-rss": pair_import_rss,
+    "export": pair_export,
+    "fsck-warm": pair_fsck_warm,
+    "fsck-cold": pair_fsck_cold,
     "load": pair_load,
     "ttft": pair_ttft,
     "decode": pair_decode,
@@ -511,8 +604,14 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
 }
 
 
+# what the 7g shape runs (the others would need a 3B model loaded, trained, generated from)
+STORAGE_PAIRS = ("import", "reimport", "import-rss", "export", "fsck-warm", "fsck-cold")
+
+
 def pair_names(opts: Options) -> list[str]:
-    """The pairs this run measures, in order (train-model only when the shape is not tiny)."""
-    names = [n for n in PAIRS if not (n == "train-model" and opts.size == "tiny")]
-    return names
+    """The pairs this run measures, in order (train-model only when the shape is not tiny;
+    only the storage pairs at 7g)."""
+    if opts.size == "7g":
+        return list(STORAGE_PAIRS)
+    return [n for n in PAIRS if not (n == "train-model" and opts.size == "tiny")]
 
