@@ -19,8 +19,8 @@ from typing import Any, Callable
 from . import growth, inputs
 from .inputs import SHAPES, Shape
 from .measure import (
-    PY, RSS_HOW, CommandFailed, Pair, alternate, drop_dirty_pages, mstore_argv, run_process,
-    summarize,
+    PY, RSS_HOW, CommandFailed, Pair, alternate, child_env, drop_dirty_pages, mstore_argv,
+    run_process, summarize,
 )
 
 MB = 1024 * 1024
@@ -217,6 +217,53 @@ def pair_import_rss(b: Bench) -> Pair:
                 f"{b.facts['largest_tensor_bytes'] / MB:.0f} MB) + 300 MB", "MB",
                 summarize([x / MB for x in b.import_rss]), summarize([limit / MB]),
                 "< 1x", ("ratio_lt", 1.0), notes=notes)
+
+
+def pair_hub_import(b: Bench) -> Pair:
+    """`mstore import ORG/NAME` from the tests' Hub look-alike on loopback against
+    `snapshot_download` of the same repo alone, each into a fresh HF_HOME (and store)."""
+    import sys
+
+    if str(inputs.REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(inputs.REPO_ROOT))
+    from tests.hub_server import hub_env, reserve_server
+
+    server = reserve_server()
+    repo = "bench/Qwen2-Bench"
+    server.add_repo(repo, b.model_dir)
+    download = [PY, "-c", f"from huggingface_hub import snapshot_download; "
+                          f"snapshot_download({repo!r})"]
+
+    def env_for(i, side):
+        home = b.fresh_dir("runs", f"hf-home-{side}-{i}")
+        env = child_env(hub_env(server, hf_home=str(home)))
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            env.pop(k, None)
+        return env, home
+
+    def mstore(i):
+        store = b.fresh_dir("runs", f"hub-store-{i}")
+        env, home = env_for(i, "mstore")
+        drop_dirty_pages()
+        r = run_process(mstore_argv(store, "import", repo, "--accept-license"), env=env)
+        shutil.rmtree(store)
+        shutil.rmtree(home)
+        return r.wall
+
+    def baseline(i):
+        env, home = env_for(i, "baseline")
+        drop_dirty_pages()
+        r = run_process(download, env=env)
+        shutil.rmtree(home)
+        return r.wall
+
+    res = alternate(b.opts.medium_repeats, {"mstore": mstore, "baseline": baseline})
+    return Pair("hub-import", f"import a {_gb(b.facts['total_bytes'])} repo from a Hub on "
+                "loopback (tests/hub_server.py), whole process",
+                "mstore import ORG/NAME --accept-license (fresh store, fresh HF_HOME)",
+                "snapshot_download(ORG/NAME) alone (fresh HF_HOME)", "s",
+                summarize(res["mstore"]), summarize(res["baseline"]), "<= 1.1x",
+                ("ratio_le", 1.1))
 
 
 def pair_export(b: Bench) -> Pair:
@@ -585,6 +632,7 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "import": pair_import,
     "reimport": pair_reimport,
     "import-rss": pair_import_rss,
+    "hub-import": pair_hub_import,
     "export": pair_export,
     "fsck-warm": pair_fsck_warm,
     "fsck-cold": pair_fsck_cold,
@@ -605,7 +653,8 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
 
 
 # what the 7g shape runs (the others would need a 3B model loaded, trained, generated from)
-STORAGE_PAIRS = ("import", "reimport", "import-rss", "export", "fsck-warm", "fsck-cold")
+STORAGE_PAIRS = ("import", "reimport", "import-rss", "hub-import", "export", "fsck-warm",
+                 "fsck-cold")
 
 
 def pair_names(opts: Options) -> list[str]:
