@@ -14,7 +14,9 @@ import json
 import math
 from pathlib import Path
 
-from .measure import CommandFailed, Pair, alternate, drop_dirty_pages, mstore_argv, run_process, summarize
+from .measure import (
+    CommandFailed, Pair, alternate, drop_dirty_pages, mstore_argv, run_process, summarize,
+)
 
 # (small, big) per command; --quick uses a hundredth (the smoke test runs it)
 SIZES = {"list": (1_000, 10_000), "gc": (20_000, 200_000), "log": (100, 1_000)}

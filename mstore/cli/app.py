@@ -183,7 +183,7 @@ class LazyCommands(MutableMapping):
     def __init__(self, declared: typer.Typer, owner: typer.Typer, built=None):
         from typer.main import get_command_name
 
-        self.declared, self.owner = declared, owner
+        self.owner = owner
         self.built: dict = dict(built or {})
         self.infos: dict = {c.name or get_command_name(c.callback.__name__): c
                             for c in declared.registered_commands}
@@ -211,11 +211,11 @@ class LazyCommands(MutableMapping):
 
     def __iter__(self):
         """Commands, then groups, in declaration order (what `--help` lists)."""
-        return iter([*self.infos, *self.groups, *(n for n in self.built
-                                                   if n not in self.infos and n not in self.groups)])
+        declared = [*self.infos, *self.groups]
+        return iter(declared + [n for n in self.built if n not in declared])
 
     def __len__(self):
-        return len(list(iter(self)))
+        return len(list(self))
 
     def __contains__(self, name):
         return name in self.infos or name in self.groups or name in self.built

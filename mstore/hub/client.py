@@ -234,7 +234,7 @@ def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib  # here: OpenSSL's load costs ~10 ms, and a local import hashes no sha
+    import hashlib  # here: loading OpenSSL costs ~10 ms, and local imports need no sha256
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
