@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import inputs, report
-from .inputs import REPO_ROOT
+from .inputs import REPO_ROOT, SHAPES
 from .measure import Pair
 from .pairs import PAIRS, Bench, Options, pair_names
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _clean(workdir: Path, keep_json: bool) -> None:
     """Remove the big files: models, stores, copies (the JSON stays)."""
-    for sub in ("stores", "runs", "worker", "configs", "data", "model-tiny", "model-0.5b"):
+    for sub in ("stores", "runs", "worker", "configs", "data", *(f"model-{s}" for s in SHAPES)):
         shutil.rmtree(Path(workdir) / sub, ignore_errors=True)
     if not keep_json:
         try:
