@@ -209,13 +209,16 @@ class LazyCommands(MutableMapping):
                                        suggest_commands=o.suggest_commands)
         raise KeyError(name)
 
-    def __iter__(self):
+    def names(self) -> list[str]:
         """Commands, then groups, in declaration order (what `--help` lists)."""
         declared = [*self.infos, *self.groups]
-        return iter(declared + [n for n in self.built if n not in declared])
+        return declared + [n for n in self.built if n not in declared]
+
+    def __iter__(self):
+        return iter(self.names())
 
     def __len__(self):
-        return len(list(self))
+        return len(self.names())
 
     def __contains__(self, name):
         return name in self.infos or name in self.groups or name in self.built
