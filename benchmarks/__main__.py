@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import inputs, report
-from .inputs import REPO_ROOT
+from .inputs import REPO_ROOT, SHAPES
 from .measure import Pair
 from .pairs import PAIRS, Bench, Options, pair_names
 
@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "Whole-process pairs of a few seconds use max(N, 5), sub-second "
                          "commands max(N, 10)")
     ap.add_argument("--only", default=None, help="comma-separated pair names")
-    ap.add_argument("--size", choices=["0.5b", "tiny"], default=None,
-                    help="model shape (default 0.5b; tiny with --quick)")
+    ap.add_argument("--size", choices=["tiny", "300m", "1g", "0.5b", "7g"], default=None,
+                    help="model shape (default 1g, the Qwen2.5-0.5B shape, also called 0.5b; "
+                         "tiny with --quick). 300m: ~310 MB; 7g: the Qwen2.5-3B shape untied, "
+                         "6.8 GB in 4 shards, storage pairs only, only when asked for")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="work folder (default a new folder under benchmarks/work/, which git "
                          "ignores); big files are removed at the end")
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    size = ns.size or ("tiny" if ns.quick else "0.5b")
+    size = {"1g": "0.5b"}.get(ns.size, ns.size) or ("tiny" if ns.quick else "0.5b")
     repeats = ns.repeats if ns.repeats is not None else (1 if ns.quick else 3)
     if repeats < 1:
         print("--repeats must be >= 1", file=sys.stderr)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _clean(workdir: Path, keep_json: bool) -> None:
     """Remove the big files: models, stores, copies (the JSON stays)."""
-    for sub in ("stores", "runs", "worker", "configs", "data", "model-tiny", "model-0.5b"):
+    for sub in ("stores", "runs", "worker", "configs", "data", *(f"model-{s}" for s in SHAPES)):
         shutil.rmtree(Path(workdir) / sub, ignore_errors=True)
     if not keep_json:
         try:

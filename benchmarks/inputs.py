@@ -31,12 +31,20 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int | None  # None: the tokenizer's size
+    tie: bool = True
+    max_shard_size: str | None = None  # None: save_pretrained's default (one file here)
 
 
 SHAPES = {
     # Qwen2.5-0.5B: 494M parameters, tied embeddings, ~0.99 GB in bf16, 290 tensors.
     "0.5b": Shape("0.5b", hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2,
                   vocab=151936),
+    # ~310 MB: the 0.5B layer shape, 8 layers, a 40k vocabulary (tied), 98 tensors.
+    "300m": Shape("300m", hidden=896, intermediate=4864, layers=8, heads=14, kv_heads=2,
+                  vocab=40000),
+    # Qwen2.5-3B's shape, untied: 6.8 GB in bf16, saved in 4 shards (only on request).
+    "7g": Shape("7g", hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2,
+                vocab=151936, tie=False, max_shard_size="2GB"),
     # The tests' tiny shape (tests/tiny_models.py): vocab = the 1000-token tokenizer.
     "tiny": Shape("tiny", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
                   vocab=None),
@@ -103,7 +111,7 @@ def build_model_folder(out: Path, shape: Shape, seed: int = 0) -> dict:
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=32768 if shape.vocab else 512,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape.tie,
         bos_token_id=eot,
         eos_token_id=eot,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0 if shape.vocab else 10000.0},
@@ -119,7 +127,8 @@ def build_model_folder(out: Path, shape: Shape, seed: int = 0) -> dict:
                 p.normal_(1.0, 0.02, generator=gen)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    model.tie_weights()
+    if shape.tie:
+        model.tie_weights()
     model.eval()
     from transformers.utils import logging as tf_logging
 
@@ -127,7 +136,10 @@ def build_model_folder(out: Path, shape: Shape, seed: int = 0) -> dict:
     if previous is not None:
         tf_logging._tqdm_active = False
     try:
-        model.save_pretrained(out)
+        if shape.max_shard_size:
+            model.save_pretrained(out, max_shard_size=shape.max_shard_size)
+        else:
+            model.save_pretrained(out)
     finally:
         if previous is not None:
             tf_logging._tqdm_active = previous

@@ -16,7 +16,7 @@ def test_quick_benchmark_runs_every_pair(tmp_path):
     work = tmp_path / "bench"
     env = clean_environ()  # no Hub settings of the test session: the benchmark is offline
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--workdir", str(work)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     listed = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--list"],

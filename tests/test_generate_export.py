@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -120,13 +121,33 @@ def test_corrupt_and_missing_objects_are_named(cli, store, model_dirs, tmp_path)
     corrupt(store, bad)
     res = cli("export", "q2", tmp_path / "out", ok=False)
     assert res.exit_code == 1 and bad in res.stderr and "k_proj" in res.stderr
-    assert not (tmp_path / "out").exists()
+    # found while copying (export hashes what it copies): nothing published, nothing left
+    assert [p.name for p in tmp_path.iterdir() if "out" in p.name] == []
     res = cli("generate", "q2", "-p", "hi", "-n", "2", "--verify", ok=False)
     assert bad in res.stderr and res.stderr.startswith("error: corrupt")
     gone = m.tensors["model.norm.weight"].object
     corrupt(store, gone, flip=False)
     res = cli("generate", "q2", "-p", "hi", "-n", "2", ok=False)
     assert gone in res.stderr and "missing" in res.stderr
+
+
+def test_export_names_the_last_tensor_corrupt_and_publishes_nothing(cli, store, model_dirs,
+                                                                     tmp_path):
+    """The tensor copied last is checked too, and a truncated object is refused as well."""
+    cli("import", model_dirs["qwen2"], "--accept-license", "--name", "q2")
+    m = store.read_manifest(store.resolve("q2").commit)
+    users = Counter(t.object for t in m.tensors.values())
+    last_name = [n for n in sorted(m.tensors) if users[m.tensors[n].object] == 1][-1]
+    last = m.tensors[last_name].object
+    corrupt(store, last)
+    res = cli("export", "q2", tmp_path / "out", ok=False)
+    assert res.exit_code == 1 and last in res.stderr and last_name in res.stderr
+    assert [p.name for p in tmp_path.iterdir() if "out" in p.name] == []
+    path = store.objects.path(last)
+    path.write_bytes(path.read_bytes()[:-2])
+    res = cli("export", "q2", tmp_path / "out", ok=False)
+    assert res.exit_code == 1 and last in res.stderr
+    assert [p.name for p in tmp_path.iterdir() if "out" in p.name] == []
 
 
 def test_unknown_architecture_names_the_installed_adapters(cli, store):

@@ -99,3 +99,60 @@ def test_only_the_cli_and_runtime_know_typer_and_torch_at_top_level():
                 if top == "typer" and rel.parts[0] != "cli":
                     offenders.append(f"{rel}: {n}")
     assert not offenders, offenders
+
+
+# -- start-up: what a command line loads (issue 16, target 6) ------------------------------
+NOT_AT_START = ("yaml", "importlib.metadata", "huggingface_hub", "numpy", "tokenizers")
+
+
+def loaded_by_command(store: Path, *args: str) -> set[str]:
+    """Every module (full dotted names) loaded once `mstore --store STORE ARGS` has run."""
+    code = ("import sys\nfrom mstore.cli.app import app\n"
+            f"sys.argv = ['mstore', '--store', {str(store)!r}, *{list(args)!r}]\n"
+            "try:\n    app(prog_name='mstore')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print(' '.join(sorted(sys.modules)))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert res.returncode == 0, res.stderr
+    return set(res.stdout.splitlines()[-1].split())
+
+
+@pytest.fixture(scope="module")
+def imported_store(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("startup") / "store"
+    loaded = loaded_by_command(root, "import", str(model_dirs["qwen2"]), "--accept-license",
+                               "--name", "tiny")
+    return root, loaded
+
+
+def test_import_of_a_folder_reads_no_entry_points_and_no_yaml(imported_store):
+    """A built-in architecture is found without scanning every installed distribution
+    (tokenizers is loaded: import checks that tokenizer.json parses)."""
+    _root, loaded = imported_store
+    assert "mstore.hub.importer" in loaded
+    refused = set(NOT_AT_START) - {"tokenizers"}
+    assert not loaded & refused, sorted(loaded & refused)
+    assert not loaded & set(HEAVY)
+
+
+@pytest.mark.parametrize("args", [["list"], ["show", "tiny"], ["log", "tiny"], ["du"],
+                                  ["gc", "--dry-run"], ["fsck"]], ids=lambda a: a[0])
+def test_metadata_commands_load_no_importer_adapter_or_hub(imported_store, args):
+    root, _ = imported_store
+    loaded = loaded_by_command(root, *args)
+    unexpected = {m for m in loaded if m.startswith(("mstore.hub", "mstore.adapters",
+                                                      "mstore.training", "mstore.runtime"))}
+    assert not unexpected, sorted(unexpected)
+    assert not loaded & set(NOT_AT_START + HEAVY), sorted(loaded & set(NOT_AT_START + HEAVY))
+
+
+def test_the_builtin_adapter_table_is_what_pyproject_registers():
+    """BUILTIN_ADAPTERS lets the built-in names skip the entry-point scan; it must say what
+    the package's own entry points say."""
+    import tomllib
+
+    from mstore.adapters.base import BUILTIN_ADAPTERS, ENTRY_POINT_GROUP
+
+    doc = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert doc["project"]["entry-points"][ENTRY_POINT_GROUP] == BUILTIN_ADAPTERS

@@ -10,7 +10,10 @@ architecture.
 
 Adapters are found through the Python entry-point group `mstore.adapters` (name = the
 manifest's `architecture`), so the built-in ones register exactly like an outside package.
-See docs/adapters.md.
+The built-in names are also known here (BUILTIN_ADAPTERS), so the common case never pays
+for the scan of every installed distribution (importlib.metadata, ~30 ms a process): the
+group is read only for a name that is not built in, or to list them all. See
+docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
-import tempfile
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -34,6 +35,14 @@ if TYPE_CHECKING:
     from ..store.repo import Store
 
 ENTRY_POINT_GROUP = "mstore.adapters"
+# mstore's own entries of that group (pyproject.toml declares the same; a test checks it)
+BUILTIN_ADAPTERS = {
+    "qwen2": "mstore.adapters.qwen:QwenAdapter",
+    "qwen2_moe": "mstore.adapters.qwen:QwenAdapter",
+    "qwen3": "mstore.adapters.qwen:QwenAdapter",
+    "qwen3_moe": "mstore.adapters.qwen:QwenAdapter",
+    "custom-transformer": "mstore.adapters.custom:CustomTransformerAdapter",
+}
 # What `model_name: null` in a training config trains (the config has no architecture key)
 SCRATCH_ARCHITECTURE = "custom-transformer"
 # The files a tokenizer is made of (what a `tokenizer:` override replaces in a fine-tune)
@@ -255,6 +264,8 @@ class Adapter(abc.ABC):
         AutoTokenizer, AutoConfig) get one for free. File objects are small, so each is
         re-hashed first: a corrupt tokenizer is named, never silently used.
         """
+        import tempfile
+
         objects = self.store.objects
         with tempfile.TemporaryDirectory(prefix="mstore-files-") as tmp:
             root = Path(tmp)
@@ -272,11 +283,22 @@ class Adapter(abc.ABC):
 
 @functools.cache
 def installed_adapters() -> dict[str, Any]:
-    """architecture -> entry point, from the `mstore.adapters` group (scanned once)."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """architecture -> entry point, from the `mstore.adapters` group (scanned once), with
+    the built-in names whatever the group holds (a built-in name is never overridden)."""
+    from importlib.metadata import EntryPoint, entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    builtin = {name: EntryPoint(name, value, ENTRY_POINT_GROUP)
+               for name, value in BUILTIN_ADAPTERS.items()}
+    return {**found, **builtin}
 
 
 def adapter_class(architecture: str) -> type[Adapter]:
+    if architecture in BUILTIN_ADAPTERS:
+        module, _, attr = BUILTIN_ADAPTERS[architecture].partition(":")
+        from importlib import import_module
+
+        return getattr(import_module(module), attr)
     eps = installed_adapters()
     if architecture not in eps:
         raise UnknownAdapter(architecture, sorted(eps))
@@ -291,7 +313,8 @@ def adapter_for(store: "Store", commit: str) -> Adapter:
 def is_importable(architecture: str | None) -> bool:
     """Whether an installed adapter serves `architecture` and lets import take it (loads
     that one adapter's module only)."""
-    if not isinstance(architecture, str) or architecture not in installed_adapters():
+    if not isinstance(architecture, str) or (architecture not in BUILTIN_ADAPTERS
+                                             and architecture not in installed_adapters()):
         return False
     return adapter_class(architecture).importable
 

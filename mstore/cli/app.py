@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,7 +38,19 @@ class MStoreGroup(TyperGroup):
 
     Usage errors (unknown option or command, missing argument, bad value) are one
     `error: ...` line too, exit 2; a reader that closes the pipe early (`| head`) ends the
-    command quietly, as git does."""
+    command quietly, as git does.
+
+    Commands are built on first use, not all at start: typer turns each function's
+    signature into click parameters, ~4 ms a command, and a command line runs one of 21.
+    `self.commands` knows every name (suggestions for a typo, `--help`) and builds a
+    command when it is read (`--help` and completion build them all)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands = LazyCommands(DECLARED, app, built=self.commands)
+
+    def list_commands(self, ctx):
+        return list(self.commands)
 
     def invoke(self, ctx):
         try:
@@ -163,6 +176,62 @@ def _global(
     ctx.obj = store
 
 
+class LazyCommands(MutableMapping):
+    """name -> click command, for the commands declared on `declared` (a typer app that is
+    never built as a whole): each is built from its typer declaration when first read."""
+
+    def __init__(self, declared: typer.Typer, owner: typer.Typer, built=None):
+        from typer.main import get_command_name
+
+        self.owner = owner
+        self.built: dict = dict(built or {})
+        self.infos: dict = {c.name or get_command_name(c.callback.__name__): c
+                            for c in declared.registered_commands}
+        self.groups: dict = {g.name: g for g in declared.registered_groups}
+
+    def __getitem__(self, name):
+        if name not in self.built:
+            self.built[name] = self._build(name)
+        return self.built[name]
+
+    def _build(self, name):
+        from typer.main import get_command_from_info, get_group_from_info
+
+        o = self.owner
+        if name in self.infos:
+            return get_command_from_info(self.infos[name],
+                                         pretty_exceptions_short=o.pretty_exceptions_short,
+                                         rich_markup_mode=o.rich_markup_mode)
+        if name in self.groups:
+            return get_group_from_info(self.groups[name],
+                                       pretty_exceptions_short=o.pretty_exceptions_short,
+                                       rich_markup_mode=o.rich_markup_mode,
+                                       suggest_commands=o.suggest_commands)
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        """Commands, then groups, in declaration order (what `--help` lists)."""
+        declared = [*self.infos, *self.groups]
+        return declared + [n for n in self.built if n not in declared]
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self):
+        return len(self.names())
+
+    def __contains__(self, name):
+        return name in self.infos or name in self.groups or name in self.built
+
+    def __setitem__(self, name, command):
+        self.built[name] = command
+
+    def __delitem__(self, name):
+        self.built.pop(name, None)
+        self.infos.pop(name, None)
+        self.groups.pop(name, None)
+
+
 def _register_commands(app: typer.Typer) -> None:
     """Every command group, in the order `mstore --help` lists them."""
     models.register(app)
@@ -175,7 +244,8 @@ def _register_commands(app: typer.Typer) -> None:
     remote.register(app)
 
 
-_register_commands(app)
+DECLARED = typer.Typer(add_completion=False)  # the commands' declarations (see LazyCommands)
+_register_commands(DECLARED)
 
 
 def main() -> None:

@@ -93,8 +93,9 @@ def _list(ctx: typer.Context, as_json: bool):
     from ..store.report import list_rows
 
     store = store_of(ctx, must_exist=True)
-    rows = list_rows(store)
-    for key, reason in store.registry.invalid_entries():
+    refs, skipped = store.registry.load_with_skipped()
+    rows = list_rows(store, refs)
+    for key, reason in skipped:
         echo_line(f"warning: skipped registry entry {key!r}: {reason} (see `mstore fsck`)")
     if as_json:
         return print_json(rows)

@@ -99,12 +99,24 @@ def print_json(obj: Any) -> None:
     typer.echo(json_text(obj))
 
 
+TABLE_CHUNK = 256  # rows per write: well under a pipe's 64 KiB buffer
+
+
 def print_table(rows: list[tuple]) -> None:
     """Aligned columns; every cell escaped first, so widths are those of what is shown."""
-    rows = [tuple(safe_text(c) for c in r) for r in rows]
+    cells = [tuple(c if isinstance(c, str) else str(c) for c in r) for r in rows]
+    if "".join(c for r in cells for c in r).isprintable():  # the common case: one check
+        rows = cells
+    else:
+        rows = [tuple(safe_text(c) for c in r) for r in cells]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    # a write per TABLE_CHUNK rows, not per row: stdout may be unbuffered
+    # (PYTHONUNBUFFERED), and a write per row of a 10,000-ref list cost more than everything
+    # else the command does; not one write for all either, so that a reader who closes the
+    # pipe early (`| head -1`) still ends the command with EPIPE -> 141, as git does
+    for i in range(0, len(lines), TABLE_CHUNK):
+        typer.echo("\n".join(lines[i:i + TABLE_CHUNK]))
 
 
 def shown_path(path: object) -> str:

@@ -12,7 +12,6 @@ repo and commit so that an interrupted download resumes on retry, and removed on
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +234,8 @@ def verify_download(folder: Path, info: RemoteInfo, names: list[str]) -> None:
 
 
 def _sha256(path: Path) -> str:
+    import hashlib  # here: loading OpenSSL costs ~10 ms, and local imports need no sha256
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 * 1024 * 1024):
@@ -244,6 +245,8 @@ def _sha256(path: Path) -> str:
 
 def _git_blob_sha1(path: Path) -> str:
     """The id git gives a file's bytes (what the Hub publishes for files outside LFS)."""
+    import hashlib
+
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         while chunk := f.read(8 * 1024 * 1024):

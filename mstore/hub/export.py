@@ -2,18 +2,24 @@
 into a GGUF file for llama.cpp and Ollama (`--format gguf`, hub/gguf_export.py).
 
 The weights file is assembled from the tensor objects by copying their data ranges (kernel
-copy), sharded past 5 GB with an index like `save_pretrained`. Every object is re-hashed
-before it is used, and a corrupt one is refused by name. Both formats write a model card
-(hub/model_card.py). The folder is written next to its destination and renamed into
-place, so a failed export leaves nothing half-written.
+copy), sharded past 5 GB with an index like `save_pretrained`. Every object is re-hashed,
+and a corrupt one is refused by name: the small ones (config, files) before anything is
+written, each tensor object as it is copied, from the bytes the copy wrote (its header
+from the object, its data read back from the new file, which is still in the page cache):
+each object's bytes are read from disk once, not once to verify and again to copy. The
+folder is written next to its destination and renamed into place only once every hash
+matched, so a failed export leaves nothing half-written. A packed object is rebuilt
+(and re-hashed) by the object store. Both formats write a model card (hub/model_card.py).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
 from ..errors import ExportError, ObjectCorrupt, QuantizedExport, UnknownAdapter
 from ..store.manifest import Manifest
+from ..store.objects import copy_range, hasher
 from ..store.report import log_entries
 from ..store.repo import Store
 from .export_tensors import check_exportable
@@ -52,7 +59,7 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
             raise QuantizedExport(r.name or r.commit[:12], m.describe())
     else:
         check_exportable(m, r.name or r.commit[:12])
-    _verify_objects(store, m)
+    _verify_objects(store, m, tensors_too=fmt != "safetensors" or m.kind != "full")
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -81,10 +88,17 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
             "type": gguf_type if fmt == "gguf" else None, "files": sorted(written)}
 
 
-def _verify_objects(store: Store, m: Manifest) -> None:
-    names = {m.config: "config.json", **{o: n for n, o in m.files.items()},
-             **{t.object: n for n, t in m.tensors.items()}}
-    for oid, name in names.items():
+def _verify_objects(store: Store, m: Manifest, tensors_too: bool) -> None:
+    """Before anything is written: every object is present, the small ones intact. The
+    tensor objects are re-hashed as they are copied (`_write_shard`); `tensors_too` for the
+    writers that convert them instead of copying (GGUF, dequantize): re-hashed here."""
+    for oid, name in {t.object: n for n, t in m.tensors.items()}.items():
+        if not store.objects.exists(oid):
+            raise ExportError(f"object {oid} ({name}) is missing; nothing exported")
+    small = {m.config: "config.json", **{o: n for n, o in m.files.items()}}
+    if tensors_too:
+        small.update({t.object: n for n, t in m.tensors.items()})
+    for oid, name in small.items():
         problem = store.objects.verify(oid)
         if problem == "missing":
             raise ExportError(f"object {oid} ({name}) is missing; nothing exported")
@@ -202,11 +216,54 @@ def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path)
         offset += n
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
-    with open(path, "wb") as out:
+    with open(path, "wb") as out, open(path, "rb") as written, \
+            ThreadPoolExecutor(1, thread_name_prefix="mstore-export-hash") as hashing:
         out.write(struct.pack("<Q", len(body)) + body)
         out.flush()
-        for name in names:
-            store.objects.write_data(m.tensors[name].object, out.fileno())
+        at = out.tell()
+        checks = []
+        for name in names:  # copy tensor i + 1 while tensor i is hashed (blake3 frees the GIL)
+            info, oid = infos[name], m.tensors[name].object
+            try:
+                src = open(store.objects.path(oid), "rb")
+            except FileNotFoundError:  # packed: rebuilt and re-hashed by the object store
+                store.objects.write_data(oid, out.fileno())
+                at += info.nbytes
+                continue
+            with src:
+                head = os.pread(src.fileno(), info.start, 0)
+                copy_range(src.fileno(), out.fileno(), info.start, info.nbytes)
+            checks.append((name, oid, hashing.submit(_check_copy, head, written.fileno(),
+                                                     at, info.nbytes)))
+            at += info.nbytes
+        for name, oid, check in checks:
+            got = check.result()
+            if got != oid:
+                raise ObjectCorrupt(oid, f"content hashes to {got[:12]} ({name}); "
+                                         "nothing exported")
+
+
+def _check_copy(head: bytes, fd: int, offset: int, count: int) -> str:
+    """The id of the object whose header is `head` and whose data is what was just written
+    at [offset, offset + count) of `fd`; then that range's writeback is started, so the
+    disk works while the next tensors are copied (the final fsync still makes it durable)."""
+    h = hasher().update(head)
+    _hash_range(h, fd, offset, count)
+    try:
+        os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+    return h.hexdigest()
+
+
+def _hash_range(h, fd: int, offset: int, count: int) -> None:
+    """Feed bytes [offset, offset + count) of an open file to `h`, through mmap."""
+    if not count:
+        return
+    lead = offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, lead + count, access=mmap.ACCESS_READ, offset=offset - lead) as mm:
+        with memoryview(mm) as view:
+            h.update(view[lead:])
 
 
 def _metadata(store: Store, m: Manifest, r) -> dict:

@@ -62,6 +62,11 @@ class Registry:
             return VERSION
         return self._read()[3]
 
+    def load_with_skipped(self) -> tuple[dict[str, RefEntry], list[tuple[str, str]]]:
+        """`load()` and `invalid_entries()` from one read of the file."""
+        _raw, valid, invalid, _version = self._read()
+        return _entries(valid), invalid
+
     def invalid_entries(self) -> list[tuple[str, str]]:
         """(key, reason) of each entry `load` skips; they stay in the file untouched."""
         return self._read()[2]

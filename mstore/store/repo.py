@@ -7,9 +7,9 @@ all present; whatever a crash leaves behind is unreferenced and gc's to collect.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -19,7 +19,6 @@ from ..errors import (
     AmbiguousRef, NameTaken, NotACommit, ObjectCorrupt, ObjectMissing, RefChanged,
     StoreNotFound, UnknownModel,
 )
-from .attachments import Attachments
 from .locks import StoreLock
 from .manifest import LightManifest, Manifest
 from .objects import ObjectStore, hash_bytes, is_oid
@@ -28,6 +27,7 @@ from .registry import Registry, validate_name
 
 if TYPE_CHECKING:
     from . import views
+    from .attachments import Attachments
 
 DEFAULT_STORE = "models"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # larger objects are weights, not commits
@@ -52,7 +52,13 @@ class Store:
         self.objects = ObjectStore(self.root)
         self.registry = Registry(self.root)
         self.lock_path = self.root / ".lock"
-        self.attachments = Attachments(self)
+
+    @cached_property
+    def attachments(self) -> "Attachments":
+        """Loaded when first used: the read commands never touch attachments."""
+        from .attachments import Attachments
+
+        return Attachments(self)
 
     # -- set-up -------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -134,9 +140,11 @@ class Store:
     def refs(self) -> dict[str, RefEntry]:
         return self.registry.load()
 
-    def names_by_commit(self) -> dict[str, list[str]]:
+    def names_by_commit(self, refs: dict[str, RefEntry] | None = None) -> dict[str, list[str]]:
+        """commit -> the names that point at it; `refs`: entries already read (one parse of
+        registry.json per command, not one per question)."""
         out: dict[str, list[str]] = {}
-        for name, entry in self.refs().items():
+        for name, entry in (self.refs() if refs is None else refs).items():
             out.setdefault(entry.commit, []).append(name)
         return out
 
@@ -158,6 +166,8 @@ class Store:
                 return Resolved(matches[0], None, None)
             if len(matches) > 1:
                 raise AmbiguousRef(ref, matches)
+        import difflib
+
         close = difflib.get_close_matches(ref, list(refs), n=1)
         raise UnknownModel(ref, close[0] if close else None)
 
