@@ -219,8 +219,6 @@ class ObjectStore:
 
     def verify(self, oid: str) -> str | None:
         """Re-hash one object (each encoding present); returns a problem or None."""
-        from . import packed
-
         problem = None
         try:
             got = hash_file(self.path(oid))
@@ -229,6 +227,8 @@ class ObjectStore:
         except FileNotFoundError:
             problem = "missing"
         if self.pack_path(oid).is_file():
+            from . import packed  # numpy: only a store that holds packed objects needs it
+
             return packed.verify_packed(self, oid)
         return problem
 
