@@ -232,7 +232,8 @@ class GcRefused(MStoreError):
 
 class NothingToPack(MStoreError, ValueError):
     def __init__(self, verb: str = "pack"):
-        super().__init__(f"nothing to {verb}: name one or more models, or pass --all")
+        self.verb = verb
+        super().__init__(f"nothing to {verb}: name one or more models, or all of them")
 
 
 class ConfigError(MStoreError, ValueError):

@@ -205,8 +205,8 @@ def test_cli_export_gguf_writes_file_modelfile_and_card(cli, model_dirs, tmp_pat
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--format", "gguf", "--type", "q4_k"], "--type 'q4_k': choose one of f16, bf16, q8_0"),
-    (["--format", "onnx"], "--format 'onnx': choose one of safetensors, gguf"),
+    (["--format", "gguf", "--type", "q4_k"], "GGUF tensor type 'q4_k': choose one of f16, bf16, q8_0"),
+    (["--format", "onnx"], "export format 'onnx': choose one of safetensors, gguf"),
     (["--type", "q8_0"], "--type applies to --format gguf"),
 ])
 def test_bad_format_or_type_is_one_line_and_writes_nothing(cli, model_dirs, tmp_path,
@@ -228,7 +228,7 @@ def test_architectures_llama_cpp_cannot_take_are_refused(cli, tmp_path, store):
     cli("train", "--config", cfg, "--name", "scratch")
     res = cli("export", "scratch", tmp_path / "out", "--format", "gguf", ok=False)
     assert res.exit_code == 1 and "GGUF export supports qwen2, qwen2_moe, qwen3, qwen3_moe" \
-        in res.stderr and "use --format safetensors" in res.stderr
+        in res.stderr and "export it as safetensors" in res.stderr
     assert not (tmp_path / "out").exists()
 
 

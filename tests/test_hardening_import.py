@@ -3,6 +3,7 @@
 Hub revision without downloading (19)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,7 @@ DAMAGED = {
     "truncated": lambda raw: raw[: len(raw) // 2],
     "garbage": lambda raw: b"\x00\xffnot json at all",
     "empty-object": lambda raw: b"{}",
-    "wrong-version": lambda raw: raw.replace(b'"version": 1', b'"version": 7'),
+    "wrong-version": lambda raw: re.sub(rb'"version": \d+', b'"version": 77', raw),
 }
 
 

@@ -80,7 +80,7 @@ def test_a_model_without_training_record_is_refused_in_one_line(trained):
 
 
 @pytest.mark.parametrize("args, words", [(["-o", "x.jpg"], "must be a .png or .svg"),
-                                         (["-o", "x.png", "--size", "12x7"], "--size '12x7'"),
+                                         (["-o", "x.png", "--size", "12x7"], "plot size '12x7'"),
                                          ([], "stdout is not a terminal: give -o")])
 def test_bad_output_is_one_line(trained, args, words):
     cli = trained[0]

@@ -79,6 +79,14 @@ def test_the_library_never_touches_the_terminal():
 
 # -- the CLI's wording: exactly the messages users have always seen ----------------------
 WORDED = [
+    (E.QuantizedExport("m", "int8"),
+     "m is quantized (int8): transformers cannot load that layout as a quantized checkpoint "
+     "(its quanto support loads no saved weights), so nothing was exported",
+     "m is quantized (int8): transformers cannot load that layout as a quantized checkpoint "
+     "(its quanto support loads no saved weights), so nothing was exported; `export "
+     "--dequantize` writes full-precision weights"),
+    (E.NothingToPack("unpack"), "nothing to unpack: name one or more models, or all of them",
+     "nothing to unpack: name one or more models, or pass --all"),
     (E.StoreNotFound("/s"), "no store at /s",
      "no store at /s (run `mstore init` or set --store / MSTORE_HOME)"),
     (E.RegistryCorrupt("/r", "bad JSON"),

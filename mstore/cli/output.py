@@ -23,7 +23,7 @@ import typer
 
 from ..errors import (
     CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
-    MStoreError, NotFastForward, QuantizedExport, RegistryCorrupt, RegistryMissing,
+    MStoreError, NotFastForward, NothingToPack, QuantizedExport, RegistryCorrupt, RegistryMissing,
     SizeLimitExceeded, StoreNotFound, TrainingInterrupted, WorkersFailed,
 )
 from ..reporting import Progress, Reporter
@@ -348,6 +348,7 @@ CLI_WORDING: dict[type, Callable[[Any], str]] = {
                           "local ref"),
     LocalRefWouldMove: _then("; pull with --as NEW_NAME to keep both, or --force to move it"),
     QuantizedExport: _then("; `export --dequantize` writes full-precision weights"),
+    NothingToPack: lambda e: f"nothing to {e.verb}: name one or more models, or pass --all",
     CommitNeedsRefName: lambda e: (f"{e.ref!r} is a commit, not a ref: name the remote ref "
                                    "with --as NAME"),
 }

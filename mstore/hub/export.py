@@ -47,9 +47,9 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
     layout has no `quantization_config` transformers loads; without it, QuantizedExport)."""
     dest = Path(dest)
     if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise ExportError(f"export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "gguf" and gguf_type not in GGUF_TYPES:
-        raise ExportError(f"--type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+        raise ExportError(f"GGUF tensor type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)

@@ -29,7 +29,7 @@ def check_signing_key(key_path: Path) -> str:
     key = load_private_key(key_path)
     if key_algorithm(key, key_path) != ECDSA_P256:
         raise BadKeyFile(str(key_path), "model-signing signs with ECDSA keys; this is "
-                         "Ed25519 (use a P-256 key for export --sign)")
+                         "Ed25519 (use an ECDSA P-256 key)")
     _model_signing()
     return fingerprint(key.public_key())
 
@@ -62,7 +62,7 @@ def _model_signing():
         import model_signing.hashing
         import model_signing.signing
     except ImportError as e:
-        raise ExportError(f"export --sign needs the model-signing package ({e}); install "
+        raise ExportError(f"signing an export needs the model-signing package ({e}); install "
                           "model-signing (and pyopenssl, which model-signing 1.1 imports)") \
             from None
     return model_signing

@@ -69,7 +69,7 @@ def _arch(architecture: str):
               "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
     if architecture not in arches:
         raise ExportError(f"GGUF export supports {', '.join(sorted(arches))}, not "
-                          f"{architecture!r}; use --format safetensors")
+                          f"{architecture!r}; export it as safetensors")
     return arches[architecture]
 
 
@@ -79,7 +79,7 @@ def write_gguf(store: Store, m: Manifest, name: str, work: Path, gguf_type: str,
     import gguf
 
     if gguf_type not in TYPES:
-        raise ExportError(f"--type {gguf_type!r}: choose one of {', '.join(TYPES)}")
+        raise ExportError(f"GGUF tensor type {gguf_type!r}: choose one of {', '.join(TYPES)}")
     arch = _arch(m.architecture)
     with tempfile.TemporaryDirectory(prefix="mstore-gguf-") as tmp:
         src = Path(tmp)

@@ -27,7 +27,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """`1200x700` -> (1200, 700); each side 100 to 10000 pixels."""
     match = _SIZE.fullmatch(text.strip().lower())
     if not match or not all(100 <= int(v) <= 10000 for v in match.groups()):
-        raise PlotError(f"--size {text!r}: give WIDTHxHEIGHT in pixels, each 100 to 10000 "
+        raise PlotError(f"plot size {text!r}: give WIDTHxHEIGHT in pixels, each 100 to 10000 "
                         "(e.g. 1200x700)")
     return int(match[1]), int(match[2])
 

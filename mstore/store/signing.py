@@ -420,7 +420,7 @@ def require_verified(store, commit: str, m: Manifest) -> None:
         problem = store.objects.verify(obj)
         if problem:
             raise VerificationFailed(f"{what} {name} ({obj}) of {commit[:12]} is {problem}; "
-                                     "nothing was signed (`mstore fsck --repair` mends it)")
+                                     "nothing was signed (`mstore fsck` names it and can repair it)")
 
 
 @dataclass
