@@ -51,9 +51,13 @@ def import_(
                                                  help="Acknowledge the model's license.")] = False,
     max_size: Annotated[Optional[str], typer.Option(
         "--max-size", help="Refuse models larger than this (e.g. 10GB).")] = None,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="A PEFT LoRA adapter's base model in the store (default: the one "
+        "its base_model_name_or_path names).")] = None,
     as_json: JsonOpt = False,
 ):
-    """Import a model from the Hugging Face Hub or a local folder."""
+    """Import a model from the Hugging Face Hub or a local folder (a PEFT LoRA adapter
+    folder or repo becomes an adapter child of its base)."""
     from ..hub.importer import import_model
     from ..units import parse_size
 
@@ -68,7 +72,7 @@ def import_(
         else None
     result = import_model(
         store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
-        max_size=limit, confirm=confirm, reporter=TerminalReporter(as_json),
+        max_size=limit, confirm=confirm, reporter=TerminalReporter(as_json), base=base,
     )
     if as_json:
         return print_json(result.to_json())
@@ -96,16 +100,17 @@ def _list(ctx: typer.Context, as_json: bool):
     if not rows:
         echo("no models (try `mstore import`)")
         return
-    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "LICENSE")]
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "PARENT", "KIND", "LICENSE")]
     for r in rows:
         table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
                       fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
-                      r.get("fine_tuned_from") or "-", r.get("license") or "unknown"))
+                      r.get("fine_tuned_from") or "-", r.get("description") or r.get("kind")
+                      or "-", r.get("license") or "unknown"))
     print_table(table)
 
 
 def list_(ctx: typer.Context, as_json: JsonOpt = False):
-    """List models: name, commit, architecture, parameters, size, parent, license."""
+    """List models: name, commit, architecture, parameters, size, parent, kind, license."""
     _list(ctx, as_json)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import typer
 
 from ..errors import (
-    CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
+    AdapterBaseAmbiguous, AdapterBaseMissing, CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
     MStoreError, NotFastForward, RegistryCorrupt, RegistryMissing, SizeLimitExceeded,
     StoreNotFound, TrainingInterrupted, WorkersFailed,
 )
@@ -175,6 +175,7 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         ("license", m.get("license") or "unknown"),
         ("parent", (m["parent"][:12] + (f" ({', '.join(doc['parent_names'])})"
                                          if doc["parent_names"] else "")) if m["parent"] else "-"),
+        ("kind", doc.get("description") or m.get("kind") or "full"),
         ("created", m["created_at"]),
         ("message", m["message"]),
         ("parameters", f"{fmt_count(doc['parameters'])} ({doc['parameters']:,}) in "
@@ -185,6 +186,11 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         ("config", m["config"][:12]),
         ("files", ", ".join(sorted(m["files"])) or "-"),
     ]
+    a = m.get("adapter")
+    if a:
+        rows.append(("adapter", f"{a.get('method')} r={a.get('r')} alpha {a.get('alpha')} "
+                                f"dropout {a.get('dropout')} on "
+                                + ", ".join(a.get("target_modules") or [])))
     if m.get("tied_weights"):
         rows.append(("tied", ", ".join(f"{k} -> {v}" for k, v in m["tied_weights"].items())))
     t = m.get("training")
@@ -219,6 +225,8 @@ def render_log(entries: list[dict[str, Any]]) -> str:
             out.append(f"Source: {safe_text(source_line(e))}")
         if e.get("parent"):
             out.append(f"Parent: {safe_text(e['parent'][:12])}")
+        if e.get("description"):
+            out.append(f"Kind:   {safe_text(e['description'])}")
         out.append("")
         out.append(f"    {safe_text(e.get('message', ''))}")
         summary = training_summary(e.get("training"))
@@ -243,6 +251,8 @@ def render_graph(entries: list[dict[str, Any]]) -> str:
         names = ", ".join(e.get("names") or []) or "(no ref)"
         gone = "" if e.get("weights_present", True) else " [weights collected]"
         summary = training_summary(e.get("training")) or e.get("message", "")
+        if e.get("description"):
+            summary = f"[{e['description']}] {summary}"
         return (f"* {safe_text(e['commit'][:12])} {safe_text(names)}{gone}  "
                 f"{safe_text((e.get('created_at') or '')[:10])}  {safe_text(summary)}")
 
@@ -314,6 +324,8 @@ CLI_WORDING: dict[type, Callable[[Any], str]] = {
     NotFastForward: _then("; pull with --as NEW_NAME to keep both, or --force to replace the "
                           "local ref"),
     LocalRefWouldMove: _then("; pull with --as NEW_NAME to keep both, or --force to move it"),
+    AdapterBaseMissing: _then(", or name a base in the store with --base REF"),
+    AdapterBaseAmbiguous: _then(" with --base REF"),
     CommitNeedsRefName: lambda e: (f"{e.ref!r} is a commit, not a ref: name the remote ref "
                                    "with --as NAME"),
 }

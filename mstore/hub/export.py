@@ -12,13 +12,14 @@ import json
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
 from ..errors import ExportError, ObjectCorrupt, UnknownAdapter
-from ..store.manifest import Manifest
+from ..store.manifest import Manifest, TensorEntry
 from ..store.objects import copy_range
 from ..store.report import log_entries
 from ..store.repo import Store
@@ -26,22 +27,59 @@ from ..store.repo import Store
 SHARD_BYTES = 5 * 1000**3  # save_pretrained's default max_shard_size
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
-def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES) -> dict:
+@dataclass
+class InlineTensor:
+    """A tensor computed for this export (an adapter merged into its base's weight), not
+    an object: its safetensors dtype, shape and raw little-endian bytes."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES,
+                 adapter: bool = False,
+                 merge: Callable[[str], dict[str, InlineTensor]] | None = None) -> dict:
+    """A Hugging Face folder of `ref`. `adapter`: the adapter child's PEFT folder
+    (adapter_config.json, adapter_model.safetensors) instead. An adapter child without it
+    is written merged: its base's folder, with `merge(commit)` (the base's tensors the
+    adapter changes, merged by the caller: this layer has no torch) in place of theirs."""
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)
     m = store.read_manifest(r.commit)
+    if adapter and m.kind != "adapter":
+        raise ExportError(f"{ref} is a {m.kind} model, not a LoRA adapter: export it "
+                          "without --adapter")
     _verify_objects(store, m)
+    if adapter:
+        return _export(r, dest, lambda work: _write_adapter_folder(store, m, r, work))
+    if m.kind == "adapter":
+        if merge is None:
+            raise ExportError(f"{ref} is a LoRA adapter: export its PEFT folder "
+                              "(adapter=True) or pass `merge` to write it merged")
+        base = store.read_manifest(m.parent)
+        _verify_objects(store, base)
+        merged = merge(r.commit)
+        return _export(r, dest, lambda work: _write_folder(
+            store, base, r, work, shard_bytes, merged, lineage_of=m))
+    return _export(r, dest, lambda work: _write_folder(store, m, r, work, shard_bytes))
+
+
+def _export(r, dest: Path, write: Callable[[Path], list[str]]) -> dict:
+    """`write(work)` into a folder beside `dest`, synced, then renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     finished = False
     try:
-        written = _write_folder(store, m, r, work, shard_bytes)
+        written = write(work)
         for f in work.iterdir():
             with open(f, "rb") as fh:
                 fsio.fsync_file(fh, f)
@@ -70,7 +108,28 @@ def _verify_objects(store: Store, m: Manifest) -> None:
             raise ObjectCorrupt(oid, f"{problem} ({name}); nothing exported")
 
 
-def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) -> list[str]:
+def _write_adapter_folder(store: Store, m: Manifest, r, work: Path) -> list[str]:
+    """PEFT's own layout: what `PeftModel.from_pretrained(base, folder)` loads."""
+    (work / ADAPTER_CONFIG).write_bytes(store.objects.read_bytes(m.files[ADAPTER_CONFIG]))
+    infos = {name: _info(store, t.object) for name, t in m.tensors.items()}
+    _write_shard(store, m.tensors, infos, sorted(m.tensors), work / ADAPTER_WEIGHTS, {})
+    (work / "metadata.json").write_text(json.dumps(_metadata(store, m, r), indent=2,
+                                                   ensure_ascii=False) + "\n")
+    for f in work.iterdir():
+        os.chmod(f, fsio.FILE_MODE)
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metadata.json"]
+
+
+def _info(store: Store, oid: str):
+    (info,) = store.objects.tensor_header(oid).tensors.values()
+    return info
+
+
+def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
+                  merged: dict[str, InlineTensor] | None = None,
+                  lineage_of: Manifest | None = None) -> list[str]:
+    """`m`'s folder; `merged` replaces some of its tensors; `lineage_of` is the manifest
+    metadata.json describes (an adapter child exported merged: the child, not its base)."""
     written = []
     (work / "config.json").write_bytes(store.objects.read_bytes(m.config))
     written.append("config.json")
@@ -85,8 +144,8 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int) ->
         if gen is not None:
             (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             written.append("generation_config.json")
-    written += _write_weights(store, m, work, shard_bytes)
-    meta = _metadata(store, m, r)
+    written += _write_weights(store, m, work, shard_bytes, merged or {})
+    meta = _metadata(store, lineage_of or m, r)
     (work / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     written.append("metadata.json")
     for f in work.iterdir():
@@ -104,43 +163,44 @@ def _default_generation_config(architecture: str, config: dict) -> dict | None:
     return cls.default_generation_config(config)
 
 
-def _write_weights(store: Store, m: Manifest, work: Path, shard_bytes: int) -> list[str]:
+def _write_weights(store: Store, m: Manifest, work: Path, shard_bytes: int,
+                   merged: dict[str, InlineTensor]) -> list[str]:
     """Tensors in manifest order, grouped into shards of at most `shard_bytes` each."""
     items = sorted(m.tensors.items())
-    infos = {}
-    for name, t in items:
-        (info,) = store.objects.tensor_header(t.object).tensors.values()
-        infos[name] = info
+    infos = {name: _info(store, t.object) for name, t in items if name not in merged}
+    sizes = {name: len(merged[name].data) if name in merged else infos[name].nbytes
+             for name, _ in items}
     shards: list[list[str]] = [[]]
     size = 0
     for name, _ in items:
-        n = infos[name].nbytes
+        n = sizes[name]
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += n
     if len(shards) == 1:
-        _write_shard(store, m, infos, shards[0], work / WEIGHTS)
+        _write_shard(store, m.tensors, infos, shards[0], work / WEIGHTS, merged)
         return [WEIGHTS]
     files, weight_map = [], {}
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(store, m, infos, names, work / fname)
+        _write_shard(store, m.tensors, infos, names, work / fname, merged)
         files.append(fname)
         weight_map.update({n: fname for n in names})
-    total = sum(i.nbytes for i in infos.values())
+    total = sum(sizes.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (work / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return files + [INDEX]
 
 
-def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path) -> None:
+def _write_shard(store: Store, tensors: dict[str, TensorEntry], infos, names: list[str],
+                 path: Path, merged: dict[str, InlineTensor]) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
-        t = m.tensors[name]
-        n = infos[name].nbytes
+        t = merged.get(name) or tensors[name]
+        n = len(t.data) if name in merged else infos[name].nbytes
         header[name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + n]}
         offset += n
     body = json.dumps(header, separators=(",", ":")).encode()
@@ -149,8 +209,12 @@ def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path)
         out.write(struct.pack("<Q", len(body)) + body)
         out.flush()
         for name in names:
+            if name in merged:
+                out.write(merged[name].data)
+                out.flush()
+                continue
             info = infos[name]
-            with open(store.objects.path(m.tensors[name].object), "rb") as src:
+            with open(store.objects.path(tensors[name].object), "rb") as src:
                 copy_range(src.fileno(), out.fileno(), info.start, info.nbytes)
 
 

@@ -66,14 +66,19 @@ class ImportResult:
 def import_model(store: Store, source: str, *, name: str | None = None,
                  revision: str | None = None, accept_license: bool = False,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
-                 reporter: Reporter = SILENT) -> ImportResult:
+                 reporter: Reporter = SILENT, base: str | None = None) -> ImportResult:
     """Import `source` (a Hub repo id or URL, or a local folder) into `store`. `confirm`
     asks the user about the license when `accept_license` is not given (None: refuse);
-    `reporter` gets what is happening and the progress bars."""
+    `reporter` gets what is happening and the progress bars. A PEFT LoRA adapter
+    (adapter_config.json) becomes an adapter child of `base` (a ref; None: the model its
+    base_model_name_or_path names)."""
     store.refs()  # a damaged registry refuses now, before anything is downloaded or written
     if name is not None:
         validate_name(name)
     plan = plan_source(source, revision, store, reporter)
+    if plan.adapter_config is not None:
+        return _import_adapter(store, plan, name, base, accept_license, max_size, confirm,
+                               reporter)
     if plan.held is None:
         check_architecture(plan.config)
     elif name is not None:
@@ -109,6 +114,26 @@ def import_model(store: Store, source: str, *, name: str | None = None,
             if downloaded:
                 shutil.rmtree(downloaded, ignore_errors=True)
     return result
+
+
+def _import_adapter(store: Store, plan: SourcePlan, name: str | None, base: str | None,
+                    accept_license: bool, max_size: int | None,
+                    confirm: Callable[[str], bool] | None, reporter: Reporter) -> ImportResult:
+    from .adapter_import import import_adapter
+
+    if name is not None and not store.name_is_free(name):
+        raise NameTaken(name, store.next_free_name(name))
+    _check_space(store, plan, max_size)
+
+    def accepted() -> None:
+        license = plan.license or "unknown"
+        reporter.message(f"  license: {license}")
+        if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
+            raise LicenseNotAccepted(license)
+
+    return import_adapter(store, plan, name=name, base=base, reporter=reporter,
+                          accepted=accepted, materialise=lambda: _materialise(store, plan,
+                                                                              reporter))
 
 
 def _describe(plan: SourcePlan, reporter: Reporter) -> None:
