@@ -86,6 +86,13 @@ class RegistryCorrupt(MStoreError):
         )
 
 
+class AttachmentIndexCorrupt(MStoreError):
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"attachment list {path} is damaged ({reason}); `mstore fsck` "
+                         "names it")
+
+
 class ObjectMissing(MStoreError, FileNotFoundError):
     def __init__(self, oid: str, what: str = "object"):
         self.oid, self.what = oid, what
@@ -580,3 +587,52 @@ class AdapterBaseAmbiguous(AdapterError, LookupError):
         self.base, self.names = base, names
         super().__init__(f"several models in the store are {base!r} ({', '.join(names)}); "
                          "name the adapter's base")
+
+
+# -- provenance: signing, verifying, repair
+class BadKeyFile(MStoreError, ValueError):
+    """A key file that cannot be read as the key it should be."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot use key file {path}: {reason}")
+
+
+class VerificationFailed(MStoreError):
+    """A signature, a statement or a signed object does not check out (`problem` says which
+    generation and which object); `exit_code` 1 like fsck."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(problem)
+
+
+class SignatureRequired(RemoteError):
+    """A pull that requires a signature by a key, of a commit that has none by that key."""
+
+    def __init__(self, name: str, remote: str, commit: str, keyid: str, found: list[str]):
+        self.name, self.remote, self.commit, self.keyid, self.found = \
+            name, remote, commit, keyid, found
+        who = (f"signed only by unknown key(s) {', '.join(k[:16] for k in found)}" if found
+               else "not signed")
+        super().__init__(f"{name!r} on {remote!r} ({commit[:12]}) is {who}, not by key "
+                         f"{keyid[:16]}; refused, nothing was written")
+
+
+class NothingToRepairWith(MStoreError):
+    """fsck found damaged objects but no source of good copies was given or usable."""
+
+    def __init__(self, count: int, reason: str):
+        self.count, self.reason = count, reason
+        super().__init__(f"{count} object(s) need repair but {reason}; nothing was changed")
+class NothingToPlot(MStoreError):
+    """A model whose lineage holds no training record: there is no curve to draw."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"{name} has no training record (an import, or trained before "
+                         "mstore kept one): nothing to plot; name a fine-tuned model")
+
+
+class PlotError(MStoreError, ValueError):
+    pass

@@ -1,12 +1,16 @@
 """Shared fixtures: a local Hub (started before anything imports huggingface_hub), tiny
 model folders built once per session, a fresh store per test, and a CLI runner."""
 
-from tests.hub_server import reserve_server, start_hub_server  # noqa: I001  (must run first)
+import os  # noqa: I001
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread each, not two fighting two
+
+from tests.hub_server import reserve_server, start_hub_server  # noqa: E402  (must run first)
 
 HUB = reserve_server()
 
 import hashlib  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

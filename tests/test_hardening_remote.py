@@ -30,8 +30,7 @@ def objects_of(store: Store) -> set[str]:
 
 
 def keep_set(store: Store) -> set[str]:
-    manifests, objects = reachable(store)
-    return manifests | objects
+    return reachable(store).keep()
 
 
 def gc_deletes_nothing(cli: Cli) -> None:

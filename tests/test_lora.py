@@ -111,7 +111,7 @@ def test_a_lora_child_holds_only_its_adapter(built, tmp_path):
     assert du[child]["new_vs_parent_bytes"] == own < du["base"]["logical_bytes"]
     assert du[child]["kind"] == "adapter"
     rows = {r["name"]: r for r in json.loads(cli("list", "--json").stdout)}
-    assert rows[child]["description"] == "lora r=16 on base" and rows["base"]["kind"] == "full"
+    assert rows[child]["variant"] == "lora r=16 on base" and rows["base"]["kind"] == "full"
     assert "lora r=16 on base" in cli("list").stdout
     assert "lora r=16 on base" in cli("show", child).stdout
     assert "Kind:   lora r=16 on base" in cli("log", child).stdout
@@ -310,6 +310,6 @@ def test_push_and_pull_of_an_adapter_child_carry_its_base(built, tmp_path):
     other = Cli(fresh)
     other("init")
     other("remote", "add", "origin", tmp_path / "remote")
-    other("pull", "origin", child)
+    other("pull", child, "origin")
     assert generate_text(Store(fresh), child, PROMPT, opts) == before
     assert json.loads(other("fsck", "--json").stdout)["ok"]

@@ -172,7 +172,7 @@ def test_manifest_is_canonical_and_round_trips():
     assert b" " not in data and data.index(b'"architecture"') < data.index(b'"config"')
     again = Manifest.from_bytes(data)
     assert again.to_bytes() == data and again.parameters == 4
-    for bad in [b"not json", b"[]", data.replace(b'"format":1', b'"format":2')]:
+    for bad in [b"not json", b"[]", data.replace(b'"format":2', b'"format":9')]:
         with pytest.raises(ObjectCorrupt):
             Manifest.from_bytes(bad, "f" * 64)
 
@@ -204,7 +204,7 @@ def test_registry_compare_and_swap(tmp_path):
     reg.set_ref(_entry("m", "2" * 64), expected="1" * 64)
     assert reg.get("m").commit == "2" * 64
     doc = json.loads((tmp_path / "registry.json").read_text())
-    assert doc["version"] == 1 and set(doc["models"]["m"]) >= {"model_name", "commit", "license"}
+    assert doc["version"] == 2 and set(doc["models"]["m"]) >= {"model_name", "commit", "license"}
 
 
 @pytest.mark.parametrize("content", [b"{", b"[]", b'{"version": 1}',

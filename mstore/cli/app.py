@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 from .. import env
 from ..errors import MStoreError
-from . import maintenance, models, remote, run
+from . import maintenance, models, plot, provenance, remote, run
 from .output import echo, echo_line, error_message
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
@@ -168,7 +168,9 @@ def _register_commands(app: typer.Typer) -> None:
     """Every command group, in the order `mstore --help` lists them."""
     models.register(app)
     maintenance.register(app)
+    provenance.register(app)
     run.register(app)
+    plot.register(app)
     remote.register(app)
 
 

@@ -8,7 +8,9 @@ import typer
 
 from ..units import fmt_bytes
 from .options import JsonOpt, NameArg, store_of
-from .output import echo, error_message, print_json, print_table, safe_text, shown_path
+from .output import (
+    TerminalReporter, echo, error_message, print_json, print_table, safe_text, shown_path,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +26,8 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go.")] = False,
     grace: Annotated[str, typer.Option("--grace", help="Keep unreachable objects younger "
                                        "than this (e.g. 1h, 30m, 0).")] = "1h",
+    explain: Annotated[bool, typer.Option("--explain", help="Say why each kept object is "
+                                          "kept (a ref names it, an adapter's base, ...).")] = False,
     as_json: JsonOpt = False,
 ):
     """Delete objects no ref can reach."""
@@ -34,9 +38,13 @@ def gc(
         seconds = parse_duration(grace)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--grace")
-    p = collect(store_of(ctx, must_exist=True), grace=seconds, dry_run=dry_run)
+    p = collect(store_of(ctx, must_exist=True), grace=seconds, dry_run=dry_run,
+                explain=explain)
     if as_json:
         return print_json(p.to_json(dry_run))
+    if p.why is not None:
+        for oid, why in sorted(p.why.items()):
+            echo(f"keep {oid[:12]}  {safe_text(why)}")
     verb = "would delete" if dry_run else "deleted"
     echo(f"{verb} {len(p.delete)} objects and {len(p.tmp_delete)} tmp files, "
          f"{fmt_bytes(p.bytes_freed)}; kept {p.kept_reachable} reachable, "
@@ -51,6 +59,12 @@ def fsck(
     lost_found: Annotated[bool, typer.Option("--lost-found", help=(
         "Name each dangling commit lost-found-<id>; rebuild a missing or damaged "
         "registry.json (a damaged one is kept as registry.json.corrupt-<time>)."))] = False,
+    repair: Annotated[bool, typer.Option("--repair", help=(
+        "Fetch a good copy of every missing or corrupt object (from --from REMOTE, the "
+        "default remote, or the Hub revision it was imported from), verify it, put it; "
+        "corrupt copies are moved to lost-found/objects/."))] = False,
+    from_: Annotated[Optional[str], typer.Option(
+        "--from", help="The remote to repair from (default: the default remote).")] = None,
 ):
     """Re-hash every object and check every ref; exit 1 on any problem."""
     from ..store.fsck import check, to_json
@@ -65,6 +79,7 @@ def fsck(
         except ValueError:
             raise typer.BadParameter("expected n/t with 1 <= n <= t", param_hint="--read-data-subset")
     store = store_of(ctx, must_exist=True)
+    repaired = _repair(store, from_, as_json) if repair else None
     findings = check(store, part)
     for f in findings:
         if f.cause is not None:  # the CLI's own wording of the error (its hint)
@@ -79,8 +94,12 @@ def fsck(
         doc = to_json(findings)
         if recovery is not None:
             doc["lost_found"] = recovery.to_json()
+        if repaired is not None:
+            doc["repair"] = repaired.to_json()
         print_json(doc)
     else:
+        if repaired is not None:
+            _print_repair(repaired)
         for f in findings:
             echo(("error " if f.error else "info  ") + safe_text(f.line()))
         if recovery is not None:
@@ -88,6 +107,34 @@ def fsck(
         echo(f"{len(errors)} problem(s)" if errors else "ok: no problems found")
     if errors:
         raise typer.Exit(1)
+
+
+def _repair(store, remote: str | None, as_json: bool):
+    """Repair from the named remote (else the default one, if any), then the Hub."""
+    from ..errors import NoDefaultRemote
+    from ..hub.repair import HubCopies
+    from ..remote.config import resolve_remote
+    from ..remote.repair import RemoteCopies
+    from ..store.repair import repair
+
+    sources = []
+    try:
+        sources.append(RemoteCopies(*resolve_remote(store, remote)))
+    except NoDefaultRemote:
+        if remote is not None:
+            raise
+    sources.append(HubCopies(store, TerminalReporter(as_json)))
+    return repair(store, sources)
+
+
+def _print_repair(res) -> None:
+    if not res.repaired and not res.failed:
+        echo("nothing to repair")
+    for r in res.repaired:
+        moved = f"; the damaged copy is in {safe_text(r.moved_to)}" if r.moved_to else ""
+        echo(f"repaired {r.object[:12]} ({r.problem}) from {safe_text(r.source)}{moved}")
+    for f in res.failed:
+        echo(f"not repaired {f.object[:12]} ({f.problem}): {safe_text(f.reason)}")
 
 
 def _print_recovery(rec) -> None:

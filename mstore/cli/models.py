@@ -13,8 +13,8 @@ import typer
 from ..units import fmt_bytes, fmt_count
 from .options import JsonOpt, NameArg, TensorsOpt, store_of
 from .output import (
-    TerminalReporter, echo, echo_line, print_json, print_table, render_graph, render_log,
-    render_show, safe_text, shown_path,
+    TerminalReporter, echo, echo_line, license_text, print_json, print_table, render_graph,
+    render_log, render_show, safe_text, shown_path,
 )
 
 RefArg = Annotated[str, typer.Argument(help="Ref to remove.")]
@@ -104,13 +104,14 @@ def _list(ctx: typer.Context, as_json: bool):
     for r in rows:
         table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
                       fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
-                      r.get("fine_tuned_from") or "-", r.get("description") or r.get("kind")
-                      or "-", r.get("license") or "unknown"))
+                      r.get("fine_tuned_from") or "-", r.get("variant") or r.get("kind") or "-",
+                      license_text(r.get("license"), r.get("license_note") and "inherited, "
+                                   "not permissive")))
     print_table(table)
 
 
 def list_(ctx: typer.Context, as_json: JsonOpt = False):
-    """List models: name, commit, architecture, parameters, size, parent, kind, license."""
+    """List models: name, commit, architecture, parameters, size, parent, license."""
     _list(ctx, as_json)
 
 

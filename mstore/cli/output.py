@@ -163,6 +163,12 @@ def source_line(m: dict[str, Any]) -> str:
     return src.get("type") or "-"
 
 
+def license_text(license: str | None, note: str | None) -> str:
+    """The license as list and show print it, with the note a child carries (see
+    mstore.store.licenses)."""
+    return (license or "unknown") + (f" ({note})" if note else "")
+
+
 def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
     m = doc["manifest"]
     dtypes = Counter(t["dtype"] for t in m["tensors"].values())
@@ -170,12 +176,12 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         ("name", ", ".join(doc["names"]) or "(no ref)"),
         ("commit", doc["commit"]),
         ("architecture", m["architecture"]),
+        *([("variant", doc["variant"])] if doc.get("variant") else []),
         ("model_id", m["model_id"]),
         ("source", source_line(m)),
-        ("license", m.get("license") or "unknown"),
+        ("license", license_text(m.get("license"), doc.get("license_note"))),
         ("parent", (m["parent"][:12] + (f" ({', '.join(doc['parent_names'])})"
                                          if doc["parent_names"] else "")) if m["parent"] else "-"),
-        ("kind", doc.get("description") or m.get("kind") or "full"),
         ("created", m["created_at"]),
         ("message", m["message"]),
         ("parameters", f"{fmt_count(doc['parameters'])} ({doc['parameters']:,}) in "
@@ -225,8 +231,8 @@ def render_log(entries: list[dict[str, Any]]) -> str:
             out.append(f"Source: {safe_text(source_line(e))}")
         if e.get("parent"):
             out.append(f"Parent: {safe_text(e['parent'][:12])}")
-        if e.get("description"):
-            out.append(f"Kind:   {safe_text(e['description'])}")
+        if e.get("variant"):
+            out.append(f"Kind:   {safe_text(e['variant'])}")
         out.append("")
         out.append(f"    {safe_text(e.get('message', ''))}")
         summary = training_summary(e.get("training"))
@@ -251,8 +257,8 @@ def render_graph(entries: list[dict[str, Any]]) -> str:
         names = ", ".join(e.get("names") or []) or "(no ref)"
         gone = "" if e.get("weights_present", True) else " [weights collected]"
         summary = training_summary(e.get("training")) or e.get("message", "")
-        if e.get("description"):
-            summary = f"[{e['description']}] {summary}"
+        if e.get("variant"):
+            summary = f"[{e['variant']}] {summary}"
         return (f"* {safe_text(e['commit'][:12])} {safe_text(names)}{gone}  "
                 f"{safe_text((e.get('created_at') or '')[:10])}  {safe_text(summary)}")
 

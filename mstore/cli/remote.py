@@ -120,14 +120,22 @@ def register(app: typer.Typer) -> None:
         as_name: Annotated[Optional[str], typer.Option(
             "--as", help="Name of the local ref (default: the same).")] = None,
         force: ForceOpt = False,
+        require_signature: Annotated[Optional[Path], typer.Option(
+            "--require-signature", help="Refuse the model unless its commit is signed by "
+            "this PEM public key (checked before anything is written).")] = None,
         as_json: JsonOpt = False,
     ):
         """Fetch a model from a remote, verifying every object, and set the local ref."""
         from ..remote import pull as do_pull
 
+        keyid = None
+        if require_signature is not None:
+            from ..store.signing import fingerprint, load_public_key
+
+            keyid = fingerprint(load_public_key(require_signature))
         reporter = TerminalReporter(as_json)
         r = do_pull(store_of(ctx), name, remote, as_name=as_name, force=force,
-                    reporter=reporter)
+                    require_signature=keyid, reporter=reporter)
         _warn_skipped(reporter, r.remote, r.skipped)
         if as_json:
             return print_json(r.to_json())

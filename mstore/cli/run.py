@@ -74,9 +74,17 @@ def export(ctx: typer.Context, name: NameArg,
            adapter: Annotated[bool, typer.Option(
                "--adapter", help="A LoRA child as a PEFT adapter folder (adapter_config.json, "
                "adapter_model.safetensors) instead of the merged model.")] = False,
+           sign: Annotated[Optional[Path], typer.Option(
+               "--sign", help="Also write DIR/model.sig, an OpenSSF model-signing signature "
+               "made with this PEM ECDSA P-256 private key.")] = None,
+           fmt: Annotated[str, typer.Option(
+               "--format", help="safetensors (a Hugging Face folder) or gguf (one file for "
+               "llama.cpp and Ollama).")] = "safetensors",
+           gguf_type: Annotated[str, typer.Option(
+               "--type", help="GGUF tensor type: f16, bf16 or q8_0.")] = "f16",
            as_json: JsonOpt = False):
-    """Write a Hugging Face-format folder (config, safetensors, tokenizer, metadata.json);
-    a LoRA child is written merged into its base, or as its PEFT folder with --adapter."""
+    """Write a Hugging Face-format folder or a GGUF file, with a model card (README.md); a
+    LoRA child is written merged into its base, or as its PEFT folder with --adapter."""
     from ..hub.export import InlineTensor, export_model
 
     def merge(commit: str) -> dict[str, InlineTensor]:
@@ -84,8 +92,21 @@ def export(ctx: typer.Context, name: NameArg,
 
         return {n: InlineTensor(*t) for n, t in merged_weights(store, commit).items()}
 
+    if gguf_type != "f16" and fmt != "gguf":
+        raise typer.BadParameter("--type applies to --format gguf", param_hint="--type")
+    if sign is not None:
+        from ..hub.export_signing import check_signing_key
+
+        keyid = check_signing_key(sign)  # a bad key is refused before anything is written
     store = store_of(ctx, must_exist=True)
-    doc = export_model(store, name, dest, adapter=adapter, merge=merge)
+    doc = export_model(store, name, dest, fmt=fmt, gguf_type=gguf_type, adapter=adapter,
+                       merge=merge)
+    if sign is not None:
+        from ..hub.export_signing import sign_folder
+
+        signature = sign_folder(dest, sign)
+        doc["files"] = sorted(doc["files"] + [signature.name])
+        doc["signature"] = {"file": signature.name, "keyid": keyid}
     if as_json:
         return print_json(doc)
     what, where = safe_text(doc["name"] or doc["commit"][:12]), safe_text(shown_path(doc["dir"]))

@@ -1,9 +1,11 @@
-"""`mstore export`: a manifest back into a Hugging Face-format folder, without torch.
+"""`mstore export`: a manifest back into a Hugging Face-format folder, without torch, or
+into a GGUF file for llama.cpp and Ollama (`--format gguf`, hub/gguf_export.py).
 
 The weights file is assembled from the tensor objects by copying their data ranges (kernel
 copy), sharded past 5 GB with an index like `save_pretrained`. Every object is re-hashed
-before it is used, and a corrupt one is refused by name. The folder is written next to its
-destination and renamed into place, so a failed export leaves nothing half-written.
+before it is used, and a corrupt one is refused by name. Both formats write a model card
+(hub/model_card.py). The folder is written next to its destination and renamed into
+place, so a failed export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from ..store.manifest import Manifest, TensorEntry
 from ..store.objects import copy_range
 from ..store.report import log_entries
 from ..store.repo import Store
+from .export_tensors import check_exportable
+from .gguf_export import TYPES as GGUF_TYPES
+from .model_card import BASE_CARD, CARD, card_files
 
+FORMATS = ("safetensors", "gguf")
 SHARD_BYTES = 5 * 1000**3  # save_pretrained's default max_shard_size
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -42,44 +48,50 @@ class InlineTensor:
 
 
 def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES,
-                 adapter: bool = False,
+                 fmt: str = "safetensors", gguf_type: str = "f16", adapter: bool = False,
                  merge: Callable[[str], dict[str, InlineTensor]] | None = None) -> dict:
-    """A Hugging Face folder of `ref`. `adapter`: the adapter child's PEFT folder
-    (adapter_config.json, adapter_model.safetensors) instead. An adapter child without it
-    is written merged: its base's folder, with `merge(commit)` (the base's tensors the
-    adapter changes, merged by the caller: this layer has no torch) in place of theirs."""
+    """`ref` as a Hugging Face folder or a GGUF file. `adapter`: a LoRA child's PEFT folder
+    (adapter_config.json, adapter_model.safetensors). A LoRA child without it is written
+    merged: its base's folder with `merge(commit)` (the base's tensors the adapter changes,
+    merged by the caller: this layer has no torch) in place of theirs."""
     dest = Path(dest)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "gguf" and gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)
     m = store.read_manifest(r.commit)
+    what = r.name or r.commit[:12]
     if adapter and m.kind != "adapter":
-        raise ExportError(f"{ref} is a {m.kind} model, not a LoRA adapter: export it "
+        raise ExportError(f"{what} is a {m.kind} model, not a LoRA adapter: export it "
                           "without --adapter")
-    _verify_objects(store, m)
-    if adapter:
-        return _export(r, dest, lambda work: _write_adapter_folder(store, m, r, work))
-    if m.kind == "adapter":
-        if merge is None:
-            raise ExportError(f"{ref} is a LoRA adapter: export its PEFT folder "
-                              "(adapter=True) or pass `merge` to write it merged")
+    if adapter and fmt != "safetensors":
+        raise ExportError("--adapter writes a PEFT folder (safetensors): give no --format")
+    base, merged = None, {}
+    if m.kind == "adapter" and not adapter and fmt == "safetensors" and merge is not None:
         base = store.read_manifest(m.parent)
         _verify_objects(store, base)
+    elif not adapter:
+        check_exportable(m, what)
+    _verify_objects(store, m)
+    if base is not None:
         merged = merge(r.commit)
-        return _export(r, dest, lambda work: _write_folder(
-            store, base, r, work, shard_bytes, merged, lineage_of=m))
-    return _export(r, dest, lambda work: _write_folder(store, m, r, work, shard_bytes))
-
-
-def _export(r, dest: Path, write: Callable[[Path], list[str]]) -> dict:
-    """`write(work)` into a folder beside `dest`, synced, then renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     finished = False
     try:
-        written = write(work)
+        if adapter:
+            written = _write_adapter_folder(store, m, r, work)
+        elif fmt == "gguf":
+            written = _write_gguf_folder(store, m, r, work, gguf_type)
+        elif base is not None:  # a LoRA child, merged into its base's folder
+            written = _write_folder(store, base, r, work, shard_bytes, merged, described=m)
+        else:
+            written = _write_folder(store, m, r, work, shard_bytes)
         for f in work.iterdir():
             with open(f, "rb") as fh:
                 fsio.fsync_file(fh, f)
@@ -94,7 +106,8 @@ def _export(r, dest: Path, write: Callable[[Path], list[str]]) -> dict:
     finally:
         if not finished:  # whatever stopped it (Ctrl-C included): no half-written folder
             shutil.rmtree(work, ignore_errors=True)
-    return {"name": r.name, "commit": r.commit, "dir": str(dest), "files": sorted(written)}
+    return {"name": r.name, "commit": r.commit, "dir": str(dest), "format": fmt,
+            "type": gguf_type if fmt == "gguf" else None, "files": sorted(written)}
 
 
 def _verify_objects(store: Store, m: Manifest) -> None:
@@ -127,14 +140,15 @@ def _info(store: Store, oid: str):
 
 def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
                   merged: dict[str, InlineTensor] | None = None,
-                  lineage_of: Manifest | None = None) -> list[str]:
-    """`m`'s folder; `merged` replaces some of its tensors; `lineage_of` is the manifest
-    metadata.json describes (an adapter child exported merged: the child, not its base)."""
+                  described: Manifest | None = None) -> list[str]:
+    """`m`'s folder; `merged` replaces some of its tensors; `described` is the manifest the
+    card and metadata.json describe (a LoRA child written merged: the child, not its base)."""
     written = []
     (work / "config.json").write_bytes(store.objects.read_bytes(m.config))
     written.append("config.json")
     for name, oid in m.files.items():
-        if "/" in name or name.startswith(".") or name in (WEIGHTS, INDEX, "metadata.json"):
+        if "/" in name or name.startswith(".") or name in (WEIGHTS, INDEX, "metadata.json",
+                                                           CARD, BASE_CARD):
             continue
         (work / name).write_bytes(store.objects.read_bytes(oid))
         written.append(name)
@@ -145,7 +159,31 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
             (work / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             written.append("generation_config.json")
     written += _write_weights(store, m, work, shard_bytes, merged or {})
-    meta = _metadata(store, lineage_of or m, r)
+    return written + _write_card_and_metadata(store, described or m, r, work, "safetensors")
+
+
+def _write_gguf_folder(store: Store, m: Manifest, r, work: Path, gguf_type: str) -> list[str]:
+    """model.gguf, its Ollama Modelfile, the license files, the card and metadata.json."""
+    from .gguf_export import write_gguf
+    from .model_card import hub_base_model, lineage_of
+
+    base = hub_base_model(lineage_of(store, r.commit))
+    written = write_gguf(store, m, r.name or r.commit[:12], work, gguf_type,
+                         {"license": m.license if m.license != "unknown" else None,
+                          "base_model": base})
+    for name, oid in m.files.items():
+        if "/" not in name and name.upper().startswith(("LICENSE", "NOTICE", "COPYING")):
+            (work / name).write_bytes(store.objects.read_bytes(oid))
+            written.append(name)
+    return written + _write_card_and_metadata(store, m, r, work, "gguf")
+
+
+def _write_card_and_metadata(store: Store, m: Manifest, r, work: Path, fmt: str) -> list[str]:
+    written = []
+    for name, data in card_files(store, m, r.commit, r.name, fmt).items():
+        (work / name).write_bytes(data)
+        written.append(name)
+    meta = _metadata(store, m, r)
     (work / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     written.append("metadata.json")
     for f in work.iterdir():

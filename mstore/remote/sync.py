@@ -30,14 +30,16 @@ from ..errors import (
     CommitNeedsRefName,
     DestinationNotEmpty, LocalRefWouldMove, NotFastForward, ObjectCorrupt, ObjectMissing,
     RemoteBusy, RemoteNotAStore, RemoteObjectCorrupt, RemoteObjectMissing,
-    RemoteRefInvalid, RemoteRefMissing, RemoteRefMoved, StoreNotFound,
+    RemoteRefInvalid, RemoteRefMissing, RemoteRefMoved, SignatureRequired, StoreNotFound,
 )
 from ..reporting import SILENT, Reporter
 from ..store import failpoints, fsio
-from ..store.manifest import LightManifest
+from ..store.manifest import LightManifest, Manifest
 from ..store.objects import hash_bytes, hash_file
-from ..store.reachability import Closure, closure, store_loader
+from ..store.attachments import parse_attachment
+from ..store.reachability import Closure, closure, store_attachments, store_loader
 from ..store.registry import NAME_RE, validate_name
+from ..store.signing import check_signature
 from ..store.repo import Store
 from .config import (
     add_remote, list_remotes, normalize_url, resolve_remote, set_tracking, tracking_refs,
@@ -100,6 +102,7 @@ class _PushPlan:
     entry: dict[str, Any]
     known: str | None  # what this store last saw of the remote ref
     force: bool
+    attachments: dict[str, list[str]] = field(default_factory=dict)  # commit -> its attachments
 
     def may_set(self, current: str | None, remote_name: str) -> tuple[bool, bool]:
         """The push rule for a remote ref holding `current`: (write it?, forced?). Raises
@@ -135,6 +138,8 @@ def push(store: Store, ref: str, remote: str | None = None, *, as_name: str | No
             present = transport.present(plan.objects + plan.manifests)
             sent, bytes_sent = _send_objects(store, transport, plan, present, reporter)
             failpoints.hit("push.objects-sent")
+            for commit, listed in sorted(plan.attachments.items()):
+                transport.merge_attachments(commit, listed)
             previous, written, forced = _swap_remote_ref(transport, plan, remote_name, url,
                                                          reporter)
             failpoints.hit("push.ref-updated")
@@ -150,7 +155,8 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     """Under the writer lock: the commit `ref` names now and everything it needs, all here."""
     r = store.resolve(ref)
     head = store.read_manifest(r.commit)
-    plan = closure({name: r.commit}, store_loader(store))  # parents end where none is here
+    plan = closure({name: r.commit}, store_loader(store),  # parents end where none is here
+                   attachments=store_attachments(store))
     objects = sorted(plan.objects)
     for oid in objects:
         if not store.objects.exists(oid):
@@ -158,7 +164,8 @@ def _plan_push(store: Store, ref: str, name: str, known: str | None, force: bool
     entry = store.registry_entry(name, r.commit, head,
                                  r.entry.fine_tuned_from if r.entry else None)
     return _PushPlan(name=name, commit=r.commit, objects=objects, manifests=plan.order,
-                     entry=entry.to_json(), known=known, force=force)
+                     entry=entry.to_json(), known=known, force=force,
+                     attachments=plan.attachments)
 
 
 def _send_objects(store: Store, transport: Transport, plan: _PushPlan, present: dict[str, int],
@@ -220,34 +227,38 @@ def _upload(store: Store, transport: Transport, oids: list[str], sizes: dict[str
 
 # -- pull --------------------------------------------------------------------------------
 def pull(store: Store, name: str, remote: str | None = None, *, as_name: str | None = None,
-         force: bool = False, reporter: Reporter = SILENT) -> TransferResult:
-    """Fetch a remote ref's commit (verified object by object) and set the local ref."""
+         force: bool = False, require_signature: str | None = None,
+         reporter: Reporter = SILENT) -> TransferResult:
+    """Fetch a remote ref's commit (verified object by object) and set the local ref.
+    `require_signature`: a key fingerprint (signing.fingerprint); the commit must carry a
+    valid signature by that key on the remote, checked before anything is fetched."""
     remote_name, url = resolve_remote(store, remote)
     return _pull_from(store, remote_name, url, name, as_name=as_name, force=force,
-                      reporter=reporter)
+                      require_signature=require_signature, reporter=reporter)
 
 
 def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
-               as_name: str | None = None, force: bool = False, reporter: Reporter = SILENT,
+               as_name: str | None = None, force: bool = False,
+               require_signature: str | None = None, reporter: Reporter = SILENT,
                transport: Transport | None = None) -> TransferResult:
-    """Plan (read the chain), check the local ref, fetch, set the ref: a pull that is
-    refused has written nothing."""
+    """Plan (read the chain), check the signature asked for and the local ref, fetch, set
+    the ref: a pull that is refused has written nothing."""
     validate_name(name)
     local_name = validate_name(as_name or name)
     transport = transport or open_transport(url)
+    if require_signature is not None:  # first without the lock: a refusal leaves no lock file
+        with backend_errors(url), transport.session(writing=False):
+            commit = _remote_entry(transport, url, remote_name, name)[0]["commit"]
+            plan, fetched = _plan_fetch(store, transport, remote_name, commit)
+            _require_signature(store, transport, remote_name, name, commit, plan, fetched,
+                               require_signature)
     with backend_errors(url), store.writer_lock("pull"), transport.session(writing=False):
-        listing = transport.read_registry_entries()
-        if listing is None:
-            raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
-        models, invalid = listing
-        entry = models.get(name)
-        if entry is None:
-            reason = dict(invalid).get(name)
-            if reason is not None:
-                raise RemoteRefInvalid(name, remote_name, reason)
-            raise RemoteRefMissing(name, remote_name, sorted(models))
+        entry, invalid = _remote_entry(transport, url, remote_name, name)
         commit = entry["commit"]
         plan, fetched = _plan_fetch(store, transport, remote_name, commit)
+        if require_signature is not None:  # again: the remote ref may have moved since
+            _require_signature(store, transport, remote_name, name, commit, plan, fetched,
+                               require_signature)
         result = TransferResult(
             remote=remote_name, url=url, name=local_name, commit=commit,
             previous=None, ref_updated=False, manifests=len(plan.order),
@@ -260,6 +271,22 @@ def _pull_from(store: Store, remote_name: str, url: str, name: str, *,
             _set_local_ref(store, local_name, commit, entry, result)
     set_tracking(store, remote_name, name, commit)
     return result
+
+
+def _remote_entry(transport: Transport, url: str, remote_name: str, name: str
+                  ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The remote's registry entry for `name`, and the invalid entries it skipped."""
+    listing = transport.read_registry_entries()
+    if listing is None:
+        raise RemoteNotAStore(url, "no registry.json: nothing was pushed there yet")
+    models, invalid = listing
+    entry = models.get(name)
+    if entry is None:
+        reason = dict(invalid).get(name)
+        if reason is not None:
+            raise RemoteRefInvalid(name, remote_name, reason)
+        raise RemoteRefMissing(name, remote_name, sorted(models))
+    return entry, invalid
 
 
 def _check_local_ref(store: Store, local_name: str, name: str, commit: str, plan: Closure,
@@ -329,10 +356,42 @@ def _plan_fetch(store: Store, transport: Transport, remote_name: str, commit: st
         fetched[oid] = data
         return m
 
-    plan = closure({commit: commit}, load)
+    plan = closure({commit: commit}, load, attachments=transport.attachment_index)
     if commit not in plan.manifests:
         raise RemoteObjectMissing(commit, remote_name, "manifest")
     return plan, fetched
+
+
+def _require_signature(store: Store, transport: Transport, remote_name: str, name: str,
+                       commit: str, plan: Closure, fetched: dict[str, bytes], keyid: str) -> None:
+    """The commit's signature attachments as the remote holds them (read, not stored),
+    each re-hashed and checked against the manifest it will get; refuses unless one is a
+    valid signature by `keyid`. The objects the statement names are re-hashed on arrival,
+    as every object of a pull is."""
+    data = fetched.get(commit)
+    m = Manifest.from_bytes(data, commit) if data is not None else store.read_manifest(commit)
+    others = []
+    for oid in plan.attachments.get(commit, []):
+        raw = store.objects.read_bytes(oid) if store.objects.exists(oid) \
+            else transport.read_object(oid)
+        if raw is None:
+            raise RemoteObjectMissing(oid, remote_name, "attachment")
+        got = hash_bytes(raw)
+        if got != oid:
+            raise RemoteObjectCorrupt(oid, got, remote_name)
+        try:
+            att = parse_attachment(raw, oid, commit)
+        except ObjectCorrupt as e:
+            raise RemoteObjectCorrupt(oid, f"not an attachment of {commit[:12]}: {e.reason}",
+                                      remote_name) from None
+        if att.kind != "signature":
+            continue
+        check = check_signature(att, m, {keyid})
+        if check.valid and check.trusted:
+            return
+        if check.valid:
+            others.append(check.keyid)
+    raise SignatureRequired(name, remote_name, commit, keyid, sorted(set(others)))
 
 
 def _fetch(store: Store, transport: Transport, remote_name: str, plan: Closure,
@@ -354,6 +413,14 @@ def _fetch(store: Store, transport: Transport, remote_name: str, plan: Closure,
             raise RemoteObjectCorrupt(oid, res.oid, remote_name)
         received += 1
         nbytes += len(data)
+    for commit, listed in sorted(plan.attachments.items()):
+        for oid in listed:  # hashed on arrival; a record of another commit is refused
+            try:
+                parse_attachment(store.objects.read_bytes(oid), oid, commit)
+            except ObjectCorrupt as e:
+                raise RemoteObjectCorrupt(oid, f"not an attachment of {commit[:12]}: {e.reason}",
+                                          remote_name) from None
+        store.attachments.merge(commit, listed)
     result.objects_sent, result.bytes_sent = received, nbytes
     result.objects_present = len(plan.keep()) - len(wanted) - len(fetched)
 

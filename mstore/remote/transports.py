@@ -45,6 +45,7 @@ from ..errors import (
 )
 from ..reporting import SILENT, Reporter
 from ..store import fsio
+from ..store.attachments import index_bytes, parse_index
 from ..store.locks import StoreLock, lock_wait
 from ..store.objects import OBJECT_MODE, is_oid
 from ..store.registry import VERSION, parse_registry_entries
@@ -197,6 +198,40 @@ class Transport:
             return self.fs.cat_file(self.key(oid))
         except FileNotFoundError:
             return None
+
+    # attachment lists (mstore/store/attachments.py): unions, never shrunk
+    def attachments_key(self, commit: str) -> str:
+        if not is_oid(commit):
+            raise ObjectCorrupt(commit, "not an object id", "remote reference")
+        return f"{self.root}/attachments/{commit}.json"
+
+    def attachment_index(self, commit: str) -> list[str]:
+        """The remote's attachment list of `commit` ([] when it has none)."""
+        key = self.attachments_key(commit)
+        self.fs.invalidate_cache(key)
+        try:
+            data = self.fs.cat_file(key)
+        except FileNotFoundError:
+            return []
+        return parse_index(data, self.url.rstrip("/") + f"/attachments/{commit}.json")
+
+    def merge_attachments(self, commit: str, oids: Iterable[str]) -> None:
+        """Union `oids` (objects already uploaded) into the remote's list for `commit`. Two
+        pushes racing on one list may lose one's additions there (never an object); the
+        next push of that commit adds them again."""
+        held = set(self.attachment_index(commit))
+        if set(oids) <= held:
+            return
+        key = self.attachments_key(commit)
+        data = index_bytes(held | set(oids))
+        if self.protocol in ATOMIC_PUT:
+            self.fs.pipe_file(key, data)
+            return
+        tmp = f"{self.root}/tmp/attachments.{uuid.uuid4().hex[:12]}.incomplete"
+        self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
+        self.fs.makedirs(f"{self.root}/attachments", exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, key)
 
     # registry: reading
     def read_registry_raw(self) -> bytes | None:
@@ -441,6 +476,12 @@ class LocalTransport(Transport):
             return self.store.objects.path(oid).read_bytes()
         except FileNotFoundError:
             return None
+
+    def attachment_index(self, commit: str) -> list[str]:
+        return self.store.attachments.index(commit)
+
+    def merge_attachments(self, commit: str, oids: Iterable[str]) -> None:
+        self.store.attachments.merge(commit, oids)
 
     def read_registry_raw(self) -> bytes | None:
         try:

@@ -52,18 +52,12 @@ def import_peft():
     return peft
 
 
-def describe(manifest: Manifest) -> str:
-    """"lora r=16" for an adapter child (what list/show/log print before " on <base>")."""
-    a = manifest.adapter or {}
-    return f"{a.get('method', 'lora')} r={a.get('r', '?')}"
-
-
 # -- training ---------------------------------------------------------------------------
 def check_base(store: Store, ref: str, commit: str) -> None:
     """Training (full or LoRA) starts from a full or quantized model, never an adapter."""
     m = store.read_manifest(commit)
     if m.kind == "adapter":
-        raise AdapterOnAdapter(ref, describe(m))
+        raise AdapterOnAdapter(ref, m.describe())
 
 
 def module_names(model: torch.nn.Module) -> list[str]:
@@ -287,7 +281,7 @@ def merge(store: Store, ref: str, name: str | None = None) -> CommitResult:
             model_id=base.manifest.model_id,
             source={"type": "merge", "parent": r.commit, "parent_name": ref_name},
             license=base.manifest.license, parent=r.commit, files=dict(base.manifest.files),
-            message=f"merge {shown} ({describe(manifest)}) into its base",
+            message=f"merge {shown} ({manifest.describe()}) into its base",
             training=None, name=name,
             stem=finetune_stem(ref_name or base.manifest.model_id.split("/")[-1].lower()),
             name_fmt=MERGED_FMT, fine_tuned_from=ref_name, dtypes=dtypes)

@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass, field, fields
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .attachments import parse_attachment
 from .lost_found import dangling_commits
+from .reachability import ref_closure
 from .repo import Store
 
 
@@ -65,24 +67,30 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
         findings.append(Finding("bad-registry", None, str(e), cause=e))
         refs, registry_read = {}, False
 
-    reachable: set[str] = set()
     checked_heads: set[str] = set()
     for name, entry in sorted(refs.items()):
-        head = True
+        head, first, label = True, True, name
         for oid, m in store.lineage(entry.commit, light=False):
-            reachable.add(oid)
             if m is None:
                 if oid not in on_disk:
-                    kind = "dangling-ref" if head else "missing"
-                    findings.append(Finding(kind, oid, f"manifest of {name!r} is missing"))
+                    kind = "dangling-ref" if first else "missing"
+                    what = "the base" if head and not first else "manifest"
+                    findings.append(Finding(kind, oid, f"{what} of {label!r} is missing"))
                 elif oid not in bad_hash:
-                    findings.append(Finding("corrupt", oid, f"manifest of {name!r} does not parse"))
+                    findings.append(Finding("corrupt", oid, f"manifest of {label!r} does not parse"))
                 break
             if head and oid not in checked_heads:
                 checked_heads.add(oid)
-                findings += _check_head(store, name, m, on_disk, bad_hash)
-                reachable |= m.object_ids()
-            head = False
+                findings += _check_head(store, label, m, on_disk, bad_hash)
+            first = False
+            head = head and m.needs_parent_objects
+            if head:
+                label = f"the base of {name}"
+    reachable: set[str] = set()
+    if registry_read:
+        kept = ref_closure(store)
+        reachable = kept.keep() | {oid for oid, _label in kept.unreadable}
+    findings += _check_attachments(store, on_disk, bad_hash)
 
     for d in dangling_commits(store, refs):
         gone = "" if d.weights_present else " [weights missing]"
@@ -121,6 +129,26 @@ def _check_head(store, name, m, on_disk, bad_hash) -> list[Finding]:
             out.append(Finding("corrupt", t.object,
                                f"tensor {tname} of {name!r}: object holds {info.dtype}"
                                f"{list(info.shape)}, manifest says {t.dtype}{t.shape}"))
+    return out
+
+
+def _check_attachments(store, on_disk, bad_hash) -> list[Finding]:
+    """Each commit's attachment list parses, and names intact attachments of that commit."""
+    out = []
+    for commit in store.attachments.commits():
+        try:
+            listed = store.attachments.index(commit)
+        except MStoreError as e:
+            out.append(Finding("corrupt", None, str(e), cause=e))
+            continue
+        for oid in listed:
+            if oid not in on_disk:
+                out.append(Finding("missing", oid, f"attachment of commit {commit[:12]}"))
+            elif oid not in bad_hash:
+                try:
+                    parse_attachment(store.objects.read_bytes(oid, verify=False), oid, commit)
+                except ObjectCorrupt as e:
+                    out.append(Finding("corrupt", oid, e.reason))
     return out
 
 

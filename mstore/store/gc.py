@@ -2,8 +2,9 @@
 
 Roots are the refs. Every manifest reachable through `parent` stays, so `log` can always
 show where a model came from; tensor and file objects stay only while some ref's own
-manifest names them, so removing a base frees its weights while its fine-tunes keep their
-history. Two mechanisms keep a writer in flight safe:
+manifest names them (or, for an adapter child, its base's), so removing a base frees its
+weights while its full fine-tunes keep their history and its adapters keep working.
+A commit's attachments stay with it; the lists of commits gc deletes go too. Two mechanisms keep a writer in flight safe:
   1. the store lock: writers hold it shared for their whole run, gc exclusive, so gc never
      runs beside an import or a train;
   2. the grace period: unreachable objects younger than it are kept, and a dedup hit
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from . import failpoints, fsio
 from ..errors import GcRefused, ObjectCorrupt, ObjectMissing
-from .reachability import ref_closure
+from .reachability import Closure, ref_closure
 from .repo import Store
 
 DEFAULT_GRACE = 3600.0
@@ -36,6 +37,7 @@ class GcPlan:
     tmp_delete: list[tuple[Path, int]] = field(default_factory=list)
     kept_young: int = 0
     kept_reachable: int = 0
+    why: dict[str, str] | None = None  # oid -> why it is kept (explain)
 
     @property
     def bytes_freed(self) -> int:
@@ -47,33 +49,40 @@ class GcPlan:
             "bytes_freed": self.bytes_freed, "tmp_files_deleted": len(self.tmp_delete),
             "kept_reachable": self.kept_reachable, "kept_within_grace": self.kept_young,
             "deleted": [oid for oid, _ in self.delete],
+            **({"kept": [{"object": oid, "why": why} for oid, why in sorted(self.why.items())]}
+               if self.why is not None else {}),
         }
 
 
-def reachable(store: Store) -> tuple[set[str], set[str]]:
-    """(manifests to keep, tensor/file objects to keep); raises GcRefused when unsure.
-    The rule itself is `reachability.closure`, shared with push, pull and clone."""
-    c = ref_closure(store)
+def reachable(store: Store, explain: bool = False) -> Closure:
+    """What the refs keep; raises GcRefused when unsure. The rule itself is
+    `reachability.closure`, shared with push, pull and clone."""
+    c = ref_closure(store, explain=explain)
     if c.unreadable:
         oid, name = c.unreadable[0]
         raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
                         "run `mstore fsck`")
-    return set(c.manifests), c.objects
+    return c
 
 
-def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -> GcPlan:
+def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None,
+         explain: bool = False) -> GcPlan:
     now = time.time() if now is None else now
     try:
-        keep_manifests, keep_objects = reachable(store)
+        c = reachable(store, explain)
     except (ObjectMissing, ObjectCorrupt) as e:
         raise GcRefused(str(e)) from None
-    keep = keep_manifests | keep_objects
-    p = GcPlan()
+    keep = c.keep()
+    p = GcPlan(why={} if explain else None)
     for oid, st in store.objects.iter_objects():
         if oid in keep:
             p.kept_reachable += 1
+            if p.why is not None:
+                p.why[oid] = c.why(oid) or "reachable"
         elif now - st.st_mtime < grace:
             p.kept_young += 1
+            if p.why is not None:
+                p.why[oid] = "unreachable, but younger than the grace period"
         else:
             p.delete.append((oid, st.st_size))
     if store.objects.tmp_dir.is_dir():
@@ -84,16 +93,18 @@ def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -
     return p
 
 
-def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GcPlan:
+def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False,
+            explain: bool = False) -> GcPlan:
     """Plan and (unless dry_run) delete, under the exclusive store lock."""
     store.require()
     with nullcontext() if dry_run else store.gc_lock():
-        p = plan(store, grace)
+        p = plan(store, grace, explain=explain)
         failpoints.hit("gc.planned")
         if not dry_run:
             for oid, _ in p.delete:
                 fsio.unlink(store.objects.path(oid), missing_ok=True)
                 failpoints.hit("gc.object-deleted")
+            store.attachments.drop_orphans()
             for path, _ in p.tmp_delete:
                 _remove_tree(path)
                 failpoints.hit("gc.tmp-deleted")

@@ -3,6 +3,11 @@
 A manifest names every object a model needs (config, files, one object per tensor), where
 the model came from (`source`, or `parent` for a fine-tune) and how it was made
 (`training`). Tied parameters are recorded by name instead of stored twice.
+
+Its `kind` says how to read the tensors: `full` (a whole model), `adapter` (only a LoRA
+adapter's tensors; the weights are the `parent`'s, which it therefore keeps alive) or
+`quantized` (weight-only quantized layout, described by `quantization`). Format-1 manifests
+have no `kind` and read as `full`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any, Callable
 from ..errors import ObjectCorrupt
 from .objects import is_oid
 
-FORMAT = 1
+FORMAT = 2  # what this mstore writes
+READABLE_FORMATS = (1, 2)
+KINDS = ("full", "adapter", "quantized")
 _HEX = re.compile(r"[0-9a-f]*")
 
 
@@ -56,12 +63,19 @@ class Manifest:
     message: str = ""
     tied_weights: dict[str, str] = field(default_factory=dict)  # name -> name it shares
     training: dict[str, Any] | None = None
+    kind: str = "full"
+    adapter: dict[str, Any] | None = None  # kind "adapter": method, r, alpha, targets...
+    quantization: dict[str, Any] | None = None  # kind "quantized": scheme, group size...
     format: int = FORMAT
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fields its format has: a format-1 manifest read back gives its own bytes (and id)."""
         d = asdict(self)
         d["tensors"] = {k: asdict(v) for k, v in self.tensors.items()}
+        if self.format == 1:
+            for key in ("kind", "adapter", "quantization"):
+                del d[key]
         return d
 
     def to_bytes(self) -> bytes:
@@ -94,13 +108,26 @@ class Manifest:
     def parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
 
+    def describe(self) -> str:
+        return describe(self)
+
+    @property
+    def needs_parent_objects(self) -> bool:
+        """An adapter is read on top of its parent's weights: it keeps them alive."""
+        return self.kind == "adapter"
+
     def content_key(self) -> bytes:
-        """What makes two imports 'the same content': weights, config, files; not the date."""
-        return canonical_json({
+        """What makes two imports 'the same content': weights, config, files, and how the
+        tensors are to be read; not the date (nor the format: a format-1 import of the same
+        files is the same content)."""
+        key = {
             "architecture": self.architecture, "config": self.config, "files": self.files,
             "tensors": {k: asdict(v) for k, v in self.tensors.items()},
             "tied_weights": self.tied_weights,
-        })
+        }
+        if self.kind != "full":
+            key.update(kind=self.kind, adapter=self.adapter, quantization=self.quantization)
+        return canonical_json(key)
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,9 @@ class LightManifest:
     message: str = ""
     tied_weights: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] | None = None
+    kind: str = "full"
+    adapter: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
     format: int = FORMAT
 
     @classmethod
@@ -140,6 +170,28 @@ class LightManifest:
         """Tensor and file objects this manifest needs (not its parent)."""
         return {self.config, *self.files.values(), *self.tensor_objects}
 
+    def describe(self) -> str:
+        return describe(self)
+
+    @property
+    def needs_parent_objects(self) -> bool:
+        """An adapter is read on top of its parent's weights: it keeps them alive."""
+        return self.kind == "adapter"
+
+
+def describe(m: "Manifest | LightManifest") -> str:
+    """What kind of model this is, in a few words: '' for a full model, 'lora r=16' for an
+    adapter, 'int8' / 'int4 g128' for a quantized one. Views add 'on/of <parent>'."""
+    if m.kind == "adapter" and m.adapter:
+        method = str(m.adapter.get("method", "adapter"))
+        r = m.adapter.get("r")
+        return f"{method} r={r}" if isinstance(r, int) else method
+    if m.kind == "quantized" and m.quantization:
+        scheme = str(m.quantization.get("scheme", "quantized"))
+        group = m.quantization.get("group_size")
+        return f"{scheme} g{group}" if isinstance(group, int) and scheme != "int8" else scheme
+    return "" if m.kind == "full" else m.kind
+
 
 def _parse_common(data: bytes, oid: str) -> tuple[dict[str, Any], Callable[[str], ObjectCorrupt]]:
     """The JSON object, its format and the types of its required fields; and `bad`, which
@@ -153,8 +205,9 @@ def _parse_common(data: bytes, oid: str) -> tuple[dict[str, Any], Callable[[str]
         raise bad("not valid JSON") from None
     if not isinstance(d, dict):
         raise bad("not a JSON object")
-    if type(d.get("format")) is not int or d["format"] != FORMAT:
-        raise bad(f"format {d.get('format')!r} is not {FORMAT}")
+    if type(d.get("format")) is not int or d["format"] not in READABLE_FORMATS:
+        raise bad(f"format {d.get('format')!r} is not one this mstore reads "
+                  f"({', '.join(map(str, READABLE_FORMATS))}); a newer mstore wrote it")
     for key, typ in (("architecture", str), ("model_id", str), ("source", dict),
                      ("config", str), ("files", dict), ("tensors", dict),
                      ("created_at", str), ("message", str)):
@@ -172,11 +225,32 @@ def _check_rest(d: dict[str, Any], bad: Callable[[str], ObjectCorrupt]) -> None:
         raise bad("field 'license' is not a string")
     if not isinstance(d.get("training"), (dict, type(None))):
         raise bad("field 'training' is not an object")
+    _check_kind(d, bad)
     oids = [d["config"], *d["files"].values()]
     if d.get("parent") is not None:
         oids.append(d["parent"])
     if not all(isinstance(o, str) and is_oid(o) for o in oids):
         raise bad("an object id is malformed")
+
+
+def _check_kind(d: dict[str, Any], bad: Callable[[str], ObjectCorrupt]) -> None:
+    """Format 2: `kind` is one of KINDS, with its description (`adapter`, `quantization`)
+    present exactly when it is that kind; an adapter names the parent it is read on."""
+    if d["format"] == 1:
+        if any(k in d for k in ("kind", "adapter", "quantization")):
+            raise bad("format 1 has no 'kind', 'adapter' or 'quantization'")
+        return
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise bad(f"field 'kind' is {kind!r}, not one of {', '.join(KINDS)}")
+    for key, owner in (("adapter", "adapter"), ("quantization", "quantized")):
+        value = d.get(key)
+        if kind == owner and not isinstance(value, dict):
+            raise bad(f"a {kind} manifest needs an object in {key!r}")
+        if kind != owner and value is not None:
+            raise bad(f"field {key!r} is set on a {kind} manifest")
+    if kind == "adapter" and d.get("parent") is None:
+        raise bad("an adapter manifest has no parent to be read on")
 
 
 def _known(d: dict[str, Any], cls: type, table: str) -> dict[str, Any]:

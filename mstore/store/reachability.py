@@ -2,7 +2,9 @@
 
 SPEC "Reachability": refs are the roots; every manifest reachable through `parent` stays
 (history is small); tensor and file objects stay only while some root's OWN manifest names
-them. gc keeps exactly `closure(refs)`; a push or pull moves `closure({the ref})` minus what
+them, or the manifest it is read on: an adapter child needs its base's weights, so a root
+that is an adapter keeps its parent's objects too (and theirs, while each is an adapter).
+The attachments of every kept manifest (eval notes, signatures) are kept with it. gc keeps exactly `closure(refs)`; a push or pull moves `closure({the ref})` minus what
 the other side holds, so after a transfer gc on either side deletes nothing and a second
 transfer has nothing to send. A new kind of dependency (an adapter child's base, a delta's
 base object) is added here, in `closure`, and nowhere else.
@@ -17,35 +19,53 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from ..errors import ObjectCorrupt, ObjectMissing
+from ..errors import AttachmentIndexCorrupt, ObjectCorrupt, ObjectMissing
 from .manifest import LightManifest
 
 
 @dataclass
 class Closure:
     manifests: dict[str, LightManifest] = field(default_factory=dict)  # every reachable manifest
-    objects: set[str] = field(default_factory=set)  # tensor/file objects the roots need
+    objects: set[str] = field(default_factory=set)  # tensor/file/attachment objects kept
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest, root label)
     order: list[str] = field(default_factory=list)  # the manifests, each after its parent
+    attachments: dict[str, list[str]] = field(default_factory=dict)  # commit -> its attachments
+    reasons: dict[str, str] | None = None  # oid -> why it is kept, when asked (`explain`)
 
     def keep(self) -> set[str]:
         """Every object id (manifests included) this closure keeps."""
         return set(self.manifests) | self.objects
 
+    def why(self, oid: str) -> str | None:
+        """Why `oid` is kept (a closure built with explain=True), None if it is not."""
+        if self.reasons is None:
+            raise ValueError("closure was built without explain=True")
+        return self.reasons.get(oid)
+
+    def _keep(self, oids, reason: str) -> None:
+        if self.reasons is not None:
+            for o in oids:
+                if o not in self.objects:
+                    self.reasons.setdefault(o, reason)
+        self.objects |= set(oids)
+
 
 def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None],
-            lenient: Mapping[str, str] | None = None) -> Closure:
+            lenient: Mapping[str, str] | None = None,
+            attachments: Callable[[str], list[str]] | None = None,
+            explain: bool = False) -> Closure:
     """The objects `roots` (label -> commit id) keep alive, read through `load`.
 
     `lenient` roots keep what they reach too, but a manifest they cannot read is not
     reported: they are registry entries that are skipped as invalid (they protect what
-    they name, yet must never hold gc back)."""
-    out = Closure()
+    they name, yet must never hold gc back). `attachments(commit)` lists a commit's
+    attachment objects (None: none are kept). `explain` records why each object is kept."""
+    out = Closure(reasons={} if explain else None)
     strict = list(roots.items())
     for label, commit in strict + [(None, c) for c in (lenient or {}).values()]:
         chain: list[str] = []
         oid: str | None = commit
-        head = True
+        head = True  # this manifest's own objects are needed (the root, or what it is read on)
         while oid and oid not in out.manifests and oid not in chain:
             m = load(oid)
             if m is None:
@@ -53,15 +73,50 @@ def closure(roots: Mapping[str, str], load: Callable[[str], LightManifest | None
                     out.unreadable.append((oid, label))
                 break
             out.manifests[oid] = m
+            if out.reasons is not None:
+                out.reasons.setdefault(oid, _root_reason(label, commit, oid, chain))
             chain.append(oid)
             if head:
-                out.objects |= m.object_ids()
-            head = False
+                out._keep(m.object_ids(), _object_reason(label, commit, oid))
+            head = head and m.needs_parent_objects
             oid = m.parent
-        if head and oid in out.manifests:  # a root another root already reached
-            out.objects |= out.manifests[oid].object_ids()
+        while head and oid in out.manifests:  # reached a manifest another root walked
+            m = out.manifests[oid]
+            out._keep(m.object_ids(), _object_reason(label, commit, oid))
+            head = m.needs_parent_objects
+            oid = m.parent
         out.order.extend(reversed(chain))
+    if attachments is not None:
+        for commit in out.manifests:
+            listed = attachments(commit)
+            if listed:
+                out.attachments[commit] = listed
+                out._keep(listed, f"attachment of commit {commit[:12]}")
     return out
+
+
+def _root_reason(label: str | None, root: str, oid: str, chain: list[str]) -> str:
+    who = f"ref {label}" if label is not None else f"invalid registry entry's commit {root[:12]}"
+    return f"commit of {who}" if not chain else f"ancestor of {who}"
+
+
+def _object_reason(label: str | None, root: str, manifest: str) -> str:
+    who = f"ref {label}" if label is not None else f"invalid registry entry's commit {root[:12]}"
+    if manifest == root:
+        return f"named by {who}"
+    return f"named by {manifest[:12]}, the base {who} is an adapter on"
+
+
+def store_attachments(store) -> Callable[[str], list[str]]:
+    """`attachments` for a local store: a commit's attachment list (a damaged list keeps
+    nothing of its own; fsck names it)."""
+    def listed(commit: str) -> list[str]:
+        try:
+            return store.attachments.index(commit)
+        except AttachmentIndexCorrupt:
+            return []
+
+    return listed
 
 
 def store_loader(store) -> Callable[[str], LightManifest | None]:
@@ -76,7 +131,8 @@ def store_loader(store) -> Callable[[str], LightManifest | None]:
     return load
 
 
-def ref_closure(store) -> Closure:
+def ref_closure(store, explain: bool = False) -> Closure:
     """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
     return closure({name: e.commit for name, e in store.refs().items()}, store_loader(store),
-                   lenient={c: c for c in sorted(store.registry.invalid_commits())})
+                   lenient={c: c for c in sorted(store.registry.invalid_commits())},
+                   attachments=store_attachments(store), explain=explain)

@@ -25,7 +25,8 @@ from .locks import StoreLock
 from .objects import ObjectStore, is_oid
 from .refs import ENTRY_FIELDS, RefEntry  # noqa: F401 - ENTRY_FIELDS: the registry's fields, part of this module's API
 
-VERSION = 1
+VERSION = 2  # the store format this mstore writes (mstore/store/format.py migrates older ones)
+READABLE_VERSIONS = (1, 2)
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 COMMIT_LIKE_RE = re.compile(r"[0-9a-f]{7,}")  # would read as a commit id prefix
 _ANY = object()  # "no expectation" for compare-and-swap
@@ -55,13 +56,19 @@ class Registry:
         object: then the refs were lost and RegistryMissing says so."""
         return _entries(self._read()[1])
 
+    def version(self) -> int:
+        """The store format registry.json records; an absent registry is a new store's."""
+        if not self.path.exists():
+            return VERSION
+        return self._read()[3]
+
     def invalid_entries(self) -> list[tuple[str, str]]:
         """(key, reason) of each entry `load` skips; they stay in the file untouched."""
         return self._read()[2]
 
     def invalid_commits(self) -> set[str]:
         """Commit ids that skipped entries still name: gc keeps them (never lose user data)."""
-        raw, _valid, invalid = self._read()
+        raw, _valid, invalid, _version = self._read()
         out = set()
         for key, _reason in invalid:
             entry = raw.get(key)
@@ -76,7 +83,7 @@ class Registry:
         except FileNotFoundError:
             if not rebuild and self._objects.holds_any():
                 raise RegistryMissing(str(self.path)) from None
-            return {}, {}, []
+            return {}, {}, [], VERSION
         except OSError as e:
             raise RegistryCorrupt(str(self.path), f"cannot be read: {e.strerror or e}") from None
         return _parse(raw, str(self.path))
@@ -84,13 +91,15 @@ class Registry:
     def get(self, name: str) -> RefEntry | None:
         return self.load().get(name)
 
-    def update(self, change: Callable[[dict[str, RefEntry]], Any], rebuild: bool = False) -> Any:
+    def update(self, change: Callable[[dict[str, RefEntry]], Any], rebuild: bool = False,
+               version: int | None = None) -> Any:
         """Apply `change` to the freshly read usable entries and write it back atomically,
         with the skipped entries as they were. `rebuild`: a missing registry.json may be
-        created although objects exist (fsck --lost-found, under the exclusive store lock)."""
+        created although objects exist (fsck --lost-found, under the exclusive store lock).
+        The store format stays what it was unless `version` says (format.migrate does)."""
         with StoreLock(self.lock_path, shared=False, purpose="registry update"):
             failpoints.hit("registry.locked")
-            raw, valid, invalid = self._read(rebuild)
+            raw, valid, invalid, found = self._read(rebuild)
             models = _entries(valid)
             result = change(models)
             kept = {key: raw[key] for key, _reason in invalid}
@@ -98,7 +107,8 @@ class Registry:
                 if key in models:
                     raise NameHeldByInvalidEntry(key, reason)
             written = {name: e.to_json() for name, e in models.items()}
-            doc = {"version": VERSION, "models": dict(sorted({**kept, **written}.items()))}
+            doc = {"version": version or found,
+                   "models": dict(sorted({**kept, **written}.items()))}
             data = json.dumps(doc, indent=2, ensure_ascii=False).encode() + b"\n"
             fsio.write_atomic(self.path, data, self.tmp_dir,
                               before_replace=lambda: failpoints.hit("registry.tmp-written"))
@@ -150,7 +160,7 @@ def parse_registry_entries(raw: bytes, where: str
     """(usable entries, [(key, reason), ...] of the skipped ones). A file that is not a
     registry at all (not JSON, no 'models' table, another version) raises RegistryCorrupt;
     one bad entry never makes the others unreadable."""
-    _raw, valid, invalid = _parse(raw, where)
+    _raw, valid, invalid, _version = _parse(raw, where)
     return valid, invalid
 
 
@@ -179,8 +189,13 @@ def _parse(raw: bytes, where: str):
         raise RegistryCorrupt(where, f"not valid JSON: {e.__class__.__name__}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict):
         raise RegistryCorrupt(where, "expected an object with a 'models' table")
-    if doc.get("version") != VERSION:
-        raise RegistryCorrupt(where, f"version {doc.get('version')!r} is not {VERSION}")
+    version = doc.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        if type(version) is int and version > VERSION:
+            raise RegistryCorrupt(where, f"store format {version} is newer than this mstore "
+                                         f"reads ({VERSION}); upgrade mstore")
+        raise RegistryCorrupt(where, f"version {version!r} is not one of "
+                                     f"{', '.join(map(str, READABLE_VERSIONS))}")
     valid, invalid = {}, []
     for key, entry in doc["models"].items():
         problem = entry_problem(key, entry)
@@ -188,4 +203,4 @@ def _parse(raw: bytes, where: str):
             invalid.append((key, problem))
         else:
             valid[key] = entry
-    return doc["models"], valid, invalid
+    return doc["models"], valid, invalid, version

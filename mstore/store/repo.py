@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from . import fsio
+from . import format as store_format, fsio
 from .. import env
 from ..errors import (
     AmbiguousRef, NameTaken, NotACommit, ObjectCorrupt, ObjectMissing, RefChanged,
     StoreNotFound, UnknownModel,
 )
+from .attachments import Attachments
 from .locks import StoreLock
 from .manifest import LightManifest, Manifest
 from .objects import ObjectStore, hash_bytes, is_oid
@@ -51,6 +52,7 @@ class Store:
         self.objects = ObjectStore(self.root)
         self.registry = Registry(self.root)
         self.lock_path = self.root / ".lock"
+        self.attachments = Attachments(self)
 
     # -- set-up -------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -81,6 +83,7 @@ class Store:
         else:
             self.require()
             self.refs()
+        store_format.migrate(self)
         return StoreLock(self.lock_path, shared=True, purpose=purpose)
 
     def gc_lock(self, purpose: str = "gc") -> StoreLock:
@@ -282,12 +285,14 @@ class Store:
         """Remove a ref (`mstore rm`); returns the commit it held."""
         return self.remove(name)
 
-    def gc(self, *, dry_run: bool = False, grace: float | None = None) -> "views.GcResult":
-        """Delete what no ref keeps (`mstore gc`); `grace` in seconds (default one hour)."""
+    def gc(self, *, dry_run: bool = False, grace: float | None = None,
+           explain: bool = False) -> "views.GcResult":
+        """Delete what no ref keeps (`mstore gc`); `grace` in seconds (default one hour);
+        `explain`: the result's `kept` says why each kept object is kept."""
         from . import gc, views
 
         plan = gc.collect(self, grace=gc.DEFAULT_GRACE if grace is None else grace,
-                          dry_run=dry_run)
+                          dry_run=dry_run, explain=explain)
         return views.GcResult.from_json(plan.to_json(dry_run))
 
     def fsck(self) -> "views.FsckReport":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
+from .licenses import inherited_note
 from .lora_names import adapted_modules
 from .manifest import LightManifest, Manifest, TensorEntry
 from .repo import Store
@@ -23,36 +24,51 @@ from .repo import Store
 def list_rows(store: Store) -> list[dict[str, Any]]:
     """One row per ref: the registry entry as SPEC gives it, plus the shared vocabulary
     (`name` is the row's ref; the other names of its commit are rows of their own)."""
-    commits: dict[str, dict[str, Any]] = {}
+    heads: dict[str, LightManifest | None] = {}
+    notes: dict[str, str | None] = {}
     names = store.names_by_commit()
     rows = []
     for name, e in sorted(store.refs().items()):
         commit = e.commit
-        if commit not in commits:
-            commits[commit] = _kind_of(store, commit, names)
+        if commit not in heads:
+            heads[commit] = _head_of(store, commit)
+            notes[commit] = license_note(store, heads[commit].parent if heads[commit] else None)
+        m = heads[commit]
         rows.append({**e.to_json(), "name": name,
                      "short_commit": commit[:12], "architecture": e.architecture_type,
-                     **commits[commit], "license": e.license or None})
+                     "parent": m.parent if m else None, "license": e.license or None,
+                     "license_note": notes[commit],
+                     "kind": m.kind if m else None,
+                     "variant": variant(m, names) if m else ""})
     return rows
 
 
-def _kind_of(store: Store, commit: str, names: dict[str, list[str]]) -> dict[str, Any]:
-    """`parent`, `kind` and `description` of a commit, for a list row."""
+def license_note(store: Store, parent: str | None) -> str | None:
+    """What a child says about the license it carries from `parent` (None: nothing)."""
+    if parent is None:
+        return None
     try:
-        m = store.read_light_manifest(commit)
+        parent_license = store.read_light_manifest(parent).license
+    except MStoreError:  # the parent is gone or damaged: fsck names it
+        return None
+    return inherited_note(parent_license, True)
+
+
+def _head_of(store: Store, commit: str) -> LightManifest | None:
+    try:
+        return store.read_light_manifest(commit)
     except MStoreError:  # a missing or damaged manifest: fsck names it; list still lists
-        return {"parent": None, "kind": None, "description": None}
-    return {"parent": m.parent, "kind": m.kind, "description": description(m, names)}
+        return None
 
 
-def description(m: Manifest | LightManifest, names: dict[str, list[str]]) -> str:
-    """What kind of model a commit is, in words: "" for a full model, "lora r=16 on
-    qwen-base" for an adapter child (its base by name, else by short commit id)."""
+def variant(m: Manifest | LightManifest, names: dict[str, list[str]]) -> str:
+    """'' for a full model; 'lora r=16 on base' for an adapter, 'int8 of base' for a
+    quantized child (the parent by its first ref name, else its short id)."""
     what = m.describe()
     if not what or not m.parent:
         return what
-    base = sorted(names.get(m.parent, [])) or [m.parent[:12]]
-    return f"{what} {'on' if m.kind == 'adapter' else 'of'} {base[0]}"
+    parent = (sorted(names.get(m.parent, [])) or [m.parent[:12]])[0]
+    return f"{what} {'on' if m.kind == 'adapter' else 'of'} {parent}"
 
 
 def weights_present(store: Store, m: Manifest | LightManifest,
@@ -77,10 +93,10 @@ def _entry(store: Store, oid: str, m: LightManifest | None, names: dict[str, lis
                 "weights_present": False, "missing": True}
     return {
         "commit": oid, "names": sorted(names.get(oid, [])), "parent": m.parent,
-        "kind": m.kind, "description": description(m, names),
         "created_at": m.created_at, "message": m.message, "architecture": m.architecture,
         "model_id": m.model_id, "source": m.source, "license": m.license or None,
         "training": m.training, "weights_present": weights_present(store, m, present),
+        "kind": m.kind, "variant": variant(m, names),
     }
 
 
@@ -303,7 +319,8 @@ def show(store: Store, ref: str) -> dict[str, Any]:
     return {"name": r.name or (names[0] if names else None), "names": names,
             "commit": r.commit, "parameters": m.parameters, "size_bytes": size,
             "weights_present": weights_present(store, m), "parent": m.parent,
-            "parent_names": parent_names, "kind": m.kind, "adapter": m.adapter,
-            "description": description(m, by_commit), "architecture": m.architecture,
-            "model_id": m.model_id, "license": m.license or None, "created_at": m.created_at,
-            "message": m.message, "manifest": m.to_dict()}
+            "parent_names": parent_names, "architecture": m.architecture,
+            "model_id": m.model_id, "license": m.license or None,
+            "license_note": license_note(store, m.parent), "created_at": m.created_at,
+            "message": m.message, "kind": m.kind, "variant": variant(m, by_commit),
+            "adapter": m.adapter, "manifest": m.to_dict()}

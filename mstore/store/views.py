@@ -45,7 +45,7 @@ class ModelRef(JsonView):
     parameters: int | None
     size_bytes: int | None
     kind: str | None  # full | adapter | quantized (None: the manifest is unreadable)
-    description: str | None  # "lora r=16 on qwen-base"; "" for a full model
+    variant: str | None  # "lora r=16 on qwen-base", "int8 of qwen-base"; "" for a full model
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class CommitInfo(JsonView):
     manifest: dict[str, Any]
     kind: str
     adapter: dict[str, Any] | None
-    description: str
+    variant: str
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class LogEntry(JsonView):
     training: dict[str, Any] | None
     weights_present: bool
     kind: str | None
-    description: str | None
+    variant: str | None
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,7 @@ class GcResult(JsonView):
     kept_reachable: int
     kept_within_grace: int
     deleted: list[str]
+    kept: list[dict[str, str]] | None  # with explain: [{"object", "why"}]
 
 
 @dataclass(frozen=True)

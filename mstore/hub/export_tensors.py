@@ -1,0 +1,83 @@
+"""The tensors of a commit as an export sees them: one function, `commit_tensors`, that
+every export format reads from.
+
+Each tensor comes as a `LazyTensor`: its name, shape and source dtype up front (a GGUF
+header lists every tensor before the first byte of data), its values only when `load()`
+is called, one tensor at a time, so an export's memory stays at the size of the largest
+tensor. Full models read their tensor objects (bf16 widened to float32 exactly);
+adapter children (merged into their base) and quantized children (dequantized) plug in
+here, and until they do they are refused in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import ExportError
+from ..store.manifest import Manifest
+from ..store.repo import Store
+
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """One tensor of an export: shape and dtype now, values (float32 numpy, or the source's
+    own float16/float64) when `load()` is called."""
+
+    shape: tuple[int, ...]
+    dtype: str  # the stored dtype (safetensors spelling: "BF16", "F32", ...)
+    load: Callable[[], np.ndarray]
+
+
+def kind_of(m: Manifest) -> str:
+    """The manifest's kind (format-1 manifests read as "full")."""
+    return m.kind
+
+
+def check_exportable(m: Manifest, what: str) -> None:
+    """Refuse kinds whose weights are not yet materialised by `commit_tensors`."""
+    kind = kind_of(m)
+    if kind == "adapter":
+        raise ExportError(f"{what} is an adapter: export of merged adapter weights is not "
+                          "supported yet; export its base model instead")
+    if kind == "quantized":
+        raise ExportError(f"{what} is a quantized model: export of dequantized weights is "
+                          "not supported yet; export the model it was quantized from")
+    if kind != "full":
+        raise ExportError(f"{what} has kind {kind!r}, which this mstore cannot export; "
+                          "upgrade mstore")
+
+
+def commit_tensors(store: Store, m: Manifest, what: str = "the model"
+                   ) -> Iterator[tuple[str, LazyTensor]]:
+    """(name, LazyTensor) for every stored tensor of `m`, in name order (tied names are not
+    repeated: the manifest's `tied_weights` says which names share)."""
+    check_exportable(m, what)
+    for name, t in sorted(m.tensors.items()):
+        yield name, _object_tensor(store, t.object, t.dtype, tuple(t.shape), name)
+
+
+def _object_tensor(store: Store, oid: str, dtype: str, shape: tuple[int, ...],
+                   name: str) -> LazyTensor:
+    if dtype != "BF16" and dtype not in _NUMPY:
+        raise ExportError(f"tensor {name} is {dtype}, which export cannot convert; "
+                          "only float tensors (BF16, F16, F32, F64) export")
+
+    def load() -> np.ndarray:
+        (info,) = store.objects.tensor_header(oid).tensors.values()
+        with open(store.objects.path(oid), "rb") as f:
+            f.seek(info.start)
+            raw = f.read(info.nbytes)
+        if len(raw) != info.nbytes:
+            raise ExportError(f"object {oid} ({name}) is truncated; nothing exported")
+        if dtype == "BF16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(shape)
+        return np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<")) \
+            .astype(_NUMPY[dtype]).reshape(shape)
+
+    return LazyTensor(shape, dtype, load)
