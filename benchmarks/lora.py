@@ -88,7 +88,11 @@ def _plain_peft(workdir: Path, steps: int) -> dict:
     store = Store(workdir / "store")
     tok = adapter_for(store, store.resolve("base").commit).tokenizer()
     blocks, _ = pack(tok, read_documents(workdir / "data.txt"), SEQ, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.bfloat16)
+    from mstore.runtime.lora import frozen_base_dtype
+
+    base = store.read_manifest(store.resolve("base").commit)
+    dtype = frozen_base_dtype(base, "cpu") or torch.bfloat16  # as mstore trains on this CPU
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype)
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                         "up_proj", "down_proj"])

@@ -6,8 +6,10 @@ names peft writes to adapter_model.safetensors, and peft's adapter_config.json a
 object; its `parent` is the base. Loading maps the base's objects (zero-copy on the CPU in
 the stored dtype), then injects the adapter as `PeftModel.from_pretrained` does (same
 config, same weight loading, adapter weights upcast to float32), so its logits are peft's.
-The adapter stays wrapped (not merged) for generation: `benchmarks/lora.py` measured the
-merge's one-time cost against the wrapped step's and the wrap keeps the base's pages shared.
+The adapter stays wrapped (not merged) for generation: in `benchmarks/lora.py` (0.5B
+shape, README "Performance") merging took the load from 7.8 s to 16.4 s (a copy of every
+adapted weight) and decoding through the wrap was no slower; the wrap keeps the base's
+pages shared with every other reader of the objects.
 """
 
 from __future__ import annotations
@@ -111,6 +113,27 @@ def storage_dtype(manifest: Manifest) -> torch.dtype:
         if t.dtype in ("F32", "F16", "BF16", "F64"):
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
     return torch_io.TORCH_DTYPES[max(counts, key=counts.get)] if counts else torch.float32
+
+
+def frozen_base_dtype(manifest: Manifest, device: str) -> torch.dtype | None:
+    """The dtype to train LoRA over the frozen base in: None (the stored dtype, the objects
+    mapped, no copy) where the device computes it natively, else float32 (a copy: on a CPU
+    without bf16 kernels a 4-step LoRA run over the bf16 base had not finished after 17
+    minutes where a full fine-tune's float32 step took under a minute, README
+    "Performance"; float32 weights still cost a quarter of a full fine-tune's memory)."""
+    dtype = storage_dtype(manifest)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    kind = torch.device(device).type
+    if kind == "cuda":
+        native = dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    elif kind == "cpu":
+        check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 \
+            else "_is_mkldnn_fp16_supported"
+        native = bool(getattr(torch.ops.mkldnn, check)())
+    else:
+        native = True
+    return None if native else torch.float32
 
 
 @dataclass

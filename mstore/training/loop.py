@@ -106,9 +106,11 @@ def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Set
     lora.check_base(store, cfg.model_name, resolved.commit)
     adapter = adapter_for(store, resolved.commit)
     _check_architecture(store, cfg, adapter.manifest)
-    # LoRA: the frozen base as stored (mapped, no float32 copy); full: float32 master weights
-    model = adapter.load_checkpoint(device=device,
-                                    dtype=None if cfg.method == "lora" else torch.float32)
+    # LoRA: the frozen base as stored (mapped, no copy) where the device computes that
+    # dtype natively; full: float32 master weights
+    dtype = lora.frozen_base_dtype(adapter.manifest, device) if cfg.method == "lora" \
+        else torch.float32
+    model = adapter.load_checkpoint(device=device, dtype=dtype)
     parent_name = resolved.name or next(iter(store.names_by_commit().get(resolved.commit, [])),
                                         None)
     tok = adapter.tokenizer_from_files(override) if override else adapter.tokenizer()
