@@ -29,6 +29,9 @@ from tests.reliability import (
 
 KILLS = int(os.environ.get("MSTORE_TORTURE_KILLS", "12"))
 LOADS_WEIGHTS = ("train", "train-lora", "merge")  # slow to start: each point's first hit only
+# the LoRA write paths (issue 13) and the failpoints of their own code
+NEW_WRITE_PATHS = {"train-lora": {"train.trained", "train.adapter-built"},
+                   "merge": {"merge.merged"}, "import-adapter": {"import.adapter-checked"}}
 SEED = int(os.environ.get("MSTORE_TORTURE_SEED", "20261125"))
 
 
@@ -150,6 +153,10 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
         cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in LOADS_WEIGHTS
                                   else [])
+    if command in NEW_WRITE_PATHS:  # the store's own steps are covered above: the command's
+        order = list(reached)       # own points, and the first and last step it reaches
+        cases = sorted({f"{order[0]}:1", f"{order[-1]}:1",
+                        *(f"{p}:1" for p in order if p in NEW_WRITE_PATHS[command])})
     before = refs_of(template)
     for i, spec in enumerate(cases):
         store = copy_store(template, tmp_path / f"s{i}")

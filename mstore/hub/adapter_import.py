@@ -37,8 +37,10 @@ _UNSUPPORTED = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern",
 
 
 def find_base(store: Store, plan: SourcePlan, base: str | None) -> tuple[str, Manifest, str]:
-    """(commit, manifest, shown name) of the base: `base` if given, else the one model
-    whose source is the adapter's base_model_name_or_path."""
+    """(commit, manifest, shown name) of the base: `base` if given, else the one root model
+    (an import or a model from scratch) whose Hub repo id, model id or local path is the
+    adapter's base_model_name_or_path. Fine-tunes and merges keep their root's model_id:
+    they are no candidates."""
     if base is not None:
         r = store.resolve(base)
         m = store.read_manifest(r.commit)
@@ -56,7 +58,8 @@ def find_base(store: Store, plan: SourcePlan, base: str | None) -> tuple[str, Ma
         except MStoreError:
             continue
         src = m.source or {}
-        if m.kind != "adapter" and wanted in (src.get("repo_id"), m.model_id, src.get("path")):
+        if m.kind != "adapter" and m.parent is None and \
+                wanted in (src.get("repo_id"), m.model_id, src.get("path")):
             found.setdefault(entry.commit, name)
     if not found:
         raise AdapterBaseMissing(wanted, plan.model_id)
