@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# Two workers (the CI machine's two cores), one test file per worker at a time so each
-# file's module fixtures are built once. TEST_JOBS=0 runs in one process.
+# Two workers (the CI machine's two cores) that steal tests from each other so the long
+# reliability file does not run alone at the end. TEST_JOBS=0 runs in one process.
 TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(if $(MODEL),--model $(MODEL))

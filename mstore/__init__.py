@@ -1,16 +1,17 @@
 """mstore: a Git-style, content-addressed store for model weights.
 
-The public Python API (docs/api.md): `Store`, `import_model`, `train`, `load`. Each is
+The public Python API (docs/api.md): `Store`, `import_model`, `train`, `load`,
+`merge`. Each is
 loaded on first use, so `import mstore` imports neither torch nor transformers.
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Store", "import_model", "load", "train", "__version__"]
+__all__ = ["Store", "import_model", "load", "merge", "train", "__version__"]
 
 _WHERE = {"Store": "mstore.store", "import_model": "mstore.api", "train": "mstore.api",
-          "load": "mstore.api"}
+          "load": "mstore.api", "merge": "mstore.api"}
 
 
 def __getattr__(name: str) -> Any:

@@ -63,18 +63,27 @@ def load(name: str, *, store: StoreLike = None, device: str | None = None,
     For the Qwen family `model` is the plain transformers `PreTrainedModel` and the
     tokenizer transformers' own, so `.generate()`, peft and the rest of transformers work
     on them. On the CPU in the stored dtype the weights are the mmapped objects (no copy).
+    An adapter child (LoRA) is its base, loaded so, wrapped in peft's `PeftModel` with the
+    adapter's weights (`merge_and_unload()` gives the merged plain model).
     `device` None picks cuda, then mps, then cpu; `dtype` None keeps the stored one
     (else "float32", "bfloat16", "float16" or a torch.dtype).
     """
     import torch
 
-    from .adapters.base import adapter_for
     from .runtime.generate import parse_dtype, pick_device
+    from .runtime.lora import load_model
 
     s = as_store(store)
     s.require()
-    adapter = adapter_for(s, s.resolve(name).commit)
-    model = adapter.load_checkpoint(device=pick_device(device or "auto"),
-                                    dtype=dtype if isinstance(dtype, torch.dtype)
-                                    else parse_dtype(dtype))
-    return model, adapter.tokenizer().native
+    loaded = load_model(s, s.resolve(name).commit, device=pick_device(device or "auto"),
+                        dtype=dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype))
+    return loaded.model, loaded.adapter.tokenizer().native
+
+
+def merge(name: str, *, store: StoreLike = None, new_name: str | None = None) -> Any:
+    """Commit the adapter child `name` merged into its base as a full child (`mstore
+    merge`); tensors the adapter leaves alone stay the base's objects. Returns the
+    CommitResult (name, commit, bytes_written, bytes_reused)."""
+    from .runtime.lora import merge as run_merge
+
+    return run_merge(as_store(store), name, new_name)

@@ -551,6 +551,51 @@ class HubClientError(HubError):
         super().__init__(f"the Hub client failed for {repo_id!r} ({detail})")
 
 
+class AdapterError(MStoreError, ValueError):
+    """A LoRA adapter that cannot be used as asked (trained on, merged, imported onto a base)."""
+
+
+class NotAnAdapter(AdapterError):
+    def __init__(self, ref: str, kind: str):
+        self.ref, self.kind = ref, kind
+        super().__init__(f"{ref} is a {kind} model, not a LoRA adapter: nothing to merge")
+
+
+class AdapterOnAdapter(AdapterError):
+    """Training on an adapter child: its weights are the base's plus a delta; merge first."""
+
+    def __init__(self, ref: str, description: str):
+        self.ref, self.description = ref, description
+        super().__init__(f"config key 'model_name': {ref} is an adapter ({description}); "
+                         f"merge it first (`mstore merge {ref}`) and train on the merged model")
+
+
+class AdapterBaseMissing(AdapterError, LookupError):
+    """`import` of a PEFT adapter whose base model is not in the store."""
+
+    def __init__(self, base: str | None, source: str):
+        self.base, self.source = base, source
+        what = (f"its base model {base!r} is not in the store: import it first "
+                f"(`mstore import {base}`)") if base else \
+            "its adapter_config.json names no base model (base_model_name_or_path)"
+        super().__init__(f"cannot import the LoRA adapter {source}: {what}")
+
+
+class AdapterMismatch(AdapterError):
+    """A PEFT adapter's tensors do not fit the base it would be committed on."""
+
+    def __init__(self, source: str, base: str, reason: str):
+        self.source, self.base, self.reason = source, base, reason
+        super().__init__(f"the LoRA adapter {source} does not fit base {base}: {reason}")
+
+
+class AdapterBaseAmbiguous(AdapterError, LookupError):
+    def __init__(self, base: str, names: list[str]):
+        self.base, self.names = base, names
+        super().__init__(f"several models in the store are {base!r} ({', '.join(names)}); "
+                         "name the adapter's base")
+
+
 # -- provenance: signing, verifying, repair
 class BadKeyFile(MStoreError, ValueError):
     """A key file that cannot be read as the key it should be."""

@@ -27,8 +27,12 @@ from tests.reliability import (
     PowerLoss, assert_consistent, copy_store, env_without_failpoints, fsck_errors, refs_of,
 )
 
-SLOW_COMMANDS = ("train", "quantize", "import-quantize")  # first hit of each point only
 KILLS = int(os.environ.get("MSTORE_TORTURE_KILLS", "12"))
+LOADS_WEIGHTS = ("train", "train-lora", "merge", "quantize", "import-quantize")  # slow to start: each point's first hit only
+# the LoRA write paths (issue 13) and the failpoints of their own code
+NEW_WRITE_PATHS = {"train-lora": {"train.trained", "train.adapter-built"},
+                   "merge": {"merge.merged"}, "import-adapter": {"import.adapter-checked"},
+                   "quantize": {"quantize.tensor"}, "import-quantize": {"import.downloaded"}}
 SEED = int(os.environ.get("MSTORE_TORTURE_SEED", "20261125"))
 
 
@@ -53,12 +57,14 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory, model_dirs) -> Path:
-    """A store holding `base` (qwen3), `extra` (a tag) and an unreachable old model."""
+def template(tmp_path_factory, model_dirs, corpus) -> Path:
+    """A store holding `base` (qwen3), `extra` (a tag), `lora` (a LoRA child of base) and
+    an unreachable old model."""
     root = tmp_path_factory.mktemp("template") / "store"
     s = Store(root)
     import_model(s, str(model_dirs["qwen3"]), name="base", accept_license=True)
     s.tag("base", "extra")
+    train(s, load_config(lora_config(root.parent, corpus), name="lora"))
     import_model(s, str(model_dirs["qwen2-moe"]), name="gone", accept_license=True)
     s.remove("gone")
     old = time.time() - 7200
@@ -106,9 +112,31 @@ def scratch_config(tmp: Path, corpus: Path) -> Path:
     return cfg
 
 
-def commands(model_dirs, tmp: Path, corpus: Path):
+def lora_config(tmp: Path, corpus: Path) -> Path:
+    cfg = tmp / "lora.yaml"
+    cfg.write_text(f"model_name: base\ndataset: {corpus}\nmethod: lora\nmax_steps: 2\n"
+                   "batch_size: 2\nseq_len: 16\ndevice: cpu\neval_interval: 2\n"
+                   "lora: {r: 4}\n")
+    return cfg
+
+
+def peft_adapter_folder(template: Path, tmp: Path) -> Path:
+    """The template's LoRA child as a PEFT folder (what `import` of an adapter reads)."""
+    from mstore.hub.export import export_model
+
+    folder = tmp / "peft-adapter"
+    if not folder.exists():
+        export_model(Store(template), "lora", folder, adapter=True)
+    return folder
+
+
+def commands(model_dirs, tmp: Path, corpus: Path, template: Path | None = None):
     """(name, args, target ref, rerun_may_fail_if_done) for every write command."""
     return {
+        "train-lora": (["train", "--config", lora_config(tmp, corpus)], "base-lora-001", False),
+        "merge": (["merge", "lora"], "lora-merged-001", False),
+        "import-adapter": ((["import", peft_adapter_folder(template, tmp), "--accept-license"]
+                            if template else []), "peft-adapter", False),
         "import": (["import", model_dirs["qwen2"], "--name", "q", "--accept-license"], "q", False),
         "tag": (["tag", "base", "t"], "t", False),
         "rm": (["rm", "extra"], "extra", True),
@@ -155,20 +183,24 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
 
 @pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "export-gguf",
                                      "push", "upgrade", *PACK_COMMANDS,
-                                     pytest.param("train", marks=pytest.mark.slow),
-                                     pytest.param("quantize", marks=pytest.mark.slow),
-                                     pytest.param("import-quantize", marks=pytest.mark.slow)])
+                                     *(pytest.param(c, marks=pytest.mark.slow) for c in
+                                       ("train", "train-lora", "merge", "import-adapter",
+                                        "quantize", "import-quantize"))])
 def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_path, corpus,
                                           request):
-    args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus)[command]
+    args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus, template)[command]
     if command in PACK_COMMANDS:
         template = request.getfixturevalue("pack_template")
     reached = failpoints_reached(template, tmp_path, command, args)
     assert reached, "the command passed no failpoint"
     cases = []
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
-        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in SLOW_COMMANDS
+        cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in LOADS_WEIGHTS
                                   else [])
+    if command in NEW_WRITE_PATHS:  # the store's own steps are covered above: the command's
+        order = list(reached)       # own points, and the first and last step it reaches
+        cases = sorted({f"{order[0]}:1", f"{order[-1]}:1",
+                        *(f"{p}:1" for p in order if p in NEW_WRITE_PATHS[command])})
     before = refs_of(template)
     for i, spec in enumerate(cases):
         store = copy_store(template, tmp_path / f"s{i}")
@@ -351,6 +383,19 @@ def test_power_loss_at_every_step_of_quantize_and_import_quantize(template, mode
     _power_loss(root, tmp_path, lambda: quantize_model(s, "base", "int8", name="qb"))
     _power_loss(root, tmp_path, lambda: import_model(s, str(model_dirs["qwen2"]), name="qq",
                                                      accept_license=True, quantize="int8"))
+
+
+def test_power_loss_at_every_step_of_a_lora_commit_merge_and_adapter_import(template, tmp_path,
+                                                                            corpus):
+    from mstore.runtime.lora import merge
+
+    root = copy_store(template, tmp_path / "store")
+    folder = peft_adapter_folder(template, tmp_path)
+    cfg = load_config(lora_config(tmp_path, corpus))
+    _power_loss(root, tmp_path, lambda: train(Store(root), cfg))
+    _power_loss(root, tmp_path, lambda: merge(Store(root), "lora", "merged"))
+    _power_loss(root, tmp_path, lambda: import_model(Store(root), str(folder), name="imported",
+                                                     accept_license=True))
 
 
 def test_power_loss_model_catches_a_missing_sync(template, model_dirs, tmp_path, monkeypatch):

@@ -113,6 +113,13 @@ class Adapter(abc.ABC):
     scratch_stem: str | None = None
     scratch_model_id: str | None = None
     scratch_title: str | None = None
+    #: LoRA (`method: lora`): the default `target_modules` (peft's rule: a module whose
+    #: name is one of these or ends with "." + one), every attention and MLP projection;
+    #: empty means the training config must name them
+    lora_targets: tuple[str, ...] = ()
+    #: the peft `task_type` of this family's adapters ("CAUSAL_LM" wraps a transformers
+    #: model in `PeftModelForCausalLM`); None: a plain `PeftModel`
+    peft_task_type: str | None = None
 
     def __init__(self, store: "Store", manifest: "Manifest | None", commit: str | None = None):
         """`manifest` is None only for a model being created from scratch."""

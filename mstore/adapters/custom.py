@@ -100,6 +100,7 @@ class CustomTransformerAdapter(Adapter):
     scratch_stem = ARCHITECTURE
     scratch_model_id = "custom"
     scratch_title = "custom transformer"
+    lora_targets = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
     @classmethod
     def from_scratch(cls, store, arch: Mapping[str, Any], seed: int, texts: Sequence[str],

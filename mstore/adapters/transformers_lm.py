@@ -43,6 +43,8 @@ class TransformersAdapter(Adapter):
     input_embedding = "model.embed_tokens.weight"
     #: checkpoint names tied when config.json has `tie_word_embeddings` (target -> source)
     tied_pairs: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    peft_task_type = "CAUSAL_LM"
 
     def __init__(self, store: "Store", manifest: "Manifest", commit: str | None = None):
         super().__init__(store, manifest, commit)

@@ -2,7 +2,8 @@
 
 Each command group lives in its own module (models, maintenance, run, remote) and is added
 here by its `register(app)`; how anything is printed lives in `output`. Kept thin and
-torch-free: only `generate`, `train` and `export` import torch, inside their own functions.
+torch-free: only `generate`, `train`, `export` and `merge` import torch, inside their own
+functions.
 Errors become one `error: ...` line on stderr and a non-zero exit, in one place
 (`MStoreGroup.invoke`), so CliRunner tests see exactly what a user sees.
 """

@@ -190,8 +190,15 @@ def diff(ctx: typer.Context, a: NameArg, b: NameArg, as_json: JsonOpt = False):
         echo(f"- {safe_text(n)}")
     for c in doc["changed"]:
         rel = c["relative_l2"]
+        by = "; ".join(f"{side} adds {note}" for side, note in (c.get("lora") or {}).items())
         echo(f"~ {safe_text(c['name'])}  " + (f"rel L2 {rel:.3g}" if rel is not None
-                                             else safe_text(c.get("note", ""))))
+                                             else safe_text(c.get("note", "")))
+             + (f"  ({safe_text(by)})" if by else ""))
+    for side, a in (doc.get("adapter") or {}).items():
+        echo(f"{side} is a LoRA adapter (r={safe_text(a.get('r'))}, alpha "
+             f"{safe_text(a.get('alpha'))}) on {safe_text(str(a['base'])[:12])}: "
+             f"{len(a['tensors'])} tensors ({fmt_bytes(a['bytes'])}) on {len(a['modules'])} "
+             f"modules, targets {safe_text(', '.join(a.get('target_modules') or []))}")
     echo(f"{len(doc['added'])} added, {len(doc['removed'])} removed, "
          f"{len(doc['changed'])} changed, {len(doc['shared'])} shared "
          f"({fmt_bytes(doc['shared_bytes'])})"

@@ -55,9 +55,13 @@ def import_(
         "--quantize", help="Quantize the linear layers while importing: int8 or int4.")] = None,
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", help="With --quantize int4: inputs per scale (default 128).")] = None,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="A PEFT LoRA adapter's base model in the store (default: the one "
+        "its base_model_name_or_path names).")] = None,
     as_json: JsonOpt = False,
 ):
-    """Import a model from the Hugging Face Hub or a local folder."""
+    """Import a model from the Hugging Face Hub or a local folder (a PEFT LoRA adapter
+    folder or repo becomes an adapter child of its base)."""
     from ..hub.importer import import_model
     from ..units import parse_size
 
@@ -73,7 +77,7 @@ def import_(
     result = import_model(
         store_of(ctx), source, name=name, revision=revision, accept_license=accept_license,
         max_size=limit, confirm=confirm, quantize=quantize, group_size=group_size,
-        reporter=TerminalReporter(as_json),
+        reporter=TerminalReporter(as_json), base=base,
     )
     if as_json:
         return print_json(result.to_json())

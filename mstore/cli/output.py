@@ -22,9 +22,10 @@ from typing import Any, Callable
 import typer
 
 from ..errors import (
-    CommitFailed, CommitNeedsRefName, InvalidSetting, LicenseNotAccepted, LocalRefWouldMove,
-    MStoreError, NotFastForward, NothingToPack, QuantizedExport, RegistryCorrupt, RegistryMissing,
-    SizeLimitExceeded, StoreNotFound, TrainingInterrupted, WorkersFailed,
+    AdapterBaseAmbiguous, AdapterBaseMissing, CommitFailed, CommitNeedsRefName, InvalidSetting,
+    LicenseNotAccepted, LocalRefWouldMove, MStoreError, NotFastForward, NothingToPack,
+    QuantizedExport, RegistryCorrupt, RegistryMissing, SizeLimitExceeded, StoreNotFound,
+    TrainingInterrupted, WorkersFailed,
 )
 from ..reporting import Progress, Reporter
 from ..units import fmt_bytes, fmt_count
@@ -213,6 +214,11 @@ def render_show(doc: dict[str, Any], list_tensors: bool = False) -> str:
         ("config", m["config"][:12]),
         ("files", ", ".join(sorted(m["files"])) or "-"),
     ]
+    a = m.get("adapter")
+    if a:
+        rows.append(("adapter", f"{a.get('method')} r={a.get('r')} alpha {a.get('alpha')} "
+                                f"dropout {a.get('dropout')} on "
+                                + ", ".join(a.get("target_modules") or [])))
     if m.get("tied_weights"):
         rows.append(("tied", ", ".join(f"{k} -> {v}" for k, v in m["tied_weights"].items())))
     t = m.get("training")
@@ -276,6 +282,8 @@ def render_graph(entries: list[dict[str, Any]]) -> str:
         names = ", ".join(e.get("names") or []) or "(no ref)"
         gone = "" if e.get("weights_present", True) else " [weights collected]"
         summary = training_summary(e.get("training")) or e.get("message", "")
+        if e.get("variant"):
+            summary = f"[{e['variant']}] {summary}"
         return (f"* {safe_text(e['commit'][:12])} {safe_text(names)}{gone}  "
                 f"{safe_text((e.get('created_at') or '')[:10])}  {safe_text(summary)}")
 
@@ -349,6 +357,8 @@ CLI_WORDING: dict[type, Callable[[Any], str]] = {
     LocalRefWouldMove: _then("; pull with --as NEW_NAME to keep both, or --force to move it"),
     QuantizedExport: _then("; `export --dequantize` writes full-precision weights"),
     NothingToPack: lambda e: f"nothing to {e.verb}: name one or more models, or pass --all",
+    AdapterBaseMissing: _then(", or name a base in the store with --base REF"),
+    AdapterBaseAmbiguous: _then(" with --base REF"),
     CommitNeedsRefName: lambda e: (f"{e.ref!r} is a commit, not a ref: name the remote ref "
                                    "with --as NAME"),
 }

@@ -1,4 +1,4 @@
-"""The commands that load weights: generate, export, train. The only ones that import
+"""The commands that load weights: generate, export, merge, train. The only ones that import
 torch, inside their own functions, so every other command stays light."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
     """Add generate, export and train to `app`."""
     app.command()(generate)
     app.command()(export)
+    app.command()(merge)
     app.command()(train)
 
 
@@ -70,6 +71,9 @@ def _stream_text(text: str) -> None:
 
 def export(ctx: typer.Context, name: NameArg,
            dest: Annotated[Path, typer.Argument(help="New folder to write.")],
+           adapter: Annotated[bool, typer.Option(
+               "--adapter", help="A LoRA child as a PEFT adapter folder (adapter_config.json, "
+               "adapter_model.safetensors) instead of the merged model.")] = False,
            sign: Annotated[Optional[Path], typer.Option(
                "--sign", help="Also write DIR/model.sig, an OpenSSF model-signing signature "
                "made with this PEM ECDSA P-256 private key.")] = None,
@@ -81,8 +85,14 @@ def export(ctx: typer.Context, name: NameArg,
            dequantize: Annotated[bool, typer.Option(
                "--dequantize", help="A quantized child: write full-precision weights.")] = False,
            as_json: JsonOpt = False):
-    """Write a Hugging Face-format folder or a GGUF file, with a model card (README.md)."""
-    from ..hub.export import export_model
+    """Write a Hugging Face-format folder or a GGUF file, with a model card (README.md); a
+    LoRA child is written merged into its base, or as its PEFT folder with --adapter."""
+    from ..hub.export import InlineTensor, export_model
+
+    def merge(commit: str) -> dict[str, InlineTensor]:
+        from ..runtime.lora import merged_weights
+
+        return {n: InlineTensor(*t) for n, t in merged_weights(store, commit).items()}
 
     if gguf_type != "f16" and fmt != "gguf":
         raise typer.BadParameter("--type applies to --format gguf", param_hint="--type")
@@ -90,8 +100,9 @@ def export(ctx: typer.Context, name: NameArg,
         from ..hub.export_signing import check_signing_key
 
         keyid = check_signing_key(sign)  # a bad key is refused before anything is written
-    doc = export_model(store_of(ctx, must_exist=True), name, dest, fmt=fmt,
-                       gguf_type=gguf_type, dequantize=dequantize)
+    store = store_of(ctx, must_exist=True)
+    doc = export_model(store, name, dest, fmt=fmt, gguf_type=gguf_type, adapter=adapter,
+                       merge=merge, dequantize=dequantize)
     if sign is not None:
         from ..hub.export_signing import sign_folder
 
@@ -103,6 +114,22 @@ def export(ctx: typer.Context, name: NameArg,
     what, where = safe_text(doc["name"] or doc["commit"][:12]), safe_text(shown_path(doc["dir"]))
     echo(f"exported {what} to {where}: "
          + ", ".join(safe_text(f) for f in doc["files"]))
+
+
+def merge(ctx: typer.Context, name: NameArg,
+          new_name: Annotated[Optional[str], typer.Option("--name", help="Name of the merged "
+                                                          "model.")] = None,
+          as_json: JsonOpt = False):
+    """Commit a LoRA child merged into its base's weights, as a full child (tensors the
+    adapter does not touch stay the base's objects)."""
+    from ..runtime.lora import merge as run_merge
+
+    result = run_merge(store_of(ctx, must_exist=True), name, new_name)
+    if as_json:
+        return print_json(result.__dict__)
+    echo(f"merged {safe_text(name)} into {safe_text(result.name)}  commit {result.commit[:12]}; "
+         f"{fmt_bytes(result.bytes_written)} written, "
+         f"{fmt_bytes(result.bytes_reused)} shared with the base")
 
 
 def train(

@@ -20,13 +20,14 @@ import os
 import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..adapters.base import Adapter, adapter_class
 from ..store import failpoints, fsio
 from ..errors import ExportError, ObjectCorrupt, QuantizedExport, UnknownAdapter
-from ..store.manifest import Manifest
+from ..store.manifest import Manifest, TensorEntry
 from ..store.objects import copy_range, hasher
 from ..store.report import log_entries
 from ..store.repo import Store
@@ -38,13 +39,30 @@ FORMATS = ("safetensors", "gguf")
 SHARD_BYTES = 5 * 1000**3  # save_pretrained's default max_shard_size
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class InlineTensor:
+    """A tensor computed for this export (an adapter merged into its base's weight), not
+    an object: its safetensors dtype, shape and raw little-endian bytes."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
 
 
 def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BYTES,
-                 fmt: str = "safetensors", gguf_type: str = "f16",
+                 fmt: str = "safetensors", gguf_type: str = "f16", adapter: bool = False,
+                 merge: Callable[[str], dict[str, InlineTensor]] | None = None,
                  dequantize: bool = False) -> dict:
-    """`dequantize`: a quantized child is written as full-precision weights (its quantized
-    layout has no `quantization_config` transformers loads; without it, QuantizedExport)."""
+    """`ref` as a Hugging Face folder or a GGUF file. `adapter`: a LoRA child's PEFT folder
+    (adapter_config.json, adapter_model.safetensors). A LoRA child without it is written
+    merged: its base's folder with `merge(commit)` (the base's tensors the adapter changes,
+    merged by the caller: this layer has no torch) in place of theirs. `dequantize`: a
+    quantized child as full-precision weights (its quantized layout has no
+    `quantization_config` transformers loads; without it, QuantizedExport)."""
     dest = Path(dest)
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -54,22 +72,38 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)
     m = store.read_manifest(r.commit)
-    if m.kind == "quantized" and fmt == "safetensors":
+    what = r.name or r.commit[:12]
+    if adapter and m.kind != "adapter":
+        raise ExportError(f"{what} is a {m.kind} model, not a LoRA adapter: export it "
+                          "as it is")
+    if adapter and fmt != "safetensors":
+        raise ExportError("a PEFT adapter folder is safetensors; it has no other format")
+    base, merged = None, {}
+    if m.kind == "adapter" and not adapter and fmt == "safetensors" and merge is not None:
+        base = store.read_manifest(m.parent)
+        _verify_objects(store, base, tensors_too=False)
+    elif m.kind == "quantized" and fmt == "safetensors":
         if not dequantize:
-            raise QuantizedExport(r.name or r.commit[:12], m.describe())
-    else:
-        check_exportable(m, r.name or r.commit[:12])
-    _verify_objects(store, m, tensors_too=fmt != "safetensors" or m.kind != "full")
+            raise QuantizedExport(what, m.describe())
+    elif not adapter:
+        check_exportable(m, what)
+    _verify_objects(store, m, tensors_too=fmt != "safetensors" or m.kind == "quantized")
+    if base is not None:
+        merged = merge(r.commit)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.mstore-export-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     finished = False
     try:
-        if fmt == "gguf":
+        if adapter:
+            written = _write_adapter_folder(store, m, r, work)
+        elif fmt == "gguf":
             written = _write_gguf_folder(store, m, r, work, gguf_type)
+        elif base is not None:  # a LoRA child, merged into its base's folder
+            written = _write_folder(store, base, r, work, shard_bytes, merged, described=m)
         else:
-            written = _write_folder(store, m, r, work, shard_bytes, dequantize)
+            written = _write_folder(store, m, r, work, shard_bytes, dequantize=dequantize)
         for f in work.iterdir():
             with open(f, "rb") as fh:
                 fsio.fsync_file(fh, f)
@@ -106,8 +140,28 @@ def _verify_objects(store: Store, m: Manifest, tensors_too: bool) -> None:
             raise ObjectCorrupt(oid, f"{problem} ({name}); nothing exported")
 
 
+def _write_adapter_folder(store: Store, m: Manifest, r, work: Path) -> list[str]:
+    """PEFT's own layout: what `PeftModel.from_pretrained(base, folder)` loads."""
+    (work / ADAPTER_CONFIG).write_bytes(store.objects.read_bytes(m.files[ADAPTER_CONFIG]))
+    infos = {name: _info(store, t.object) for name, t in m.tensors.items()}
+    _write_shard(store, m.tensors, infos, sorted(m.tensors), work / ADAPTER_WEIGHTS, {})
+    (work / "metadata.json").write_text(json.dumps(_metadata(store, m, r), indent=2,
+                                                   ensure_ascii=False) + "\n")
+    for f in work.iterdir():
+        os.chmod(f, fsio.FILE_MODE)
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metadata.json"]
+
+
+def _info(store: Store, oid: str):
+    (info,) = store.objects.tensor_header(oid).tensors.values()
+    return info
+
+
 def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
-                  dequantize: bool = False) -> list[str]:
+                  merged: dict[str, InlineTensor] | None = None,
+                  described: Manifest | None = None, dequantize: bool = False) -> list[str]:
+    """`m`'s folder; `merged` replaces some of its tensors; `described` is the manifest the
+    card and metadata.json describe (a LoRA child written merged: the child, not its base)."""
     written = []
     (work / "config.json").write_bytes(store.objects.read_bytes(m.config))
     written.append("config.json")
@@ -129,8 +183,9 @@ def _write_folder(store: Store, m: Manifest, r, work: Path, shard_bytes: int,
         save_dequantized(store, m, work / WEIGHTS)
         written.append(WEIGHTS)
     else:
-        written += _write_weights(store, m, work, shard_bytes)
-    return written + _write_card_and_metadata(store, m, r, work, "safetensors", dequantize)
+        written += _write_weights(store, m, work, shard_bytes, merged or {})
+    return written + _write_card_and_metadata(store, described or m, r, work, "safetensors",
+                                              dequantize)
 
 
 def _write_gguf_folder(store: Store, m: Manifest, r, work: Path, gguf_type: str) -> list[str]:
@@ -175,43 +230,44 @@ def _default_generation_config(architecture: str, config: dict) -> dict | None:
     return cls.default_generation_config(config)
 
 
-def _write_weights(store: Store, m: Manifest, work: Path, shard_bytes: int) -> list[str]:
+def _write_weights(store: Store, m: Manifest, work: Path, shard_bytes: int,
+                   merged: dict[str, InlineTensor]) -> list[str]:
     """Tensors in manifest order, grouped into shards of at most `shard_bytes` each."""
     items = sorted(m.tensors.items())
-    infos = {}
-    for name, t in items:
-        (info,) = store.objects.tensor_header(t.object).tensors.values()
-        infos[name] = info
+    infos = {name: _info(store, t.object) for name, t in items if name not in merged}
+    sizes = {name: len(merged[name].data) if name in merged else infos[name].nbytes
+             for name, _ in items}
     shards: list[list[str]] = [[]]
     size = 0
     for name, _ in items:
-        n = infos[name].nbytes
+        n = sizes[name]
         if shards[-1] and size + n > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += n
     if len(shards) == 1:
-        _write_shard(store, m, infos, shards[0], work / WEIGHTS)
+        _write_shard(store, m.tensors, infos, shards[0], work / WEIGHTS, merged)
         return [WEIGHTS]
     files, weight_map = [], {}
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(store, m, infos, names, work / fname)
+        _write_shard(store, m.tensors, infos, names, work / fname, merged)
         files.append(fname)
         weight_map.update({n: fname for n in names})
-    total = sum(i.nbytes for i in infos.values())
+    total = sum(sizes.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (work / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return files + [INDEX]
 
 
-def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path) -> None:
+def _write_shard(store: Store, tensors: dict[str, TensorEntry], infos, names: list[str],
+                 path: Path, merged: dict[str, InlineTensor]) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
-        t = m.tensors[name]
-        n = infos[name].nbytes
+        t = merged.get(name) or tensors[name]
+        n = len(t.data) if name in merged else infos[name].nbytes
         header[name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + n]}
         offset += n
     body = json.dumps(header, separators=(",", ":")).encode()
@@ -223,7 +279,12 @@ def _write_shard(store: Store, m: Manifest, infos, names: list[str], path: Path)
         at = out.tell()
         checks = []
         for name in names:  # copy tensor i + 1 while tensor i is hashed (blake3 frees the GIL)
-            info, oid = infos[name], m.tensors[name].object
+            if name in merged:
+                out.write(merged[name].data)
+                out.flush()
+                at += len(merged[name].data)
+                continue
+            info, oid = infos[name], tensors[name].object
             try:
                 src = open(store.objects.path(oid), "rb")
             except FileNotFoundError:  # packed: rebuilt and re-hashed by the object store

@@ -29,7 +29,7 @@ from ..store import failpoints
 from . import client as hub
 from ..errors import (
     MStoreError, BadSource, InvalidSafetensors, LicenseNotAccepted, NameTaken, ObjectCorrupt,
-    ObjectMissing, RefChanged, SizeLimitExceeded, TooLarge,
+    ObjectMissing, QuantizeError, RefChanged, SizeLimitExceeded, TooLarge,
 )
 from .import_cache import ImportCache
 from .import_checks import check_source, source_tensors
@@ -73,19 +73,26 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                  revision: str | None = None, accept_license: bool = False,
                  max_size: int | None = None, confirm: Callable[[str], bool] | None = None,
                  quantize: str | None = None, group_size: int | None = None,
-                 reporter: Reporter = SILENT) -> ImportResult:
+                 reporter: Reporter = SILENT, base: str | None = None) -> ImportResult:
     """Import `source` (a Hub repo id or URL, or a local folder) into `store`. `confirm`
     asks the user about the license when `accept_license` is not given (None: refuse);
     `reporter` gets what is happening and the progress bars. `quantize` ("int8", "int4",
     with `group_size` for int4) quantizes the linear weights while importing: the commit
     is a quantized root (its `source` the import's) and no full-precision linear weight is
-    written."""
+    written. A PEFT LoRA adapter (adapter_config.json) becomes an adapter child of `base`
+    (a ref; None: the model its base_model_name_or_path names)."""
     store.refs()  # a damaged registry refuses now, before anything is downloaded or written
     if name is not None:
         validate_name(name)
     if quantize is not None:
         check_request(quantize, group_size)
     plan = plan_source(source, revision, store, reporter)
+    if plan.adapter_config is not None:
+        if quantize is not None:
+            raise QuantizeError("a LoRA adapter is imported as it is: it has no linear "
+                                "weights of its own to quantize")
+        return _import_adapter(store, plan, name, base, accept_license, max_size, confirm,
+                               reporter)
     if quantize is not None:
         plan.held = None  # a revision held in full precision is no quantized copy of it
     if plan.held is None:
@@ -142,6 +149,26 @@ def _quantizer(plan: SourcePlan, folder: Path, scheme: str | None, group_size: i
         if on_refusal is not None:
             on_refusal()
         raise
+
+
+def _import_adapter(store: Store, plan: SourcePlan, name: str | None, base: str | None,
+                    accept_license: bool, max_size: int | None,
+                    confirm: Callable[[str], bool] | None, reporter: Reporter) -> ImportResult:
+    from .adapter_import import import_adapter
+
+    if name is not None and not store.name_is_free(name):
+        raise NameTaken(name, store.next_free_name(name))
+    _check_space(store, plan, max_size)
+
+    def accepted() -> None:
+        license = plan.license or "unknown"
+        reporter.message(f"  license: {license}")
+        if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
+            raise LicenseNotAccepted(license)
+
+    return import_adapter(store, plan, name=name, base=base, reporter=reporter,
+                          accepted=accepted, materialise=lambda: _materialise(store, plan,
+                                                                              reporter))
 
 
 def _describe(plan: SourcePlan, reporter: Reporter, quantize: str | None = None,

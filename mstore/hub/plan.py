@@ -20,6 +20,8 @@ from ..store.repo import Store
 
 
 INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter (hub/adapter_import.py)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -42,6 +44,7 @@ class SourcePlan:
     remote: hub.RemoteInfo | None = None
     notes: list[str] = field(default_factory=list)
     held: str | None = None  # the ref already holding this Hub revision: nothing to fetch
+    adapter_config: dict | None = None  # a PEFT adapter's adapter_config.json (no config.json)
 
     @property
     def architecture(self) -> str:
@@ -80,6 +83,12 @@ def _plan_local(folder: Path, link_root: Path | None = None) -> SourcePlan:
             raise BadSource(f"{p.name} in {folder} is a symlink pointing outside {where}")
         if p.is_file():
             names.append(p.name)
+    if "config.json" not in names and ADAPTER_CONFIG in names:
+        return _adapter_plan(names, lambda n: folder / n, str(folder),
+                             {"type": "local", "path": str(folder)},
+                             _cache_repo_id(cache_repo) if cache_repo else folder.name,
+                             {n: (folder / n).stat().st_size for n in names},
+                             hub.card_license(folder), folder=folder)
     if "config.json" not in names:
         raise BadSource(f"{folder} has no config.json: not a Hugging Face model folder")
     config = _read_config(folder / "config.json")
@@ -120,6 +129,13 @@ def _plan_hub(spec: hub.HubSpec, store: Store | None, tqdm_class: type) -> Sourc
     held = held_by_source(store, source) if store is not None else None
     if held is not None:
         return _held_plan(store, spec, info, source, held)
+    if "config.json" not in names and ADAPTER_CONFIG in names:
+        fetch = lambda n: hub.fetch_file(spec.repo_id, n, info.sha, tqdm_class)  # noqa: E731
+        plan = _adapter_plan([n for n in names if "/" not in n], fetch, spec.repo_id, source,
+                             spec.repo_id, info.files, info.license, remote=info)
+        top = plan.weight_files + plan.other_files
+        plan.folder = hub.cached_snapshot(spec.repo_id, info.sha, top)
+        return plan
     if "config.json" not in names:
         raise BadSource(f"{spec.repo_id} has no config.json: not a transformers model repo")
     config = _read_config(hub.fetch_file(spec.repo_id, "config.json", info.sha, tqdm_class))
@@ -148,6 +164,25 @@ def _plan_hub(spec: hub.HubSpec, store: Store | None, tqdm_class: type) -> Sourc
     if plan.folder:
         plan.notes.append("all files are in the HF cache: nothing to download")
     return plan
+
+
+def _adapter_plan(names: list[str], path_of, where: str, source: dict, model_id: str,
+                  sizes: dict[str, int], license: str | None, **kw) -> SourcePlan:
+    """A PEFT adapter: adapter_config.json, adapter_model.safetensors and its card."""
+    from .adapter_import import read_adapter_config
+
+    if ADAPTER_WEIGHTS not in names:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise PickleOnly(where, pickles)
+        raise BadSource(f"{where} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    others = [n for n in names if _keep(n) and n != ADAPTER_WEIGHTS]
+    return SourcePlan(
+        source=source, model_id=model_id, default_stem=model_id.split("/")[-1], config={},
+        weight_files=[ADAPTER_WEIGHTS], other_files=others,
+        total_bytes=sum(sizes.get(n, 0) for n in [ADAPTER_WEIGHTS, *others]),
+        weight_bytes=sizes.get(ADAPTER_WEIGHTS, 0), license=license,
+        adapter_config=read_adapter_config(path_of(ADAPTER_CONFIG), where), **kw)
 
 
 def held_by_source(store: Store, source: dict, prefer: str | None = None) -> str | None:

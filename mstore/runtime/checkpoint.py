@@ -19,12 +19,14 @@ from ..store.manifest import Manifest
 from ..store.repo import Store
 
 FINETUNE_FMT = "{stem}-finetuned-{n:03d}"
+LORA_FMT = "{stem}-lora-{n:03d}"  # an adapter child (method: lora)
 SCRATCH_FMT = "{stem}-{n:03d}"  # stem: the adapter's `scratch_stem`
 
 
 def finetune_stem(parent_name: str) -> str:
-    """`qwen-0.5b-base` -> `qwen-0.5b`; `qwen-0.5b-finetuned-003` -> `qwen-0.5b`."""
-    return re.sub(r"-(base|finetuned-\d{3,})$", "", parent_name) or parent_name
+    """`qwen-0.5b-base` -> `qwen-0.5b`; `qwen-0.5b-finetuned-003`, `qwen-0.5b-lora-001`,
+    `qwen-0.5b-merged-002` -> `qwen-0.5b`."""
+    return re.sub(r"-(base|(finetuned|lora|merged)-\d{3,})$", "", parent_name) or parent_name
 
 
 @dataclass
@@ -40,9 +42,12 @@ def commit_checkpoint(store: Store, ckpt: Checkpoint, *, architecture: str, mode
                       files: dict[str, str], message: str, training: dict[str, Any] | None,
                       name: str | None, stem: str, name_fmt: str,
                       fine_tuned_from: str | None,
-                      dtypes: dict[str, torch.dtype] | None = None) -> CommitResult:
+                      dtypes: dict[str, torch.dtype] | None = None, kind: str = "full",
+                      adapter: dict[str, Any] | None = None) -> CommitResult:
     """Write `ckpt` as a new manifest and ref. `dtypes` casts tensors back to the parent's
-    storage dtypes (bf16 -> fp32 for training -> bf16 is exact for untouched tensors)."""
+    storage dtypes (bf16 -> fp32 for training -> bf16 is exact for untouched tensors).
+    `kind` "adapter" with its `adapter` summary: `ckpt` holds only the adapter's tensors
+    and `parent` is the base."""
     dtypes = dtypes or {}
     store.init()  # registry before objects: a new store is made, a damaged one refused
     with store.objects.batch() as batch:
@@ -56,7 +61,7 @@ def commit_checkpoint(store: Store, ckpt: Checkpoint, *, architecture: str, mode
     manifest = Manifest(architecture=architecture, model_id=model_id, source=source,
                         license=license, config=config, files=all_files, tensors=tensors,
                         parent=parent, message=message, tied_weights=ckpt.tied_weights,
-                        training=training)
+                        training=training, kind=kind, adapter=adapter)
     commit = store.put_manifest(manifest)
     target = store.add_ref(commit, manifest, name,
                            lambda: store.next_free_name(stem, name_fmt, start=1),

@@ -1,4 +1,5 @@
-"""`mstore generate`: resolve a ref, load it through its adapter, stream text as it comes."""
+"""`mstore generate`: resolve a ref, load it through its adapter (an adapter child: its base
+with the LoRA layers injected), stream text as it comes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Callable
 
 import torch
 
-from ..adapters.base import adapter_for
 from ..errors import InvalidSetting, MStoreError
 from ..store.repo import Store
+from .lora import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,10 +66,10 @@ def generate_text(store: Store, ref: str, prompt: str, opts: GenerateOptions,
     if opts.top_k is not None and opts.top_k < 1:
         raise InvalidSetting("top_k", ">= 1")
     resolved = store.resolve(ref)
-    adapter = adapter_for(store, resolved.commit)
     device = pick_device(opts.device)
-    model = adapter.load_checkpoint(device=device, dtype=parse_dtype(opts.dtype),
-                                    verify=opts.verify)
+    loaded = load_model(store, resolved.commit, device=device, dtype=parse_dtype(opts.dtype),
+                        verify=opts.verify)
+    adapter, model = loaded.adapter, loaded.runnable
     tok = adapter.tokenizer()
     text = tok.apply_chat_template(prompt) if opts.chat else prompt
     ids = tok.encode(text)

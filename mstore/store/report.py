@@ -9,12 +9,15 @@ Each function returns plain data (what `--json` prints); the CLI only formats it
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
 from .licenses import inherited_note
-from .manifest import LightManifest, Manifest
+from .lora_names import adapted_modules
+from .manifest import LightManifest, Manifest, TensorEntry
 from .refs import RefEntry
 from .repo import Store
 
@@ -155,12 +158,15 @@ def du(store: Store) -> dict[str, Any]:
     by_commit = store.names_by_commit()
     held: dict[str, set[str]] = {}
     parents: dict[str, tuple[str, set[str]]] = {}
+    kinds: dict[str, str | None] = {}
     for commit in by_commit:
         try:
             m = store.read_manifest(commit)
         except (ObjectMissing, ObjectCorrupt):
             held[commit] = set()
+            kinds[commit] = None
             continue
+        kinds[commit] = m.kind
         held[commit] = m.object_ids() | {commit}  # the manifest is part of what a ref holds
         if m.parent:
             try:
@@ -175,7 +181,7 @@ def du(store: Store) -> dict[str, Any]:
     for commit in sorted(held, key=lambda c: (sorted(by_commit[c])[0], c)):
         oids, names = held[commit], sorted(by_commit[commit])
         row = {
-            "name": names[0], "names": names, "commit": commit,
+            "name": names[0], "names": names, "commit": commit, "kind": kinds[commit],
             "parent": parents[commit][0] if commit in parents else None,
             "logical_bytes": sum(sizes.get(o, 0) for o in oids),
             "unique_bytes": sum(sizes.get(o, 0) for o in oids if users[o] == 1),
@@ -200,44 +206,132 @@ def du(store: Store) -> dict[str, Any]:
 
 
 def diff(store: Store, a: str, b: str) -> dict[str, Any]:
-    """Tensors added, removed, changed (with relative L2 change) and shared from a to b."""
+    """Tensors added, removed, changed (with relative L2 change) and shared from a to b.
+
+    A LoRA adapter child is compared as the model it runs: its base's tensors, with each
+    weight the adapter adapts being W + scaling * B @ A. So `diff base child` lists the
+    base weights the adapter changes (and by how much), and `adapter` names its tensors and
+    the modules they target."""
     ra, rb = store.resolve(a), store.resolve(b)
     ma, mb = store.read_manifest(ra.commit), store.read_manifest(rb.commit)
-    ta, tb = ma.tensors, mb.tensors
+    ea, eb = _effective(store, ma), _effective(store, mb)
+    ta, tb = ea.tensors, eb.tensors
     changed, shared = [], []
     for name in sorted(set(ta) & set(tb)):
-        if ta[name].object == tb[name].object:
+        la, lb = ea.lora.get(name), eb.lora.get(name)
+        if ta[name].object == tb[name].object and _same_lora(la, lb):
             shared.append(name)
             continue
         row: dict[str, Any] = {"name": name, "a": ta[name].object, "b": tb[name].object}
+        if la or lb:
+            row["lora"] = {side: lo.note for side, lo in (("a", la), ("b", lb)) if lo}
         if ta[name].shape != tb[name].shape or ta[name].dtype != tb[name].dtype:
             row["relative_l2"] = None
             row["note"] = (f"{ta[name].dtype}{ta[name].shape} -> "
                            f"{tb[name].dtype}{tb[name].shape}")
         else:
-            row["relative_l2"], note = relative_l2(store, ta[name].object, tb[name].object)
+            row["relative_l2"], note = relative_l2(store, ta[name].object, tb[name].object,
+                                                   la, lb)
             if note:
                 row["note"] = note
         changed.append(row)
     shared_bytes = sum(store.objects.size(ta[n].object) for n in shared
                        if store.objects.exists(ta[n].object))
     return {
-        "a": {"ref": a, "name": ra.name, "commit": ra.commit},
-        "b": {"ref": b, "name": rb.name, "commit": rb.commit},
+        "a": {"ref": a, "name": ra.name, "commit": ra.commit, "kind": ma.kind},
+        "b": {"ref": b, "name": rb.name, "commit": rb.commit, "kind": mb.kind},
         "added": sorted(set(tb) - set(ta)), "removed": sorted(set(ta) - set(tb)),
         "changed": changed, "shared": shared, "shared_bytes": shared_bytes,
         "config_changed": ma.config != mb.config,
         "files_changed": sorted(k for k in set(ma.files) | set(mb.files)
                                 if ma.files.get(k) != mb.files.get(k)),
+        "adapter": {side: e.summary(store) for side, e in (("a", ea), ("b", eb))
+                    if e.adapter is not None} or None,
     }
 
 
-def relative_l2(store: Store, oid_a: str, oid_b: str) -> tuple[float | None, str | None]:
+@dataclass
+class _Lora:
+    """One adapted weight of an adapter child: W + scaling * B @ A."""
+
+    a: TensorEntry
+    b: TensorEntry
+    scaling: float
+    note: str
+
+    def key(self) -> tuple[str, str, float]:
+        return (self.a.object, self.b.object, self.scaling)
+
+
+def _same_lora(x: "_Lora | None", y: "_Lora | None") -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and x.key() == y.key())
+
+
+@dataclass
+class _Effective:
+    """The tensors a commit runs with: its own, or an adapter child's base's plus deltas."""
+
+    tensors: dict[str, TensorEntry]
+    lora: dict[str, _Lora]
+    adapter: Manifest | None = None
+
+    def summary(self, store: Store) -> dict[str, Any]:
+        m = self.adapter
+        modules, _ = adapted_modules(m.tensors)
+        return {**(m.adapter or {}), "base": m.parent, "tensors": sorted(m.tensors),
+                "modules": sorted(modules),
+                "bytes": sum(store.objects.size(t.object) for t in m.tensors.values()
+                             if store.objects.exists(t.object))}
+
+
+def _effective(store: Store, m: Manifest) -> _Effective:
+    if m.kind != "adapter":
+        return _Effective(m.tensors, {})
+    base = store.read_manifest(m.parent)
+    scaling = _lora_scaling(store, m)
+    lora = {}
+    for mod in adapted_modules(m.tensors)[0].values():
+        if mod.lora_a is None or mod.lora_b is None or mod.base_weight not in base.tensors:
+            continue
+        a, b = m.tensors[mod.lora_a], m.tensors[mod.lora_b]
+        r = a.shape[0]
+        lora[mod.base_weight] = _Lora(a, b, scaling(r), f"lora r={r} (A {a.shape}, B {b.shape})")
+    return _Effective(base.tensors, lora, m)
+
+
+def _lora_scaling(store: Store, m: Manifest):
+    """scaling(r): lora_alpha / r, or / sqrt(r) with use_rslora (peft's rule)."""
+    alpha = float((m.adapter or {}).get("alpha") or 0)
+    rslora = False
+    oid = m.files.get("adapter_config.json")
+    if oid is not None:
+        try:
+            raw = json.loads(store.objects.read_bytes(oid))
+            alpha = float(raw.get("lora_alpha", alpha))
+            rslora = bool(raw.get("use_rslora"))
+        except (ValueError, TypeError, AttributeError, ObjectMissing):
+            pass
+    return lambda r: alpha / (math.sqrt(r) if rslora else r)
+
+
+def relative_l2(store: Store, oid_a: str, oid_b: str, lora_a: "_Lora | None" = None,
+                lora_b: "_Lora | None" = None) -> tuple[float | None, str | None]:
     """(||b - a|| / ||a||, None), computed in float64 with numpy (no torch); or (None, why)
-    when it is undefined: a was all zeros, a value is not finite, numpy lacks the dtype."""
+    when it is undefined: a was all zeros, a value is not finite, numpy lacks the dtype.
+    `lora_a` / `lora_b`: a LoRA delta added to that side's weight first."""
     from .tensor_numpy import load_as_float
 
     x, y = load_as_float(store, oid_a), load_as_float(store, oid_b)
+    for side, lo in ((0, lora_a), (1, lora_b)):
+        if lo is None or (x if side == 0 else y) is None:
+            continue
+        da, db = load_as_float(store, lo.a.object), load_as_float(store, lo.b.object)
+        if da is None or db is None:
+            return None, "dtype not comparable without torch"
+        if side == 0:
+            x = x + lo.scaling * (db @ da)
+        else:
+            y = y + lo.scaling * (db @ da)
     if x is None or y is None:
         return None, "dtype not comparable without torch"
     denom = float((x * x).sum())
@@ -265,4 +359,4 @@ def show(store: Store, ref: str) -> dict[str, Any]:
             "license_note": license_note(store, m.parent), "created_at": m.created_at,
             "message": m.message, "kind": m.kind, "variant": variant(m, by_commit),
             "run_bytes": m.run_bytes, "evals": eval_notes(store, r.commit),
-            "manifest": m.to_dict()}
+            "adapter": m.adapter, "manifest": m.to_dict()}

@@ -44,6 +44,8 @@ class ModelRef(JsonView):
     created_at: str | None
     parameters: int | None
     size_bytes: int | None
+    kind: str | None  # full | adapter | quantized (None: the manifest is unreadable)
+    variant: str | None  # "lora r=16 on qwen-base", "int8 of qwen-base"; "" for a full model
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class CommitInfo(JsonView):
     size_bytes: int | None
     weights_present: bool | None
     manifest: dict[str, Any]
+    kind: str
+    adapter: dict[str, Any] | None
+    variant: str
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class LogEntry(JsonView):
     license: str | None
     training: dict[str, Any] | None
     weights_present: bool
+    kind: str | None
+    variant: str | None
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class TensorDiff(JsonView):
     shared_bytes: int
     config_changed: bool
     files_changed: list[str]
+    adapter: dict[str, Any] | None  # {"a"/"b": a LoRA side's summary} (None: no adapter)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from safetensors import SafetensorError
 
 from ..adapters.base import TOKENIZER_FILES, Checkpoint
 from ..errors import CommitFailed, MStoreError
-from ..runtime import distributed
+from ..runtime import distributed, lora
 from ..runtime.checkpoint import (
-    FINETUNE_FMT, SCRATCH_FMT, CommitResult, commit_checkpoint, finetune_stem,
+    FINETUNE_FMT, LORA_FMT, SCRATCH_FMT, CommitResult, commit_checkpoint, finetune_stem,
 )
 from ..runtime.torch_io import TORCH_DTYPES
+from ..store import failpoints
 from ..store.objects import hash_file
 from ..store.repo import Store
 from . import recovery
@@ -64,6 +65,8 @@ def commit_result(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen
         "processes": ctx.world, "strategy": cfg.strategy if ctx.active else None,
     }
     s.model.eval()
+    if cfg.method == "lora":
+        return _commit_adapter(store, cfg, s, data_path, training, recovery_dir)
     ckpt = s.adapter.save_checkpoint(s.model)
     if s.parent is None:
         ckpt.files.update(s.new_files)
@@ -80,14 +83,35 @@ def commit_result(store: Store, cfg: TrainConfig, s: _Setup, loop: _Loop, frozen
         files = {n: o for n, o in files.items() if n not in TOKENIZER_FILES}
         ckpt.files.update(s.new_files)
     dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in m.tensors.items() if t.dtype in TORCH_DTYPES}
-    args = dict(architecture=m.architecture, model_id=m.model_id,
+    args = _child_args(cfg, s, training, "fine-tune", data_path, FINETUNE_FMT)
+    return _commit_or_keep(store, ckpt, files, dtypes, args, recovery_dir)
+
+
+def _child_args(cfg: TrainConfig, s: _Setup, training: dict[str, Any], what: str,
+                data_path: Path, name_fmt: str, **extra: Any) -> dict[str, Any]:
+    """commit_checkpoint's fields for a child of the model `s` trained on."""
+    m = s.adapter.manifest
+    return dict(architecture=m.architecture, model_id=m.model_id,
                 source={"type": "finetune", "parent": s.parent, "parent_name": s.parent_name},
                 license=m.license, parent=s.parent,
-                message=f"fine-tune {s.parent_name or s.parent[:12]} on {data_path.name}",
+                message=f"{what} {s.parent_name or s.parent[:12]} on {data_path.name}",
                 training=training, name=cfg.output_name,
                 stem=finetune_stem(s.parent_name or m.model_id.split("/")[-1].lower()),
-                name_fmt=FINETUNE_FMT, fine_tuned_from=s.parent_name)
-    return _commit_or_keep(store, ckpt, files, dtypes, args, recovery_dir)
+                name_fmt=name_fmt, fine_tuned_from=s.parent_name, **extra)
+
+
+def _commit_adapter(store: Store, cfg: TrainConfig, s: _Setup, data_path: Path,
+                    training: dict[str, Any], recovery_dir: Path | None) -> CommitResult:
+    """An adapter child: only the LoRA tensors (peft's names, in the base's dtype) and peft's
+    adapter_config.json; the base's config.json; `parent` the base."""
+    m = s.adapter.manifest
+    parts = lora.adapter_parts(s.model, m)
+    failpoints.hit("train.adapter-built")
+    ckpt = Checkpoint(tensors=parts.tensors, config=store.objects.read_bytes(m.config),
+                      files={lora.ADAPTER_CONFIG: parts.config_json})
+    args = _child_args(cfg, s, training, "lora fine-tune", data_path, LORA_FMT,
+                       kind="adapter", adapter=parts.summary)
+    return _commit_or_keep(store, ckpt, {}, {}, args, recovery_dir)
 
 
 def _commit_or_keep(store: Store, ckpt: Checkpoint, files: dict[str, str],

@@ -21,6 +21,10 @@ from ..errors import ConfigError, DatasetError
 ARCH_KEYS = ("n_layers", "d_model", "n_heads", "dropout", "block_size")
 ARCH_DEFAULTS = {"n_layers": 4, "d_model": 128, "n_heads": 4, "dropout": 0.0, "block_size": None}
 MAX_CONFIG_BYTES = 1024 * 1024
+METHODS = ("full", "lora")
+# the `lora:` block (method: lora); target_modules None: the architecture's own default
+# (`Adapter.lora_targets`: every attention and MLP projection)
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
 
 
 @dataclass
@@ -45,6 +49,8 @@ class TrainConfig:
     eval_fraction: float = 0.1  # share of the packed data held out for eval loss
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of learning_rate
+    method: str = "full"  # full: train every (unfrozen) weight; lora: a LoRA adapter (peft)
+    lora: dict[str, Any] | None = None  # r, alpha, dropout, target_modules (method: lora)
     # architecture parameters of the from-scratch model (adapters.base.SCRATCH_ARCHITECTURE)
     n_layers: int | None = None
     d_model: int | None = None
@@ -69,6 +75,8 @@ for _f in fields(TrainConfig):
     t = str(_f.type)
     if "list" in t:
         _TYPES[_f.name] = (list,)
+    elif t.startswith("dict"):
+        _TYPES[_f.name] = (dict,)
     elif t.startswith("int"):
         _TYPES[_f.name] = (int,)
     elif t.startswith("float"):
@@ -77,7 +85,7 @@ for _f in fields(TrainConfig):
         _TYPES[_f.name] = (str,)
 _OPTIONAL = {f.name for f in fields(TrainConfig) if "None" in str(f.type)}
 _CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "strategy": ("ddp", "fsdp"),
-            "dtype": ("float32", "bfloat16", "float16")}
+            "dtype": ("float32", "bfloat16", "float16"), "method": METHODS}
 _INT_RE = re.compile(r"[-+]?[0-9][0-9_]*")
 _POSITIVE = ("batch_size", "max_steps", "seq_len", "grad_accum_steps", "eval_interval",
              "n_layers", "d_model", "n_heads", "block_size")
@@ -92,7 +100,14 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = (),
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        doc[key.strip()] = _parse_override(key.strip(), value)
+        key = key.strip()
+        block, dot, sub = key.partition(".")
+        if dot and block == "lora":
+            lora = doc.get("lora")
+            doc["lora"] = {**(lora if isinstance(lora, dict) else {}),
+                           sub: _parse_lora_override(key, sub, value)}
+        else:
+            doc[key] = _parse_override(key, value)
     if name is not None:
         doc["output_name"] = name
     cfg = from_mapping(doc)
@@ -165,7 +180,51 @@ def from_mapping(doc: dict[str, Any]) -> TrainConfig:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"config key 'freeze': bad regex {pattern!r} ({e})") from None
+    _check_method(cfg)
     return cfg
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    """`lora:` only with method: lora, and then filled in with its defaults (what the
+    training record keeps); keys that LoRA cannot honour are refused by name."""
+    if cfg.method != "lora":
+        if cfg.lora is not None:
+            raise ConfigError("config key 'lora' is for method: lora (this config trains "
+                              "method: full); set method: lora or remove the key")
+        return
+    given = dict(cfg.lora or {})
+    for key in given:
+        if key not in LORA_DEFAULTS:
+            close = difflib.get_close_matches(str(key), list(LORA_DEFAULTS), n=1)
+            hint = f" (did you mean 'lora.{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key 'lora.{key}'{hint}")
+    lora = {**LORA_DEFAULTS, **given}
+    r, alpha, dropout, targets = (lora[k] for k in ("r", "alpha", "dropout", "target_modules"))
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"config key 'lora.r' must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"config key 'lora.alpha' must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0 <= dropout < 1:
+        raise ConfigError(f"config key 'lora.dropout' must be a number in [0, 1), "
+                          f"got {dropout!r}")
+    if targets is not None and not (isinstance(targets, list) and targets
+                                    and all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError("config key 'lora.target_modules' must be a non-empty list of "
+                          f"module names, got {targets!r}")
+    if cfg.model_name is None:
+        raise ConfigError("config key 'method': lora fine-tunes a model; set model_name "
+                          "(a model from scratch trains with method: full)")
+    for key, value, why in (("freeze", cfg.freeze, "LoRA trains only the adapter"),
+                            ("tokenizer", cfg.tokenizer, "an adapter uses its base's tokenizer")):
+        if value:
+            raise ConfigError(f"config key {key!r} is for method: full ({why}); remove it")
+    if cfg.strategy == "fsdp":
+        raise ConfigError("config key 'strategy': method: lora trains with ddp (the frozen "
+                          "base is whole on every process); set strategy: ddp")
+    cfg.lora = {**lora, "alpha": float(alpha) if isinstance(alpha, float) else alpha,
+                "dropout": float(dropout)}
 
 
 def _number(key: str, value: Any) -> Any:
@@ -202,8 +261,21 @@ def _check_type(key: str, value: Any) -> None:
         ok = False
     if not ok:
         want = {int: "an integer", float: "a number", str: "a string",
-                list: "a list of strings"}[typ]
+                list: "a list of strings", dict: "a mapping of key: value"}[typ]
         raise ConfigError(f"config key {key!r} must be {want}, got {value!r}")
+
+
+def _parse_lora_override(key: str, sub: str, value: str) -> Any:
+    """`--set lora.r=8`: the value as YAML reads it (`_check_method` checks it)."""
+    if sub not in LORA_DEFAULTS:
+        return value  # _check_method names the unknown key
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot read {value!r}") from None
+    if sub == "target_modules" and isinstance(parsed, str):
+        return [parsed]
+    return parsed
 
 
 def _parse_override(key: str, value: str) -> Any:

@@ -23,7 +23,7 @@ from ..adapters.base import (
 )
 from ..errors import ConfigError, NameTaken, TrainingInterrupted
 from ..reporting import SILENT, Reporter
-from ..runtime import distributed
+from ..runtime import distributed, lora
 from ..runtime.checkpoint import CommitResult
 from ..runtime.generate import pick_device
 from ..store import failpoints
@@ -103,15 +103,22 @@ def _setup(store: Store, cfg: TrainConfig, device: str, docs: list[str]) -> _Set
         return _Setup(new.adapter, new.model.to(device), new.tokenizer, None, None, new.files,
                       new.rebuild)
     resolved = store.resolve(cfg.model_name)
+    lora.check_base(store, cfg.model_name, resolved.commit)
     adapter = adapter_for(store, resolved.commit)
     _check_architecture(store, cfg, adapter.manifest)
-    model = adapter.load_checkpoint(device=device, dtype=torch.float32)
+    # LoRA: the frozen base as stored (mapped, no copy) where the device computes that
+    # dtype natively; full: float32 master weights
+    dtype = lora.frozen_base_dtype(adapter.manifest, device) if cfg.method == "lora" \
+        else torch.float32
+    model = adapter.load_checkpoint(device=device, dtype=dtype)
     parent_name = resolved.name or next(iter(store.names_by_commit().get(resolved.commit, [])),
                                         None)
     tok = adapter.tokenizer_from_files(override) if override else adapter.tokenizer()
     if tok.vocab_size > adapter.vocab_rows(model):
         raise ConfigError(f"config key 'tokenizer': its vocabulary of {tok.vocab_size} tokens "
                           f"does not fit the model's embedding of {adapter.vocab_rows(model)}")
+    if cfg.method == "lora":
+        model = lora.wrap_for_training(adapter, model, cfg.lora, cfg.model_name)
     return _Setup(adapter, model, tok, resolved.commit, parent_name, override)
 
 
@@ -223,7 +230,9 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
         reporter.message(f"training {what} on {where}: "
             f"{train_blocks.shape[0]} train blocks x {cfg.seq_len} tokens"
             + (f", {eval_blocks.shape[0]} eval" if eval_blocks is not None else "")
-            + (f", {len(frozen)} frozen tensors" if frozen else ""))
+            + (f", {len(frozen)} frozen tensors" if frozen else "")
+            + (f", LoRA r={cfg.lora['r']} ({_trainable(s.model):,} trainable parameters)"
+               if cfg.method == "lora" else ""))
         wrapped = distributed.wrap(s.model, ctx, cfg.strategy, device)
         loop = _Loop(cfg, wrapped, s.adapter.forward, train_blocks, eval_blocks, device,
                      callbacks, reporter, ctx)
@@ -246,6 +255,10 @@ def _train(store, cfg, ctx, device, docs, data_path, started, commit_on_interrup
                        loop.train_losses[-1][1] if loop.train_losses else float("nan"),
                        loop.eval_losses[-1][1] if loop.eval_losses else None,
                        result.bytes_written, result.bytes_reused, interrupted, frozen)
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _unsharded_copy(store: Store, cfg: TrainConfig, s: "_Setup",
