@@ -232,10 +232,7 @@ def test_architectures_llama_cpp_cannot_take_are_refused(cli, tmp_path, store):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind, words", [("adapter", "q is an adapter: export of merged"),
-                                         ("quantized", "q is a quantized model: export of")])
-def test_adapter_and_quantized_kinds_are_refused_until_they_plug_in(store, model_dirs, kind,
-                                                                     words):
+def test_a_quantized_child_is_refused_by_name(store, model_dirs):
     import dataclasses
 
     from mstore.errors import ExportError
@@ -243,5 +240,49 @@ def test_adapter_and_quantized_kinds_are_refused_until_they_plug_in(store, model
 
     import_model(store, str(model_dirs["qwen2"]), name="q", accept_license=True)
     m = store.read_manifest(store.resolve("q").commit)
-    with pytest.raises(ExportError, match=words):
-        next(commit_tensors(store, dataclasses.replace(m, kind=kind), "q"))
+    with pytest.raises(ExportError, match="q is a quantized model: a GGUF of it"):
+        next(commit_tensors(store, dataclasses.replace(m, kind="quantized",
+                                                       quantization={"scheme": "int8"}), "q"))
+
+
+def test_a_lora_child_exports_its_merged_weights(store, model_dirs, tmp_path):
+    """W + (alpha / r) * B @ A for each adapted weight, the base's tensors elsewhere; the
+    base's tokenizer and config (the adapter holds only its own tensors)."""
+    from mstore.store.manifest import Manifest, TensorEntry
+
+    import_model(store, str(model_dirs["qwen2"]), name="q", accept_license=True)
+    base_commit = store.resolve("q").commit
+    base = store.read_manifest(base_commit)
+    w = base.tensors["model.layers.0.self_attn.q_proj.weight"]
+    out_f, in_f, r = w.shape[0], w.shape[1], 4
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((r, in_f)).astype(np.float32)
+    b = rng.standard_normal((out_f, r)).astype(np.float32)
+    stem = "base_model.model.model.layers.0.self_attn.q_proj"
+    with store.objects.batch() as batch:
+        ea = batch.put_tensor_bytes("F32", [r, in_f], a.tobytes())
+        eb = batch.put_tensor_bytes("F32", [out_f, r], b.tobytes())
+        cfg = batch.put_bytes(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 8,
+                                          "target_modules": ["q_proj"]}).encode())
+    child = Manifest(architecture=base.architecture, model_id=base.model_id,
+                     source={"type": "finetune"}, license=base.license, config=base.config,
+                     files={"adapter_config.json": cfg.oid},
+                     tensors={f"{stem}.lora_A.weight": TensorEntry(ea.oid, "F32", [r, in_f]),
+                              f"{stem}.lora_B.weight": TensorEntry(eb.oid, "F32", [out_f, r])},
+                     parent=base_commit, message="lora", kind="adapter",
+                     adapter={"method": "lora", "r": r, "alpha": 8, "dropout": 0.0,
+                              "target_modules": ["q_proj"]})
+    commit = store.put_manifest(child)
+    store.registry.set_ref(store.registry_entry("kid", commit, child, "q"), expected=None)
+    export_model(store, "kid", tmp_path / "kid", fmt="gguf", gguf_type="f16")
+    export_model(store, "q", tmp_path / "q", fmt="gguf", gguf_type="f16")
+    got = {t.name: np.asarray(t.data).copy() for t in reader(tmp_path / "kid").tensors}
+    plain = {t.name: np.asarray(t.data).copy() for t in reader(tmp_path / "q").tensors}
+    source = load_file(model_dirs["qwen2"] / "model.safetensors")
+    want = source["model.layers.0.self_attn.q_proj.weight"].float().numpy() + 2.0 * (b @ a)
+    assert np.array_equal(got["blk.0.attn_q.weight"].view(np.float16).reshape(want.shape)
+                          .view(np.uint16), want.astype(np.float16).view(np.uint16))
+    changed = {n for n in got if not np.array_equal(got[n], plain[n])}
+    assert changed == {"blk.0.attn_q.weight"}
+    assert field(reader(tmp_path / "kid"), "tokenizer.ggml.tokens") == \
+        field(reader(tmp_path / "q"), "tokenizer.ggml.tokens")

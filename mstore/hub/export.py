@@ -31,7 +31,7 @@ from ..store.manifest import Manifest, TensorEntry
 from ..store.objects import copy_range, hasher
 from ..store.report import log_entries
 from ..store.repo import Store
-from .export_tensors import check_exportable
+from .export_tensors import check_exportable, weights_manifest
 from .gguf_export import TYPES as GGUF_TYPES
 from .model_card import BASE_CARD, CARD, card_files
 
@@ -87,6 +87,8 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
             raise QuantizedExport(what, m.describe())
     elif not adapter:
         check_exportable(m, what)
+        if m.kind == "adapter":  # a GGUF of the merged weights: the base's are read too
+            _verify_objects(store, store.read_manifest(m.parent), tensors_too=True)
     _verify_objects(store, m, tensors_too=fmt != "safetensors" or m.kind == "quantized")
     if base is not None:
         merged = merge(r.commit)
@@ -197,7 +199,7 @@ def _write_gguf_folder(store: Store, m: Manifest, r, work: Path, gguf_type: str)
     written = write_gguf(store, m, r.name or r.commit[:12], work, gguf_type,
                          {"license": m.license if m.license != "unknown" else None,
                           "base_model": base})
-    for name, oid in m.files.items():
+    for name, oid in weights_manifest(store, m).files.items():
         if "/" not in name and name.upper().startswith(("LICENSE", "NOTICE", "COPYING")):
             (work / name).write_bytes(store.objects.read_bytes(oid))
             written.append(name)

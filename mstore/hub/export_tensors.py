@@ -39,15 +39,14 @@ def kind_of(m: Manifest) -> str:
 
 
 def check_exportable(m: Manifest, what: str) -> None:
-    """Refuse kinds whose weights are not yet materialised by `commit_tensors`."""
+    """Refuse kinds whose weights `commit_tensors` does not materialise (a LoRA child's are
+    its base's with the adapter merged in)."""
     kind = kind_of(m)
-    if kind == "adapter":
-        raise ExportError(f"{what} is an adapter: export of merged adapter weights is not "
-                          "supported yet; export its base model instead")
     if kind == "quantized":
-        raise ExportError(f"{what} is a quantized model: export of dequantized weights is "
-                          "not supported yet; export the model it was quantized from")
-    if kind != "full":
+        raise ExportError(f"{what} is a quantized model: a GGUF of it would quantize twice; "
+                          "export the model it was quantized from, or export it dequantized "
+                          "as safetensors")
+    if kind not in ("full", "adapter"):
         raise ExportError(f"{what} has kind {kind!r}, which this mstore cannot export; "
                           "upgrade mstore")
 
@@ -57,8 +56,35 @@ def commit_tensors(store: Store, m: Manifest, what: str = "the model"
     """(name, LazyTensor) for every stored tensor of `m`, in name order (tied names are not
     repeated: the manifest's `tied_weights` says which names share)."""
     check_exportable(m, what)
+    if m.kind == "adapter":  # the base's weights, each adapted one as W + scaling * B @ A
+        from ..store.report import effective_tensors
+
+        eff = effective_tensors(store, m)
+        for name, t in sorted(eff.tensors.items()):
+            lazy = _object_tensor(store, t.object, t.dtype, tuple(t.shape), name)
+            delta = eff.lora.get(name)
+            yield name, lazy if delta is None else _merged(store, lazy, delta, name)
+        return
     for name, t in sorted(m.tensors.items()):
         yield name, _object_tensor(store, t.object, t.dtype, tuple(t.shape), name)
+
+
+def weights_manifest(store: Store, m: Manifest) -> Manifest:
+    """The manifest whose config, files and tied weights the exported model has: a LoRA
+    child's base's (the adapter holds only its own tensors and adapter_config.json)."""
+    return store.read_manifest(m.parent) if m.kind == "adapter" else m
+
+
+def _merged(store: Store, base: LazyTensor, delta, name: str) -> LazyTensor:
+    a = _object_tensor(store, delta.a.object, delta.a.dtype, tuple(delta.a.shape), name)
+    b = _object_tensor(store, delta.b.object, delta.b.dtype, tuple(delta.b.shape), name)
+
+    def load() -> np.ndarray:
+        w = base.load().astype(np.float32)
+        return w + np.float32(delta.scaling) * (b.load().astype(np.float32)
+                                                @ a.load().astype(np.float32))
+
+    return LazyTensor(base.shape, base.dtype, load)
 
 
 def _object_tensor(store: Store, oid: str, dtype: str, shape: tuple[int, ...],

@@ -39,7 +39,7 @@ from ..errors import ExportError
 from ..store import failpoints
 from ..store.manifest import Manifest
 from ..store.repo import Store
-from .export_tensors import LazyTensor, commit_tensors
+from .export_tensors import LazyTensor, commit_tensors, weights_manifest
 
 GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"
@@ -83,8 +83,9 @@ def write_gguf(store: Store, m: Manifest, name: str, work: Path, gguf_type: str,
     arch = _arch(m.architecture)
     with tempfile.TemporaryDirectory(prefix="mstore-gguf-") as tmp:
         src = Path(tmp)
-        (src / "config.json").write_bytes(store.objects.read_bytes(m.config))
-        for fname, oid in m.files.items():
+        model = weights_manifest(store, m)
+        (src / "config.json").write_bytes(store.objects.read_bytes(model.config))
+        for fname, oid in model.files.items():
             if "/" not in fname and not fname.startswith("."):
                 (src / fname).write_bytes(store.objects.read_bytes(oid))
         hparams = _hparams(src)

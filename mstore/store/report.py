@@ -214,7 +214,7 @@ def diff(store: Store, a: str, b: str) -> dict[str, Any]:
     the modules they target."""
     ra, rb = store.resolve(a), store.resolve(b)
     ma, mb = store.read_manifest(ra.commit), store.read_manifest(rb.commit)
-    ea, eb = _effective(store, ma), _effective(store, mb)
+    ea, eb = effective_tensors(store, ma), effective_tensors(store, mb)
     ta, tb = ea.tensors, eb.tensors
     changed, shared = [], []
     for name in sorted(set(ta) & set(tb)):
@@ -251,7 +251,7 @@ def diff(store: Store, a: str, b: str) -> dict[str, Any]:
 
 
 @dataclass
-class _Lora:
+class LoraDelta:
     """One adapted weight of an adapter child: W + scaling * B @ A."""
 
     a: TensorEntry
@@ -263,16 +263,16 @@ class _Lora:
         return (self.a.object, self.b.object, self.scaling)
 
 
-def _same_lora(x: "_Lora | None", y: "_Lora | None") -> bool:
+def _same_lora(x: "LoraDelta | None", y: "LoraDelta | None") -> bool:
     return (x is None and y is None) or (x is not None and y is not None and x.key() == y.key())
 
 
 @dataclass
-class _Effective:
+class EffectiveTensors:
     """The tensors a commit runs with: its own, or an adapter child's base's plus deltas."""
 
     tensors: dict[str, TensorEntry]
-    lora: dict[str, _Lora]
+    lora: dict[str, LoraDelta]
     adapter: Manifest | None = None
 
     def summary(self, store: Store) -> dict[str, Any]:
@@ -284,9 +284,9 @@ class _Effective:
                              if store.objects.exists(t.object))}
 
 
-def _effective(store: Store, m: Manifest) -> _Effective:
+def effective_tensors(store: Store, m: Manifest) -> EffectiveTensors:
     if m.kind != "adapter":
-        return _Effective(m.tensors, {})
+        return EffectiveTensors(m.tensors, {})
     base = store.read_manifest(m.parent)
     scaling = _lora_scaling(store, m)
     lora = {}
@@ -295,8 +295,8 @@ def _effective(store: Store, m: Manifest) -> _Effective:
             continue
         a, b = m.tensors[mod.lora_a], m.tensors[mod.lora_b]
         r = a.shape[0]
-        lora[mod.base_weight] = _Lora(a, b, scaling(r), f"lora r={r} (A {a.shape}, B {b.shape})")
-    return _Effective(base.tensors, lora, m)
+        lora[mod.base_weight] = LoraDelta(a, b, scaling(r), f"lora r={r} (A {a.shape}, B {b.shape})")
+    return EffectiveTensors(base.tensors, lora, m)
 
 
 def _lora_scaling(store: Store, m: Manifest):
@@ -314,8 +314,8 @@ def _lora_scaling(store: Store, m: Manifest):
     return lambda r: alpha / (math.sqrt(r) if rslora else r)
 
 
-def relative_l2(store: Store, oid_a: str, oid_b: str, lora_a: "_Lora | None" = None,
-                lora_b: "_Lora | None" = None) -> tuple[float | None, str | None]:
+def relative_l2(store: Store, oid_a: str, oid_b: str, lora_a: "LoraDelta | None" = None,
+                lora_b: "LoraDelta | None" = None) -> tuple[float | None, str | None]:
     """(||b - a|| / ||a||, None), computed in float64 with numpy (no torch); or (None, why)
     when it is undefined: a was all zeros, a value is not finite, numpy lacks the dtype.
     `lora_a` / `lora_b`: a LoRA delta added to that side's weight first."""
