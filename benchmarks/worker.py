@@ -93,6 +93,7 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mstore.runtime.generate as mgen
+    import mstore.runtime.lora as mload  # where generate_text's load_model binds a commit
     from mstore.store.repo import Store
 
     _quiet_transformers()
@@ -101,7 +102,7 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
     prompt = a.get("prompt", "hi")
     probe: dict[str, Any] = {}
 
-    real_adapter_for = mgen.adapter_for
+    real_adapter_for = mload.adapter_for
 
     def instrumented_adapter_for(st, commit):
         """Times load_checkpoint() and tokenizer() and counts the tokens generate_stream
@@ -129,7 +130,7 @@ def task_decode(a: dict[str, Any]) -> dict[str, Any]:
         adapter.generate_stream = generate_stream
         return adapter
 
-    mgen.adapter_for = instrumented_adapter_for
+    mload.adapter_for = instrumented_adapter_for
 
     def mstore_run(tokens: int) -> tuple[float, int]:
         probe.update(load=0.0, tokens=0, ids=[])

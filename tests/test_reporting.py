@@ -79,6 +79,15 @@ def test_the_library_never_touches_the_terminal():
 
 # -- the CLI's wording: exactly the messages users have always seen ----------------------
 WORDED = [
+    (E.AdapterBaseMissing("Org/Base", "/a"),
+     "cannot import the LoRA adapter /a: its base model 'Org/Base' is not in the store: "
+     "import it first (`mstore import Org/Base`)",
+     "cannot import the LoRA adapter /a: its base model 'Org/Base' is not in the store: "
+     "import it first (`mstore import Org/Base`), or name a base in the store with --base REF"),
+    (E.AdapterBaseAmbiguous("Org/Base", ["a", "b"]),
+     "several models in the store are 'Org/Base' (a, b); name the adapter's base",
+     "several models in the store are 'Org/Base' (a, b); name the adapter's base with "
+     "--base REF"),
     (E.QuantizedExport("m", "int8"),
      "m is quantized (int8): transformers cannot load that layout as a quantized checkpoint "
      "(its quanto support loads no saved weights), so nothing was exported",
