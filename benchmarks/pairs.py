@@ -184,12 +184,7 @@ def pair_reimport(b: Bench) -> Pair:
             raise CommandFailed(f"re-import did not find the content: {r.stdout!r}")
         return r.wall
 
-    def baseline(i):
-        dst = b.fresh_dir("runs", f"cp-{i}")
-        drop_dirty_pages()
-        r = run_process(cp_sync(src, dst))
-        shutil.rmtree(dst)
-        return r.wall
+    baseline = _cp_baseline(b, src)
 
     _warm_page_cache(src)
     res = alternate(b.opts.medium_repeats, {"mstore": mstore, "baseline": baseline})
@@ -279,12 +274,7 @@ def pair_export(b: Bench) -> Pair:
         shutil.rmtree(dst)
         return r.wall
 
-    def baseline(i):
-        dst = b.fresh_dir("runs", f"cp-{i}")
-        drop_dirty_pages()
-        r = run_process(cp_sync(src, dst))
-        shutil.rmtree(dst)
-        return r.wall
+    baseline = _cp_baseline(b, src)
 
     _warm_store(store)
     _warm_page_cache(src)
@@ -614,6 +604,18 @@ def pair_gc(b: Bench) -> Pair:
                 ("abs_lt", 2.0),
                 notes=[f"{count - unreachable:,} reachable from {manifests + 1} refs, "
                        f"{unreachable:,} unreachable within the grace period; nothing deleted"])
+
+
+def _cp_baseline(b, src: Path):
+    """The `cp -r` + `sync` side of a pair: a fresh copy of `src` each run, removed after."""
+    def baseline(i):
+        dst = b.fresh_dir("runs", f"cp-{i}")
+        drop_dirty_pages()
+        r = run_process(cp_sync(src, dst))
+        shutil.rmtree(dst)
+        return r.wall
+
+    return baseline
 
 
 def _warm_page_cache(folder: Path) -> None:
