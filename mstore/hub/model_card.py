@@ -262,30 +262,20 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
 def attribution_sections(body: str) -> list[str]:
     """The sections of a card whose heading asks for attribution or citation, as written
     (each runs to the next heading of the same or a higher level)."""
-    lines = body.splitlines()
     out: list[str] = []
-    i = 0
+    level = None  # the heading level of the section being copied, None between them
     in_fence = False
-    while i < len(lines):
-        line = lines[i]
+    for line in body.splitlines():
         if line.lstrip().startswith("```"):
             in_fence = not in_fence
         heading = None if in_fence else _HEADING.match(line)
-        if heading and _ATTRIBUTION.search(heading[2]):
+        if heading and level is not None and len(heading[1]) <= level:
+            out.append("")
+            level = None
+        if heading and level is None and _ATTRIBUTION.search(heading[2]):
             level = len(heading[1])
-            section = [line]
-            i += 1
-            fence = False
-            while i < len(lines):
-                nxt = lines[i]
-                if nxt.lstrip().startswith("```"):
-                    fence = not fence
-                h = None if fence else _HEADING.match(nxt)
-                if h and len(h[1]) <= level:
-                    break
-                section.append(nxt)
-                i += 1
-            out += section + [""]
-            continue
-        i += 1
+        if level is not None:
+            out.append(line)
+    if level is not None:
+        out.append("")
     return out
