@@ -153,10 +153,8 @@ def _import_streamed(store: Store, plan: SourcePlan, name: str | None, reporter:
 
     with stream:
         manifest, batch = _convert(store, plan, folder, reporter, ImportCache(store.root),
-                                   weights=weights)
-    result = _commit(store, plan, manifest, batch, name)
-    shutil.rmtree(folder, ignore_errors=True)
-    return result
+                                   weights=weights, before_commit=stream.remove)
+    return _commit(store, plan, manifest, batch, name)
 
 
 def _quantizer(plan: SourcePlan, folder: Path, scheme: str | None, group_size: int | None,
@@ -290,11 +288,13 @@ WeightsFn = Callable[[ObjectBatch, dict, object], "ImportQuantizer | None"]
 def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
              cache: ImportCache, batch: "ObjectBatch | _HashOnly | None" = None,
              quantizer: ImportQuantizer | None = None,
-             weights: WeightsFn | None = None) -> tuple[Manifest, ObjectBatch]:
+             weights: WeightsFn | None = None,
+             before_commit: Callable[[], None] | None = None) -> tuple[Manifest, ObjectBatch]:
     """The manifest and the objects it names; with a `_HashOnly` batch, only their ids.
     With a `quantizer`, its target weights are quantized on the way (see import_quantize).
     `weights(batch, tensors, bar)`, when given, fills `tensors` instead of reading the
-    shards in `folder` (a download in flight) and returns the quantizer it chose."""
+    shards in `folder` (a download in flight) and returns the quantizer it chose.
+    `before_commit` runs once every object is staged, before the batch is made durable."""
     tensors: dict = {}
     with reporter.progress(plan.weight_bytes, "converting") as bar, \
             batch or store.objects.batch() as batch:
@@ -305,6 +305,8 @@ def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
+        if before_commit is not None:
+            before_commit()
     rules = adapter_class(plan.architecture).tie_rules(plan.config)
     tied = {k: v for k, v in rules.items() if k not in tensors and v in tensors}
     rev = plan.source.get("revision")

@@ -185,7 +185,9 @@ class HubStream:
             s.file.close()
 
     def remove(self) -> None:
-        """Drop the whole download (a refused source: a retry would be refused the same)."""
+        """Drop the whole download: a refused source (a retry would be refused the same),
+        or one whose every object is staged. Removed before the batch's filesystem sync,
+        the download's pages, still dirty, are never written to disk."""
         self.__exit__(None, None, None)
         shutil.rmtree(self.folder, ignore_errors=True)
 
