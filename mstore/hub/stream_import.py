@@ -20,6 +20,7 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -163,7 +164,7 @@ class HubStream:
         self._weights = weights
 
     def __enter__(self) -> "HubStream":
-        fsio.makedirs(self.folder, sync=False)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(min(MAX_DOWNLOADS, len(self._weights)) + 1,
                                         thread_name_prefix="mstore-download")
         self._others = self._pool.submit(self._fetch_others)
@@ -195,7 +196,7 @@ class HubStream:
     def _start(self, name: str) -> _Shard:
         path = self.folder / name
         expected = self.info.files.get(name, 0)
-        fsio.makedirs(path.parent, sync=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():  # verified and renamed by an earlier run
             return _Shard(name, _GrowingFile(path, expected, self.changed, final=path))
         f = _GrowingFile(self.folder / f"{name}.part", expected, self.changed)
@@ -379,7 +380,7 @@ class HubStream:
                 with mmap.mmap(f.fd, size, access=mmap.ACCESS_READ) as mm:
                     self._digest_range(s, mm, size)
         self._check(s, size, s.digest.hexdigest() if s.digest is not None else None)
-        fsio.replace(f.part, self.folder / s.name)
+        os.replace(f.part, self.folder / s.name)
         s.verified = True
 
     def _check(self, s: _Shard, size: int, digest: str | None) -> None:
@@ -396,7 +397,8 @@ class HubStream:
 
     def _drop(self, s: _Shard) -> None:
         for path in (s.file.part, self.folder / s.name):
-            fsio.unlink(path, missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _fail(self, s: _Shard) -> None:
         error = s.file.error
@@ -411,7 +413,7 @@ class HubStream:
             self._fail(s)
         if f.final is None:
             f.final = self.folder / s.name
-            fsio.replace(f.part, f.final)
+            os.replace(f.part, f.final)
         for info in s.infos[:s.next_tensor]:
             tensors.pop(info.name, None)  # converted from bytes since rewritten: again
         hub.verify_download(self.folder, self.info, [s.name])
