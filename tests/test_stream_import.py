@@ -3,6 +3,7 @@ result is the same as a local import of the same files, nothing is published fro
 that do not match the Hub's checksums, and a cut download resumes from what is on disk."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ def _content(store: Store, commit: str) -> tuple:
             m.tied_weights)
 
 
-def _download_folder(store: Store, hub_server) -> "Path":  # noqa: F821
+def _download_folder(store: Store, hub_server) -> Path:
     return store.objects.tmp_dir / f"download-tiny--Qwen2-Sharded-{hub_server.sha(REPO)[:16]}"
 
 
