@@ -143,3 +143,19 @@ def test_a_streamed_import_of_a_cli_user_prints_one_line_on_a_mismatch(cli, stor
     assert res.exit_code == 1 and len(lines) == 1
     assert "does not match its published checksum" in lines[0]
     assert json.loads((store_path / "registry.json").read_text())["models"] == {}
+
+
+def test_a_damaged_header_in_the_stream_is_a_checksum_mismatch_not_a_bad_source(
+        tmp_path, hub_server, hub_repos):
+    """A header that does not parse may be bytes damaged on the way: the whole file is
+    checked before the source is called invalid."""
+    first = _shards(hub_server)[0]
+    data = bytearray(hub_server.files(REPO)[first])
+    store = Store(tmp_path / "store")
+    folder = _download_folder(store, hub_server)
+    folder.mkdir(parents=True)
+    data[9] = ord("[")  # the JSON header no longer starts with '{'
+    (folder / f"{first}.part").write_bytes(bytes(data[:64]))
+    with pytest.raises(ChecksumMismatch, match="sha256 differs"):
+        import_model(store, REPO, accept_license=True)
+    assert store.refs() == {} and not (folder / f"{first}.part").exists()

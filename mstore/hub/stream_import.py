@@ -43,8 +43,9 @@ MAX_DOWNLOADS = 8  # snapshot_download's default max_workers
 HASH_STEP = 16 * 1024 * 1024  # bytes of sha256 fed per step while waiting for a tensor
 
 
-class _Cancelled(Exception):
-    """Raised inside the downloader's write: the import stopped, the download must too."""
+class _Cancelled(BaseException):
+    """Raised inside the downloader's write: the import stopped, the download must too.
+    A BaseException, so that no `except Exception` on the way (hub_errors) renames it."""
 
 
 class _GrowingFile:
@@ -270,14 +271,27 @@ class HubStream:
         size = f.expected
         self._wait(s, 8)
         (n,) = struct.unpack("<Q", os.pread(f.fd, 8, 0))
-        if n > MAX_HEADER or 8 + n > size:
-            self._wait(s, size)  # a corrupt transfer is refused by its checksum first
-        self._wait(s, min(8 + n, size))
+        self._wait(s, min(8 + n, size) if n <= MAX_HEADER else size)
         try:
             return parse_header(os.pread(f.fd, min(8 + n, size), 0), size, s.name)
         except InvalidSafetensors as e:
-            self._wait(s, size)
+            self._verify_whole(s)  # bytes damaged on the way are refused as such
             raise BadSource(str(e)) from None
+
+    def _verify_whole(self, s: _Shard) -> None:
+        """Wait for the whole file and check it (ChecksumMismatch if it differs)."""
+        f = s.file
+        self._wait(s, f.expected)
+        with self.changed:
+            while not f.done:
+                self.changed.wait(1.0)
+        if f.error is not None:
+            self._fail(s)
+        digest = self._new_digest(s.name)
+        with mmap.mmap(f.fd, f.size, access=mmap.ACCESS_READ) as mm:
+            if digest is not None:
+                digest.update(mm)
+        self._check(s, f.size, digest.hexdigest() if digest is not None else None)
 
     def convert(self, batch: ObjectBatch, tensors: dict, bar, quantizer=None) -> None:
         """Every tensor of every shard into `batch`, each as soon as its bytes are on disk
@@ -311,8 +325,8 @@ class HubStream:
 
     def _can_progress(self, s: _Shard) -> bool:
         f = s.file
-        if f.done or f.rewound:
-            return True
+        if f.done or f.final is not None or f.rewound:
+            return f.done  # a file converted whole waits for its end
         return s.next_tensor < len(s.infos) and s.infos[s.next_tensor].end <= f.size
 
     def _convert_ready(self, s: _Shard, batch: ObjectBatch, tensors: dict, bar,
