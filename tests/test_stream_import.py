@@ -159,3 +159,14 @@ def test_a_damaged_header_in_the_stream_is_a_checksum_mismatch_not_a_bad_source(
     with pytest.raises(ChecksumMismatch, match="sha256 differs"):
         import_model(store, REPO, accept_license=True)
     assert store.refs() == {} and not (folder / f"{first}.part").exists()
+
+
+def test_a_streamed_import_quantizes_on_the_way_as_a_local_one_does(tmp_path, hub_server,
+                                                                    hub_repos, model_dirs):
+    hub = Store(tmp_path / "hub")
+    local = Store(tmp_path / "local")
+    a = import_model(hub, REPO, accept_license=True, quantize="int8")
+    b = import_model(local, str(model_dirs["qwen2-sharded"]), accept_license=True,
+                     quantize="int8")
+    assert _content(hub, a.commit) == _content(local, b.commit)
+    assert hub.read_manifest(a.commit).quantization == local.read_manifest(b.commit).quantization
