@@ -16,6 +16,10 @@ and converted like fresh ones) and the download asks for the rest with a Range r
 A file the downloader rewinds (a server that ignored the Range) or that cannot be streamed
 (a Xet-stored file, fetched by `hf_hub_download` instead) is converted from disk once
 complete.
+
+The download's files are scratch, like the ones huggingface_hub writes itself: plain os
+calls, not fsio (nothing names them, nothing needs them to survive a crash, and the
+power-loss model follows only the store's own durable operations).
 """
 
 from __future__ import annotations
@@ -136,13 +140,11 @@ class _GrowingFile:
 class _Shard:
     name: str
     file: _GrowingFile
-    future: Future | None = None
     header: Header | None = None
     infos: list[TensorInfo] = field(default_factory=list)
     next_tensor: int = 0
     digest: "hashlib._Hash | None" = None
     hashed: int = 0
-    verified: bool = False
 
 
 class HubStream:
@@ -203,7 +205,7 @@ class HubStream:
         f = _GrowingFile(self.folder / f"{name}.part", expected, self.changed)
         shard = _Shard(name, f, digest=self._new_digest(name))
         assert self._pool is not None
-        shard.future = self._pool.submit(self._download, name, f)
+        self._pool.submit(self._download, name, f)
         return shard
 
     def _download(self, name: str, f: _GrowingFile) -> None:
@@ -395,7 +397,6 @@ class HubStream:
                     self._digest_range(s, mm, size)
         self._check(s, size, s.digest.hexdigest() if s.digest is not None else None)
         os.replace(f.part, self.folder / s.name)
-        s.verified = True
 
     def _check(self, s: _Shard, size: int, digest: str | None) -> None:
         info, name = self.info, s.name
@@ -433,7 +434,6 @@ class HubStream:
         hub.verify_download(self.folder, self.info, [s.name])
         convert_shard(batch, f.final, tensors, bar, _NoCache(), quantizer)
         s.next_tensor = len(s.infos)
-        s.verified = True
 
     def _wait(self, s: _Shard, nbytes: int) -> None:
         """Until `nbytes` of the file are on disk; raises what its download raised, or a
