@@ -263,32 +263,47 @@ class HubStream:
 
     def _read_header(self, s: _Shard) -> Header:
         f = s.file
-        if f.final is not None:
-            from ..store.safetensors_io import read_header_from_file
+        if f.final is None:
+            prefix = self._header_bytes(s)
+            if prefix is not None:
+                try:
+                    return parse_header(prefix, f.expected, s.name)
+                except InvalidSafetensors as e:
+                    self._verify_whole(s)  # bytes damaged on the way are refused as such
+                    raise BadSource(str(e)) from None
+            self._wait_done(s)  # rewound: read from the whole file once it is complete
+        from ..store.safetensors_io import read_header_from_file
 
-            try:
-                return read_header_from_file(f.final, where=s.name)
-            except InvalidSafetensors as e:
-                raise BadSource(str(e)) from None
-        size = f.expected
-        self._wait(s, 8)
-        (n,) = struct.unpack("<Q", os.pread(f.fd, 8, 0))
-        self._wait(s, min(8 + n, size) if n <= MAX_HEADER else size)
         try:
-            return parse_header(os.pread(f.fd, min(8 + n, size), 0), size, s.name)
+            return read_header_from_file(f.final or f.part, where=s.name)
         except InvalidSafetensors as e:
-            self._verify_whole(s)  # bytes damaged on the way are refused as such
             raise BadSource(str(e)) from None
 
-    def _verify_whole(self, s: _Shard) -> None:
-        """Wait for the whole file and check it (ChecksumMismatch if it differs)."""
+    def _header_bytes(self, s: _Shard) -> bytes | None:
+        """The file's first 8 + header-length bytes once on disk; None if it was rewound."""
+        f, size = s.file, s.file.expected
+        self._wait(s, 8)
+        with f.reading:
+            if f.rewound:
+                return None
+            (n,) = struct.unpack("<Q", os.pread(f.fd, 8, 0))
+        self._wait(s, min(8 + n, size) if n <= MAX_HEADER else size)
+        with f.reading:
+            return None if f.rewound else os.pread(f.fd, min(8 + n, size), 0)
+
+    def _wait_done(self, s: _Shard) -> None:
         f = s.file
-        self._wait(s, f.expected)
         with self.changed:
             while not f.done:
                 self.changed.wait(1.0)
         if f.error is not None:
             self._fail(s)
+
+    def _verify_whole(self, s: _Shard) -> None:
+        """Wait for the whole file and check it (ChecksumMismatch if it differs)."""
+        f = s.file
+        self._wait(s, f.expected)
+        self._wait_done(s)
         digest = self._new_digest(s.name)
         with mmap.mmap(f.fd, f.size, access=mmap.ACCESS_READ) as mm:
             if digest is not None:
