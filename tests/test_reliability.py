@@ -198,8 +198,8 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
     return Counter(log.read_text().split())
 
 
-@pytest.mark.parametrize("command", ["import", "import-hub", "tag", "rm", "gc", "export", "export-gguf",
-                                     "push", "upgrade", *PACK_COMMANDS,
+@pytest.mark.parametrize("command", ["import", "import-hub", "tag", "rm", "gc", "export",
+                                     "export-gguf", "push", "upgrade", *PACK_COMMANDS,
                                      *(pytest.param(c, marks=pytest.mark.slow) for c in
                                        ("train", "train-lora", "merge", "import-adapter",
                                         "quantize", "import-quantize"))])
@@ -212,6 +212,8 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
         request.getfixturevalue("hub_repos")
     reached = failpoints_reached(template, tmp_path, command, args)
     assert reached, "the command passed no failpoint"
+    if command == "import-hub":  # streamed, not read from a snapshot some cache held
+        assert NEW_WRITE_PATHS[command] <= set(reached), reached
     cases = []
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
         cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in LOADS_WEIGHTS
@@ -309,13 +311,13 @@ def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus, hub_serve
         return ["train", "--config", cfg, "--name", f"c{i}"]
 
     # how long each kind takes here, so that the kills land inside the runs
-    hub_env_ = online_env(tmp_path / "hf-home", env)
+    hub_run_env = online_env(tmp_path / "hf-home", env)
     duration = {}
     for kind in ("import", "import-hub", "gc", "tag", "train", "pack", "unpack"):
         t0 = time.time()
         res = subprocess.run([sys.executable, "-m", "mstore", "--store", str(store),
                               *map(str, args_for(kind, -1))], capture_output=True, text=True,
-                             env=hub_env_ if kind == "import-hub" else env, cwd=REPO_ROOT)
+                             env=hub_run_env if kind == "import-hub" else env, cwd=REPO_ROOT)
         assert res.returncode == 0, (kind, res.stderr)
         duration[kind] = time.time() - t0
     outcomes = Counter()
@@ -326,7 +328,7 @@ def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus, hub_serve
         delay = rng.uniform(0.05, 1.0) * duration[kind]
         proc = subprocess.Popen([sys.executable, "-m", "mstore", "--store", str(store),
                                  *map(str, args)],
-                                env=hub_env_ if kind == "import-hub" else env, cwd=REPO_ROOT,
+                                env=hub_run_env if kind == "import-hub" else env, cwd=REPO_ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             proc.wait(timeout=delay)
