@@ -121,29 +121,50 @@ def import_model(store: Store, source: str, *, name: str | None = None,
             held = held_by_source(store, plan.source, name)
             if held is not None:  # a concurrent import of this revision finished first
                 return _already(store, plan, held, name, locked=True)
-            folder, downloaded = _materialise(store, plan, reporter)
-            if downloaded:
-                check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
-                quantizer = _quantizer(plan, folder, quantize, group_size,
-                                       on_refusal=lambda: shutil.rmtree(downloaded, True))
+            if plan.folder is None:
+                return _import_streamed(store, plan, name, reporter, quantize, group_size)
             cache = ImportCache(store.root)
-            manifest, batch = _convert(store, plan, folder, reporter, cache,
+            manifest, batch = _convert(store, plan, plan.folder, reporter, cache,
                                        quantizer=quantizer)
             result = _commit(store, plan, manifest, batch, name)
-            if not downloaded and quantizer is None:  # files that stay: worth remembering
+            if quantizer is None:  # files that stay: worth remembering
                 cache.save()
-            if downloaded:
-                shutil.rmtree(downloaded, ignore_errors=True)
     return result
 
 
+def _import_streamed(store: Store, plan: SourcePlan, name: str | None, reporter: Reporter,
+                     quantize: str | None, group_size: int | None) -> ImportResult:
+    """A Hub revision not complete in the HF cache: each shard is converted while it
+    downloads (stream_import); the checks run on the headers and small files before the
+    first object is staged, and nothing is published before every file is verified."""
+    from .stream_import import HubStream
+
+    folder = _download_folder(store, plan)
+    stream = HubStream(folder, plan.remote, plan.weight_files, plan.other_files,
+                       reporter.tqdm_class())
+
+    def weights(batch: ObjectBatch, tensors: dict, bar) -> ImportQuantizer | None:
+        headers = stream.headers()
+        check_source(plan, folder, on_refusal=stream.remove, headers=headers)
+        quantizer = _quantizer(plan, folder, quantize, group_size, on_refusal=stream.remove,
+                               headers=headers)
+        stream.convert(batch, tensors, bar, quantizer)
+        return quantizer
+
+    with stream:
+        manifest, batch = _convert(store, plan, folder, reporter, ImportCache(store.root),
+                                   weights=weights, before_commit=stream.remove)
+    return _commit(store, plan, manifest, batch, name)
+
+
 def _quantizer(plan: SourcePlan, folder: Path, scheme: str | None, group_size: int | None,
-               on_refusal: Callable[[], None] | None = None) -> ImportQuantizer | None:
+               on_refusal: Callable[[], None] | None = None,
+               headers: dict | None = None) -> ImportQuantizer | None:
     if scheme is None:
         return None
     try:
         return ImportQuantizer.plan(plan.architecture, plan.config,
-                                    source_tensors(plan, folder), scheme, group_size,
+                                    source_tensors(plan, folder, headers), scheme, group_size,
                                     plan.model_id)
     except MStoreError:
         if on_refusal is not None:
@@ -244,8 +265,7 @@ def _materialise(store: Store, plan: SourcePlan,
         return plan.folder, None
     info = plan.remote
     assert info is not None
-    slug = re.sub(r"[^A-Za-z0-9._-]", "--", info.repo_id)
-    dest = store.objects.tmp_dir / f"download-{slug}-{info.sha[:16]}"
+    dest = _download_folder(store, plan)
     wanted = plan.weight_files + plan.other_files
     folder = hub.download_snapshot(info.repo_id, info.sha, wanted, dest,
                                   tqdm_class=reporter.tqdm_class())
@@ -254,19 +274,39 @@ def _materialise(store: Store, plan: SourcePlan,
     return folder, dest
 
 
+def _download_folder(store: Store, plan: SourcePlan) -> Path:
+    """tmp/download-<repo>-<commit>: named by revision, so a retry finds what a cut run left."""
+    info = plan.remote
+    assert info is not None
+    slug = re.sub(r"[^A-Za-z0-9._-]", "--", info.repo_id)
+    return store.objects.tmp_dir / f"download-{slug}-{info.sha[:16]}"
+
+
+WeightsFn = Callable[[ObjectBatch, dict, object], "ImportQuantizer | None"]
+
+
 def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
              cache: ImportCache, batch: "ObjectBatch | _HashOnly | None" = None,
-             quantizer: ImportQuantizer | None = None) -> tuple[Manifest, ObjectBatch]:
+             quantizer: ImportQuantizer | None = None,
+             weights: WeightsFn | None = None,
+             before_commit: Callable[[], None] | None = None) -> tuple[Manifest, ObjectBatch]:
     """The manifest and the objects it names; with a `_HashOnly` batch, only their ids.
-    With a `quantizer`, its target weights are quantized on the way (see import_quantize)."""
+    With a `quantizer`, its target weights are quantized on the way (see import_quantize).
+    `weights(batch, tensors, bar)`, when given, fills `tensors` instead of reading the
+    shards in `folder` (a download in flight) and returns the quantizer it chose.
+    `before_commit` runs once every object is staged, before the batch is made durable."""
     tensors: dict = {}
     with reporter.progress(plan.weight_bytes, "converting") as bar, \
             batch or store.objects.batch() as batch:
-        for shard in plan.weight_files:
+        if weights is not None:
+            quantizer = weights(batch, tensors, bar)
+        for shard in plan.weight_files if weights is None else []:
             _convert_shard(batch, folder / shard, tensors, bar, cache, quantizer)
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
+        if before_commit is not None:
+            before_commit()
     rules = adapter_class(plan.architecture).tie_rules(plan.config)
     tied = {k: v for k, v in rules.items() if k not in tensors and v in tensors}
     rev = plan.source.get("revision")
