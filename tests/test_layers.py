@@ -147,6 +147,18 @@ def test_metadata_commands_load_no_importer_adapter_or_hub(imported_store, args)
     assert not loaded & set(NOT_AT_START + HEAVY), sorted(loaded & set(NOT_AT_START + HEAVY))
 
 
+# what only writers need: a thread pool (which pulls in logging) and syncfs through ctypes
+WRITERS_ONLY = ("concurrent.futures", "logging", "ctypes")
+
+
+@pytest.mark.parametrize("args", [["list"], ["show", "tiny"], ["log", "tiny"]],
+                         ids=lambda a: a[0])
+def test_reading_commands_load_no_thread_pool_or_ctypes(imported_store, args):
+    root, _ = imported_store
+    loaded = loaded_by_command(root, *args)
+    assert not loaded & set(WRITERS_ONLY), sorted(loaded & set(WRITERS_ONLY))
+
+
 def test_the_builtin_adapter_table_is_what_pyproject_registers():
     """BUILTIN_ADAPTERS lets the built-in names skip the entry-point scan; it must say what
     the package's own entry points say."""
