@@ -30,6 +30,8 @@ def list_rows(store: Store, refs: "dict[str, RefEntry] | None" = None) -> list[d
     heads: dict[str, LightManifest | None] = {}
     notes: dict[str, str | None] = {}
     run: dict[str, int | None] = {}
+    variants: dict[str, str] = {}
+    parent_notes: dict[str | None, str | None] = {}
     refs = store.refs() if refs is None else refs
     names = store.names_by_commit(refs)
     rows = []
@@ -37,17 +39,21 @@ def list_rows(store: Store, refs: "dict[str, RefEntry] | None" = None) -> list[d
         commit = e.commit
         if commit not in heads:
             heads[commit] = _head_of(store, commit)
-            notes[commit] = license_note(store, heads[commit].parent if heads[commit] else None)
+            parent = heads[commit].parent if heads[commit] else None
+            if parent not in parent_notes:  # siblings share their parent's manifest read
+                parent_notes[parent] = license_note(store, parent)
+            notes[commit] = parent_notes[parent]
             full = heads[commit] is None or heads[commit].kind == "full"
             # a full model runs on about its stored bytes: no second read of its manifest
             run[commit] = e.size_bytes if full else _run_bytes(store, commit)
+            variants[commit] = variant(heads[commit], names) if heads[commit] else ""
         m = heads[commit]
-        rows.append({**e.to_json(), "name": name,
-                     "short_commit": commit[:12], "architecture": e.architecture_type,
-                     "parent": m.parent if m else None, "license": e.license or None,
-                     "license_note": notes[commit],
-                     "kind": m.kind if m else None,
-                     "variant": variant(m, names) if m else "", "run_bytes": run[commit]})
+        row = e.to_json()  # a fresh dict: filled in place rather than copied again
+        row.update(name=name, short_commit=commit[:12], architecture=e.architecture_type,
+                   parent=m.parent if m else None, license=e.license or None,
+                   license_note=notes[commit], kind=m.kind if m else None,
+                   variant=variants[commit], run_bytes=run[commit])
+        rows.append(row)
     return rows
 
 
