@@ -60,6 +60,11 @@ class Store:
 
         return Attachments(self)
 
+    @property
+    def attachments_dir(self) -> Path:
+        """Where the attachment lists live; absent until the first attachment is added."""
+        return self.root / "attachments"
+
     # -- set-up -------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.registry.exists() or self.objects.objects_dir.is_dir()

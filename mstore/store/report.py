@@ -16,7 +16,6 @@ from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
 from .licenses import inherited_note
-from .lora_names import adapted_modules
 from .manifest import LightManifest, Manifest, TensorEntry
 from .refs import RefEntry
 from .repo import Store
@@ -124,6 +123,8 @@ def eval_notes(store: Store, commit: str) -> list[dict[str, Any]]:
     """The commit's "eval" attachments (`mstore eval`), oldest first: each payload with
     its `created_at` and attachment id. An unreadable attachment list shows none here
     (fsck names it)."""
+    if not store.attachments_dir.is_dir():  # none in this store: not worth loading the module
+        return []
     try:
         notes = store.attachments.list(commit, kind="eval")
     except MStoreError:
@@ -282,6 +283,8 @@ class EffectiveTensors:
     adapter: Manifest | None = None
 
     def summary(self, store: Store) -> dict[str, Any]:
+        from .lora_names import adapted_modules  # diff and export only (a dataclass, a regex)
+
         m = self.adapter
         modules, _ = adapted_modules(m.tensors)
         return {**(m.adapter or {}), "base": m.parent, "tensors": sorted(m.tensors),
@@ -293,6 +296,8 @@ class EffectiveTensors:
 def effective_tensors(store: Store, m: Manifest) -> EffectiveTensors:
     if m.kind != "adapter":
         return EffectiveTensors(m.tensors, {})
+    from .lora_names import adapted_modules
+
     base = store.read_manifest(m.parent)
     scaling = _lora_scaling(store, m)
     lora = {}
