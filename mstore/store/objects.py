@@ -73,6 +73,8 @@ def hash_file(path: Path) -> str:
 
 @dataclass
 class PutResult:
+    """What a put did: the object's id and size, and whether it was new."""
+
     oid: str
     size: int
     new: bool  # False: the object was already present (dedup hit)
@@ -80,6 +82,8 @@ class PutResult:
 
 @dataclass
 class _Pending:
+    """A batch's object written to tmp/, waiting for the sync that publishes it."""
+
     tmp: Path
     final: Path
     size: int

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RefEntry:
+    """One ref of registry.json: a name, its commit and the listing fields (SPEC)."""
+
     model_name: str
     commit: str
     model_id: Any = None

@@ -40,6 +40,8 @@ def default_store_path() -> Path:
 
 @dataclass
 class Resolved:
+    """What a name or commit id given on the command line resolved to."""
+
     commit: str
     name: str | None  # the ref used, or None when given a commit id
     entry: RefEntry | None
