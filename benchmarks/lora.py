@@ -63,9 +63,11 @@ def child(kind: str, workdir: Path, steps: int) -> dict:
         timer = StepTimes()
         start = time.perf_counter()
         cfg = from_mapping({**_config(workdir, kind, steps + 1), "output_name": None})
-        result = train(Store(workdir / "store"), cfg, callbacks=[timer])
+        store = Store(workdir / "store")
+        result = train(store, cfg, callbacks=[timer])
         return {"step_s": statistics.median(times), "steps_timed": len(times),
                 "bytes_written": result.bytes_written, "total_s": time.perf_counter() - start,
+                "commit_bytes": _new_tensor_bytes(store, result.commit),
                 "commit": result.commit, "name": result.name,
                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if kind == "peft":
@@ -73,6 +75,14 @@ def child(kind: str, workdir: Path, steps: int) -> dict:
     if kind in ("wrapped", "merged"):
         return _generation(workdir, kind)
     raise SystemExit(f"unknown side {kind}")
+
+
+def _new_tensor_bytes(store, commit: str) -> int:
+    """Bytes of the commit's tensor objects its parent does not hold (what `du` charges it;
+    unlike bytes_written, the same on a rerun into a store that already has them)."""
+    m = store.read_manifest(commit)
+    held = {t.object for t in store.read_manifest(m.parent).tensors.values()} if m.parent else set()
+    return sum(store.objects.size(t.object) for t in m.tensors.values() if t.object not in held)
 
 
 def _plain_peft(workdir: Path, steps: int) -> dict:
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side")
     ap.add_argument("--size", choices=sorted(SHAPES), default="0.5b")
+    ap.add_argument("--sides", default="full,lora,peft,generate",
+                    help="which sides to run (e.g. lora,peft for the step pair alone)")
     ap.add_argument("--workdir", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "lora")
     ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -167,35 +179,45 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "store").exists():
         import_folder(work / "store", work / "model", "base")
     model_bytes = sum(p.stat().st_size for p in (work / "model").glob("*.safetensors"))
-    runs: dict[str, list[dict]] = {k: [] for k in ("full", "lora", "peft")}
+    sides = set(args.sides.split(","))
+    runs: dict[str, list[dict]] = {k: [] for k in ("full", "lora", "peft") if k in sides}
     for i in range(args.repeats):
-        order = ("full", "lora", "peft") if i % 2 == 0 else ("peft", "lora", "full")
-        for kind in order:
+        order = [k for k in ("full", "lora", "peft") if k in runs]
+        for kind in (order if i % 2 == 0 else order[::-1]):
             runs[kind].append(run_side(kind, work, args.steps))
             print(f"  {kind}: {runs[kind][-1]}", file=sys.stderr)
     from mstore.store.repo import Store
 
     store = Store(work / "store")
-    store.tag(runs["lora"][-1]["name"], "bench-lora")
-    gen = {k: run_side(k, work, args.steps) for k in ("wrapped", "merged")}
+    gen = {}
+    if "generate" in sides and "lora" in runs:
+        store.tag(runs["lora"][-1]["name"], "bench-lora")
+        gen = {k: run_side(k, work, args.steps) for k in ("wrapped", "merged")}
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("step_s", "peak_rss")}
            for k, v in runs.items()}
-    lora_bytes = runs["lora"][-1]["bytes_written"]
     rows = [
-        ("peak RSS, LoRA vs full", med["lora"]["peak_rss"], med["full"]["peak_rss"], 0.40, "le"),
-        ("step time, LoRA vs full", med["lora"]["step_s"], med["full"]["step_s"], None, ""),
-        ("bytes committed, LoRA vs model", lora_bytes, model_bytes, 0.02, "le"),
-        ("bytes committed, full vs model", runs["full"][-1]["bytes_written"], model_bytes,
-         None, ""),
-        ("LoRA step, mstore vs plain peft", med["lora"]["step_s"], med["peft"]["step_s"], 1.05,
-         "le"),
-        ("generate tok/s, wrapped vs merged", gen["wrapped"]["tok_s"], gen["merged"]["tok_s"],
-         None, ""),
-        ("generate load s, wrapped vs merged", gen["wrapped"]["load_s"], gen["merged"]["load_s"],
-         None, ""),
+        ("peak RSS, LoRA vs full", ("lora", "peak_rss"), ("full", "peak_rss"), 0.40),
+        ("step time, LoRA vs full", ("lora", "step_s"), ("full", "step_s"), None),
+        ("LoRA step, mstore vs plain peft", ("lora", "step_s"), ("peft", "step_s"), 1.05),
+        ("bytes committed, LoRA vs model", ("lora", "bytes"), ("model", "bytes"), 0.02),
+        ("bytes committed, full vs model", ("full", "bytes"), ("model", "bytes"), None),
+        ("generate tok/s, wrapped vs merged", ("wrapped", "tok_s"), ("merged", "tok_s"), None),
+        ("generate load s, wrapped vs merged", ("wrapped", "load_s"), ("merged", "load_s"),
+         None),
     ]
+
+    def value(side: str, field: str):
+        if side == "model":
+            return model_bytes
+        if field == "bytes":
+            return runs[side][-1].get("commit_bytes") if side in runs else None
+        return (med.get(side) or gen.get(side) or {}).get(field)
+
     table = []
-    for name, a, b, target, _ in rows:
+    for name, (sa, fa), (sb, fb), target in rows:
+        a, b = value(sa, fa), value(sb, fb)
+        if a is None or b is None:
+            continue
         ratio = a / b if b else float("nan")
         verdict = "" if target is None else ("pass" if ratio <= target else "FAIL")
         table.append({"measure": name, "a": a, "b": b, "ratio": round(ratio, 4),
@@ -204,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if target is None else f'<= {target}'} {verdict}")
     doc = {"size": args.size, "model": facts, "model_bytes": model_bytes, "batch": BATCH,
            "seq_len": SEQ, "steps": args.steps, "repeats": args.repeats, "runs": runs,
-           "generation": gen, "table": table,
+           "generation": gen, "table": table, "sides": sorted(sides),
            "date": datetime.now().isoformat(timespec="seconds")}
     out = args.output or REPO_ROOT / "benchmarks" / "results" / \
         f"{datetime.now():%Y-%m-%d}-lora-{args.size}.json"

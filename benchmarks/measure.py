@@ -161,7 +161,8 @@ class Pair:
     mstore: dict[str, Any]
     baseline: dict[str, Any] | None
     target: str  # e.g. "<= 1.5x"
-    # how pass/fail is judged: ("ratio_le", x), ("ratio_ge", x), ("abs_lt", x), ("ratio_eq", x)
+    # how pass/fail is judged: ("ratio_le", x), ("ratio_ge", x), ("abs_lt", x), ("ratio_eq", x);
+    # ("report", 0): a figure the issue asks to report, with no target
     rule: tuple[str, float]
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -179,7 +180,7 @@ class Pair:
             best = "max" if kind == "ratio_ge" else "min"
             if self.baseline.get(best):
                 self.best_ratio = self.mstore[best] / self.baseline[best]
-        if m is None:
+        if m is None or kind == "report":
             self.passed = None
         elif kind == "abs_lt":
             self.passed = m < x

@@ -73,6 +73,9 @@ for one repo only):
     faults.redirect[path] = "http://h:p" 302 to that origin instead (e.g. ``refused_endpoint()``).
     faults.delay[path] = seconds        every GET of the file's body waits this long before the
                                         body is sent (a slow download, to overlap two imports).
+    faults.ignore_range.add(path)       GETs of the file ignore Range and answer 200 with the
+                                        whole body (as some CDNs do): the client must restart
+                                        the file from its first byte.
 
 What huggingface_hub 2.4 does with a cut download: within the same hf_hub_download call it
 sleeps 1 s and re-requests with "Range: bytes=K-", where K is what it has written to its temp
@@ -243,6 +246,7 @@ class Faults:
         self.missing_file: set[str] = set()
         self.redirect: dict[str, str | None] = {}
         self.delay: dict[str, float] = {}
+        self.ignore_range: set[str] = set()
         self._lock = threading.Lock()
 
     def drop(self, path: str, after_bytes: int, times: int = 1) -> None:
@@ -259,6 +263,7 @@ class Faults:
             self.missing_file.clear()
             self.redirect.clear()
             self.delay.clear()
+            self.ignore_range.clear()
 
     @staticmethod
     def _key(keys, repo_id: str, path: str) -> str | None:
@@ -288,6 +293,9 @@ class Faults:
     def delay_for(self, repo_id: str, path: str) -> float:
         key = self._key(self.delay, repo_id, path)
         return 0.0 if key is None else self.delay[key]
+
+    def ignores_range(self, repo_id: str, path: str) -> bool:
+        return self._key(self.ignore_range, repo_id, path) is not None
 
     def is_missing(self, repo_id: str, path: str) -> bool:
         return self._key(self.missing_file, repo_id, path) is not None
@@ -811,7 +819,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         headers["Content-Disposition"] = f"inline; filename*=UTF-8''{quote(name)}; filename=\"{name}\";"
         ctype = "application/octet-stream" if f.is_lfs else (mimetypes.guess_type(name)[0] or "text/plain")
         status, start, end = 200, 0, size - 1
-        rng = self.headers.get("Range")
+        rng = None if hub.faults.ignores_range(repo_id, path) else self.headers.get("Range")
         if rng:
             parsed = _parse_range(rng, size)
             if parsed == "unsatisfiable":

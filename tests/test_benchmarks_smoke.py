@@ -32,7 +32,10 @@ def test_quick_benchmark_runs_every_pair(tmp_path):
         if p["baseline"] is not None:
             assert isinstance(p["baseline"]["median"], float), name
             assert isinstance(p["ratio"], float), name
-        assert p["passed"] in (True, False), name
+        if p["rule"][0] == "report":  # a figure the issue asks for, with no target
+            assert p["passed"] is None, name
+        else:
+            assert p["passed"] in (True, False), name
     assert doc["machine"]["cpu_count"] >= 1
     assert doc["machine"]["versions"]["torch"]
     assert not doc["runner_imported_torch"]

@@ -205,3 +205,29 @@ def test_bad_input_is_one_line_and_leaves_the_store_untouched(cli, fam, args):
     assert res.exit_code != 0 and res.stderr.startswith("error: ")
     assert res.stderr.count("\n") == 1, res.stderr
     assert snapshot(fam.root) == before
+
+
+def test_train_pack_commits_the_child_loose_then_packs_it(cli, fam, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the lighthouse keeper climbed the stairs and lit the lamp. " * 40)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name: child\ndataset: {json.dumps(str(corpus))}\n"
+                   "learning_rate: 1e-3\nbatch_size: 2\nmax_steps: 2\nseq_len: 16\n"
+                   "warmup_steps: 0\neval_interval: 100\ndevice: cpu\n")
+    doc = json.loads(cli("train", "--config", cfg, "--name", "tuned", "--pack",
+                         "--json").stdout)
+    assert doc["name"] == "tuned" and doc["packed"]["deltas"] > 0, doc
+    assert doc["packed"]["commits"] == [doc["commit"]]
+    m = fam.read_manifest(doc["commit"])
+    assert m.parent == fam.resolve("child").commit
+    parent_objects = {t.object for t in fam.read_manifest(m.parent).tensors.values()}
+    new = [t.object for t in m.tensors.values() if t.object not in parent_objects]
+    assert new and any(fam.objects.is_packed(o) for o in new)
+    assert not any(fam.objects.is_packed(o) for o in parent_objects)  # only the child's
+    text = cli("generate", "tuned", "-p", "hello", "-n", "4", "--temperature", "0").stdout
+    cli("unpack", "tuned")
+    assert cli("generate", "tuned", "-p", "hello", "-n", "4",
+               "--temperature", "0").stdout == text
+    out = cli("train", "--config", cfg, "--name", "tuned2", "--pack").stdout
+    assert "packed" in out and "as deltas" in out
+    assert json.loads(cli("fsck", "--json").stdout)["ok"]

@@ -32,7 +32,9 @@ LOADS_WEIGHTS = ("train", "train-lora", "merge", "quantize", "import-quantize") 
 # the LoRA write paths (issue 13) and the failpoints of their own code
 NEW_WRITE_PATHS = {"train-lora": {"train.trained", "train.adapter-built"},
                    "merge": {"merge.merged"}, "import-adapter": {"import.adapter-checked"},
-                   "quantize": {"quantize.tensor"}, "import-quantize": {"import.downloaded"}}
+                   "quantize": {"quantize.tensor"}, "import-quantize": {"import.downloaded"},
+                   "import-hub": {"import.streamed-tensor", "import.downloaded"}}
+HUB_REPO = "tiny/Qwen2-Sharded"  # three shards, streamed while they download
 SEED = int(os.environ.get("MSTORE_TORTURE_SEED", "20261125"))
 
 
@@ -41,12 +43,26 @@ def mstore(store: Path, *args, failpoint: str | None = None, log: Path | None = 
     env = env_without_failpoints()
     env["MSTORE_LOCK_TIMEOUT"] = "20"
     env["HF_HUB_OFFLINE"] = "1"
+    if HUB_REPO in map(str, args):  # the tests' Hub, and an HF cache of its own
+        env = online_env(store.parent / "hf-home", env)
     if failpoint:
         env["MSTORE_FAILPOINT"] = failpoint
     if log:
         env["MSTORE_FAILPOINT_LOG"] = str(log)
     return subprocess.run([sys.executable, "-m", "mstore", "--store", str(store), *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def online_env(hf_home: Path, base: dict | None = None) -> dict[str, str]:
+    """`base` (default os.environ) pointed at the tests' Hub with an empty HF cache, so an
+    import downloads (and streams) instead of reading a snapshot another test cached."""
+    from tests.conftest import HUB
+    from tests.hub_server import hub_env
+
+    env = dict(os.environ if base is None else base)
+    env.pop("HF_HUB_OFFLINE", None)
+    env.update(hub_env(HUB, hf_home=hf_home))
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +154,7 @@ def commands(model_dirs, tmp: Path, corpus: Path, template: Path | None = None):
         "import-adapter": ((["import", peft_adapter_folder(template, tmp), "--accept-license"]
                             if template else []), "peft-adapter", False),
         "import": (["import", model_dirs["qwen2"], "--name", "q", "--accept-license"], "q", False),
+        "import-hub": (["import", HUB_REPO, "--name", "h", "--accept-license"], "h", False),
         "tag": (["tag", "base", "t"], "t", False),
         "rm": (["rm", "extra"], "extra", True),
         "gc": (["gc", "--grace", "0"], None, False),
@@ -181,8 +198,8 @@ def failpoints_reached(template: Path, tmp: Path, command: str, args) -> Counter
     return Counter(log.read_text().split())
 
 
-@pytest.mark.parametrize("command", ["import", "tag", "rm", "gc", "export", "export-gguf",
-                                     "push", "upgrade", *PACK_COMMANDS,
+@pytest.mark.parametrize("command", ["import", "import-hub", "tag", "rm", "gc", "export",
+                                     "export-gguf", "push", "upgrade", *PACK_COMMANDS,
                                      *(pytest.param(c, marks=pytest.mark.slow) for c in
                                        ("train", "train-lora", "merge", "import-adapter",
                                         "quantize", "import-quantize"))])
@@ -191,8 +208,12 @@ def test_every_failpoint_of_every_command(command, template, model_dirs, tmp_pat
     args, target, rerun_may_fail = commands(model_dirs, tmp_path, corpus, template)[command]
     if command in PACK_COMMANDS:
         template = request.getfixturevalue("pack_template")
+    if command == "import-hub":
+        request.getfixturevalue("hub_repos")
     reached = failpoints_reached(template, tmp_path, command, args)
     assert reached, "the command passed no failpoint"
+    if command == "import-hub":  # streamed, not read from a snapshot some cache held
+        assert NEW_WRITE_PATHS[command] <= set(reached), reached
     cases = []
     for name, n in sorted(reached.items()):  # each point's first hit, and its last one
         cases += [f"{name}:1"] + ([f"{name}:{n}"] if n > 1 and command not in LOADS_WEIGHTS
@@ -263,9 +284,12 @@ def _reachable(store: Path) -> set[str]:
     return reachable(Store(store)).keep()
 
 
-def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus):
-    """Random kill -9 of import/train/gc/tag/pack/unpack processes at random times (seeded)."""
+def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus, hub_server):
+    """Random kill -9 of import (of a folder, and of a Hub repo streamed while it downloads),
+    train, gc, tag, pack and unpack processes at random times (seeded)."""
     rng = random.Random(SEED)
+    for i in range(-1, KILLS):  # a revision of its own for each Hub import: each downloads
+        hub_server.add_repo(f"kill/Qwen2-{i + 1}", model_dirs["qwen2-sharded"])
     print(f"sigkill campaign: seed {SEED}, {KILLS} kills (MSTORE_TORTURE_SEED to replay)")
     store = copy_store(pack_template, tmp_path / "store")
     cfg = scratch_config(tmp_path, corpus)
@@ -276,6 +300,8 @@ def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus):
     def args_for(kind: str, i: int) -> list:
         if kind == "import":
             return ["import", rng.choice(folders), "--accept-license", "--name", f"m{i}"]
+        if kind == "import-hub":
+            return ["import", f"kill/Qwen2-{i + 1}", "--accept-license", "--name", f"h{i + 1}"]
         if kind == "gc":
             return ["gc", "--grace", "0"]
         if kind == "tag":
@@ -285,18 +311,24 @@ def test_sigkill_campaign(pack_template, model_dirs, tmp_path, corpus):
         return ["train", "--config", cfg, "--name", f"c{i}"]
 
     # how long each kind takes here, so that the kills land inside the runs
+    hub_run_env = online_env(tmp_path / "hf-home", env)
     duration = {}
-    for kind in ("import", "gc", "tag", "train", "pack", "unpack"):
+    for kind in ("import", "import-hub", "gc", "tag", "train", "pack", "unpack"):
         t0 = time.time()
-        assert mstore(store, *args_for(kind, -1)).returncode == 0
+        res = subprocess.run([sys.executable, "-m", "mstore", "--store", str(store),
+                              *map(str, args_for(kind, -1))], capture_output=True, text=True,
+                             env=hub_run_env if kind == "import-hub" else env, cwd=REPO_ROOT)
+        assert res.returncode == 0, (kind, res.stderr)
         duration[kind] = time.time() - t0
     outcomes = Counter()
     for i in range(KILLS):
-        kind = rng.choice(["import", "import", "gc", "tag", "train", "pack", "unpack"])
+        kind = rng.choice(["import", "import", "import-hub", "gc", "tag", "train", "pack",
+                           "unpack"])
         args = args_for(kind, i)
         delay = rng.uniform(0.05, 1.0) * duration[kind]
         proc = subprocess.Popen([sys.executable, "-m", "mstore", "--store", str(store),
-                                 *map(str, args)], env=env, cwd=REPO_ROOT,
+                                 *map(str, args)],
+                                env=hub_run_env if kind == "import-hub" else env, cwd=REPO_ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             proc.wait(timeout=delay)
@@ -347,6 +379,17 @@ def test_power_loss_at_every_step_of_import_tag_rm_gc(template, model_dirs, tmp_
     from mstore.store.gc import collect
 
     _power_loss(root, tmp_path, lambda: collect(s, grace=0))
+
+
+def test_power_loss_at_every_step_of_a_streamed_hub_import(template, model_dirs, tmp_path,
+                                                           hub_server):
+    """A Hub repo no HF cache holds: its shards are converted while they download."""
+    hub_server.add_repo("power/Qwen2-Sharded", model_dirs["qwen2-sharded"])
+    root = copy_store(template, tmp_path / "store")
+    s = Store(root)
+    n = _power_loss(root, tmp_path, lambda: import_model(s, "power/Qwen2-Sharded", name="h",
+                                                         accept_license=True))
+    assert n > 20 and "h" in refs_of(root)
 
 
 def test_power_loss_at_every_step_of_pack_unpack_and_gc_of_packs(template, tmp_path):

@@ -149,6 +149,9 @@ def train(
     resume_commit: Annotated[Optional[Path], typer.Option(
         "--resume-commit", help="Commit the model kept in this recovery folder "
         "instead of training.")] = None,
+    pack: Annotated[bool, typer.Option(
+        "--pack", help="Then store the child's new tensors as deltas against its parent's "
+        "(as `mstore pack` does).")] = False,
     as_json: JsonOpt = False,
 ):
     """Fine-tune a model (or train the custom transformer from scratch) and commit it."""
@@ -156,7 +159,7 @@ def train(
         if config is not None or overrides:
             raise typer.BadParameter("--resume-commit commits a trained model: give no "
                                      "--config or --set", param_hint="--resume-commit")
-        return _resume_commit(ctx, resume_commit, name, as_json)
+        return _resume_commit(ctx, resume_commit, name, pack, as_json)
     if config is None:
         raise typer.BadParameter("give --config FILE (or --resume-commit DIR)",
                                  param_hint="--config")
@@ -172,6 +175,7 @@ def train(
         argv += (["--name", name] if name else []) + (["--json"] if as_json else [])
         argv += ["--commit-on-interrupt"] if commit_on_interrupt else []
         argv += ["--recovery-dir", str(recovery_dir)] if recovery_dir else []
+        argv += ["--pack"] if pack else []
         raise typer.Exit(launch(nproc, argv))
     from ..training.loop import train as run_training
 
@@ -179,8 +183,9 @@ def train(
                           reporter=TerminalReporter(as_json), recovery_dir=recovery_dir)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
+    packed = _pack_child(ctx, result.commit, as_json) if pack else None
     if as_json:
-        return print_json(result.to_json())
+        return print_json({**result.to_json(), **({"packed": packed} if pack else {})})
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     echo(f"committed {safe_text(result.name)}  commit {result.commit[:12]}"
          + (f"  (parent {result.parent[:12]})" if result.parent else ""))
@@ -188,14 +193,33 @@ def train(
          f"{fmt_bytes(result.bytes_written)} written, "
          f"{fmt_bytes(result.bytes_reused)} shared with existing objects"
          + (" [interrupted]" if result.interrupted else ""))
+    _echo_packed(packed)
 
 
-def _resume_commit(ctx: typer.Context, folder: Path, name: Optional[str], as_json: bool):
+def _pack_child(ctx: typer.Context, commit: str, as_json: bool) -> dict:
+    """`train --pack`: the child is committed (and its ref added) loose first, so a
+    failure here loses nothing; packing is `mstore pack COMMIT`, crash-safe as that is."""
+    from ..store.packing import pack as pack_objects
+
+    return pack_objects(store_of(ctx), [commit], reporter=TerminalReporter(as_json)).to_json()
+
+
+def _echo_packed(packed: dict | None) -> None:
+    if packed is not None:
+        echo(f"  packed {packed['packed']} objects ({packed['deltas']} as deltas), "
+             f"{fmt_bytes(packed['loose_bytes'])} -> {fmt_bytes(packed['packed_bytes'])}")
+
+
+def _resume_commit(ctx: typer.Context, folder: Path, name: Optional[str], pack: bool,
+                   as_json: bool):
     from ..training.recovery import commit
 
     result = commit(store_of(ctx), folder, name)
+    packed = _pack_child(ctx, result.commit, as_json) if pack else None
     if as_json:
-        return print_json({**result.__dict__, "recovered_from": str(folder)})
+        return print_json({**result.__dict__, "recovered_from": str(folder),
+                           **({"packed": packed} if pack else {})})
     echo(f"committed {safe_text(result.name)}  commit {result.commit[:12]} from "
          f"{safe_text(shown_path(folder))}; {fmt_bytes(result.bytes_written)} written "
          "(the folder can now be deleted)")
+    _echo_packed(packed)

@@ -32,7 +32,6 @@ from ..store.objects import copy_range, hasher
 from ..store.report import log_entries
 from ..store.repo import Store
 from .export_tensors import check_exportable, weights_manifest
-from .gguf_export import TYPES as GGUF_TYPES
 from .model_card import BASE_CARD, CARD, card_files
 
 FORMATS = ("safetensors", "gguf")
@@ -66,8 +65,12 @@ def export_model(store: Store, ref: str, dest: Path, shard_bytes: int = SHARD_BY
     dest = Path(dest)
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if fmt == "gguf" and gguf_type not in GGUF_TYPES:
-        raise ExportError(f"GGUF tensor type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+    if fmt == "gguf":
+        from .gguf_export import TYPES as GGUF_TYPES  # numpy: only a GGUF export needs it
+
+        if gguf_type not in GGUF_TYPES:
+            raise ExportError(f"GGUF tensor type {gguf_type!r}: choose one of "
+                              f"{', '.join(GGUF_TYPES)}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not empty; choose a new folder")
     r = store.resolve(ref)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..adapters.base import TOKENIZER_FILES, adapter_class
 from ..errors import BadSource, MStoreError
-from ..store.safetensors_io import read_header_from_file
+from ..store.safetensors_io import Header, read_header_from_file
 
 if TYPE_CHECKING:
     from .importer import SourcePlan
@@ -22,22 +22,27 @@ MAX_SIDE_FILE = 256 * 1024 * 1024  # a tokenizer file bigger than this is not on
 
 
 def check_source(plan: "SourcePlan", folder: Path,
-                 on_refusal: Callable[[], None] | None = None) -> None:
+                 on_refusal: Callable[[], None] | None = None,
+                 headers: dict[str, Header] | None = None) -> None:
     """Refuse the source before any object is written; `on_refusal` runs first (import
-    removes a download: a retry would be refused the same way, nothing to resume)."""
+    removes a download: a retry would be refused the same way, nothing to resume).
+    `headers`: the shards' headers when they are known already (a download in flight)."""
     try:
-        _check(plan, folder)
+        _check(plan, folder, headers)
     except MStoreError:
         if on_refusal is not None:
             on_refusal()
         raise
 
 
-def source_tensors(plan: "SourcePlan", folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} of every tensor of the source, from the shards' headers."""
+def source_tensors(plan: "SourcePlan", folder: Path, headers: dict[str, Header] | None = None
+                   ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of every tensor of the source, from the shards' headers
+    (`headers`, else read from the shards in `folder`)."""
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for shard in plan.weight_files:
-        header = read_header_from_file(folder / shard, where=shard)
+        header = (headers[shard] if headers is not None
+                  else read_header_from_file(folder / shard, where=shard))
         for name, info in header.tensors.items():
             if name in tensors:
                 raise BadSource(f"tensor {name!r} appears in two shards")
@@ -45,8 +50,8 @@ def source_tensors(plan: "SourcePlan", folder: Path) -> dict[str, tuple[str, tup
     return tensors
 
 
-def _check(plan: "SourcePlan", folder: Path) -> None:
-    tensors = source_tensors(plan, folder)
+def _check(plan: "SourcePlan", folder: Path, headers: dict[str, Header] | None) -> None:
+    tensors = source_tensors(plan, folder, headers)
     adapter = adapter_class(plan.architecture)
     adapter.check_tensors(plan.config, tensors, plan.model_id)
     files = {}

@@ -121,29 +121,50 @@ def import_model(store: Store, source: str, *, name: str | None = None,
             held = held_by_source(store, plan.source, name)
             if held is not None:  # a concurrent import of this revision finished first
                 return _already(store, plan, held, name, locked=True)
-            folder, downloaded = _materialise(store, plan, reporter)
-            if downloaded:
-                check_source(plan, folder, on_refusal=lambda: shutil.rmtree(downloaded, True))
-                quantizer = _quantizer(plan, folder, quantize, group_size,
-                                       on_refusal=lambda: shutil.rmtree(downloaded, True))
+            if plan.folder is None:
+                return _import_streamed(store, plan, name, reporter, quantize, group_size)
             cache = ImportCache(store.root)
-            manifest, batch = _convert(store, plan, folder, reporter, cache,
+            manifest, batch = _convert(store, plan, plan.folder, reporter, cache,
                                        quantizer=quantizer)
             result = _commit(store, plan, manifest, batch, name)
-            if not downloaded and quantizer is None:  # files that stay: worth remembering
+            if quantizer is None:  # files that stay: worth remembering
                 cache.save()
-            if downloaded:
-                shutil.rmtree(downloaded, ignore_errors=True)
     return result
 
 
+def _import_streamed(store: Store, plan: SourcePlan, name: str | None, reporter: Reporter,
+                     quantize: str | None, group_size: int | None) -> ImportResult:
+    """A Hub revision not complete in the HF cache: each shard is converted while it
+    downloads (stream_import); the checks run on the headers and small files before the
+    first object is staged, and nothing is published before every file is verified."""
+    from .stream_import import HubStream
+
+    folder = _download_folder(store, plan)
+    stream = HubStream(folder, plan.remote, plan.weight_files, plan.other_files,
+                       reporter.tqdm_class())
+
+    def weights(batch: ObjectBatch, tensors: dict, bar) -> ImportQuantizer | None:
+        headers = stream.headers()
+        check_source(plan, folder, on_refusal=stream.remove, headers=headers)
+        quantizer = _quantizer(plan, folder, quantize, group_size, on_refusal=stream.remove,
+                               headers=headers)
+        stream.convert(batch, tensors, bar, quantizer)
+        return quantizer
+
+    with stream:
+        manifest, batch = _convert(store, plan, folder, reporter, ImportCache(store.root),
+                                   weights=weights, before_commit=stream.remove)
+    return _commit(store, plan, manifest, batch, name)
+
+
 def _quantizer(plan: SourcePlan, folder: Path, scheme: str | None, group_size: int | None,
-               on_refusal: Callable[[], None] | None = None) -> ImportQuantizer | None:
+               on_refusal: Callable[[], None] | None = None,
+               headers: dict | None = None) -> ImportQuantizer | None:
     if scheme is None:
         return None
     try:
         return ImportQuantizer.plan(plan.architecture, plan.config,
-                                    source_tensors(plan, folder), scheme, group_size,
+                                    source_tensors(plan, folder, headers), scheme, group_size,
                                     plan.model_id)
     except MStoreError:
         if on_refusal is not None:
@@ -244,8 +265,7 @@ def _materialise(store: Store, plan: SourcePlan,
         return plan.folder, None
     info = plan.remote
     assert info is not None
-    slug = re.sub(r"[^A-Za-z0-9._-]", "--", info.repo_id)
-    dest = store.objects.tmp_dir / f"download-{slug}-{info.sha[:16]}"
+    dest = _download_folder(store, plan)
     wanted = plan.weight_files + plan.other_files
     folder = hub.download_snapshot(info.repo_id, info.sha, wanted, dest,
                                   tqdm_class=reporter.tqdm_class())
@@ -254,19 +274,39 @@ def _materialise(store: Store, plan: SourcePlan,
     return folder, dest
 
 
+def _download_folder(store: Store, plan: SourcePlan) -> Path:
+    """tmp/download-<repo>-<commit>: named by revision, so a retry finds what a cut run left."""
+    info = plan.remote
+    assert info is not None
+    slug = re.sub(r"[^A-Za-z0-9._-]", "--", info.repo_id)
+    return store.objects.tmp_dir / f"download-{slug}-{info.sha[:16]}"
+
+
+WeightsFn = Callable[[ObjectBatch, dict, object], "ImportQuantizer | None"]
+
+
 def _convert(store: Store, plan: SourcePlan, folder: Path, reporter: Reporter,
              cache: ImportCache, batch: "ObjectBatch | _HashOnly | None" = None,
-             quantizer: ImportQuantizer | None = None) -> tuple[Manifest, ObjectBatch]:
+             quantizer: ImportQuantizer | None = None,
+             weights: WeightsFn | None = None,
+             before_commit: Callable[[], None] | None = None) -> tuple[Manifest, ObjectBatch]:
     """The manifest and the objects it names; with a `_HashOnly` batch, only their ids.
-    With a `quantizer`, its target weights are quantized on the way (see import_quantize)."""
+    With a `quantizer`, its target weights are quantized on the way (see import_quantize).
+    `weights(batch, tensors, bar)`, when given, fills `tensors` instead of reading the
+    shards in `folder` (a download in flight) and returns the quantizer it chose.
+    `before_commit` runs once every object is staged, before the batch is made durable."""
     tensors: dict = {}
     with reporter.progress(plan.weight_bytes, "converting") as bar, \
             batch or store.objects.batch() as batch:
-        for shard in plan.weight_files:
+        if weights is not None:
+            quantizer = weights(batch, tensors, bar)
+        for shard in plan.weight_files if weights is None else []:
             _convert_shard(batch, folder / shard, tensors, bar, cache, quantizer)
         files = {n: batch.put_file(folder / n).oid for n in plan.other_files}
         config_oid = batch.put_file(folder / "config.json").oid
         files.pop("config.json", None)
+        if before_commit is not None:
+            before_commit()
     rules = adapter_class(plan.architecture).tie_rules(plan.config)
     tied = {k: v for k, v in rules.items() if k not in tensors and v in tensors}
     rev = plan.source.get("revision")
@@ -348,9 +388,8 @@ def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:
 # -- commit ----------------------------------------------------------------------------
 def _commit(store: Store, plan: SourcePlan, manifest: Manifest, batch: ObjectBatch,
             name: str | None) -> ImportResult:
-    key = manifest.content_key()
     refs = store.refs()
-    holders = [r for r, e in sorted(refs.items()) if _content_key(store, e.commit) == key]
+    holders = _holders(store, refs, manifest)
     if holders:
         held = name if name in holders else holders[0]
         commit = refs[held].commit
@@ -365,6 +404,30 @@ def _commit(store: Store, plan: SourcePlan, manifest: Manifest, batch: ObjectBat
                            else store.next_free_name(stem))
     return ImportResult(target, commit, manifest.parameters, batch.written, batch.reused,
                         plan.source, plan.license)
+
+
+def _holders(store: Store, refs: dict[str, RefEntry], manifest: Manifest) -> list[str]:
+    """The refs whose commit holds exactly this content. Each distinct commit is parsed
+    only if its manifest's bytes name a few of this content's object ids (a substring test,
+    ~µs): parsing and re-keying every ref's full manifest made a re-import cost O(refs x
+    tensors), most of a re-import's CPU time with a handful of fine-tunes in the store."""
+    key = manifest.content_key()
+    needles = [oid.encode() for oid in
+               [manifest.config, *sorted(t.object for t in manifest.tensors.values())[:4]]]
+    keys: dict[str, bytes | None] = {}
+    for name, e in sorted(refs.items()):
+        if e.commit not in keys:
+            keys[e.commit] = (_content_key(store, e.commit)
+                              if _names_all(store, e.commit, needles) else None)
+    return [name for name, e in sorted(refs.items()) if keys[e.commit] == key]
+
+
+def _names_all(store: Store, commit: str, needles: list[bytes]) -> bool:
+    try:
+        data = store.objects.path(commit).read_bytes()
+    except OSError:
+        return True  # let _content_key say what is wrong with it
+    return all(n in data for n in needles)
 
 
 def _content_key(store: Store, commit: str) -> bytes | None:

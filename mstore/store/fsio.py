@@ -142,7 +142,7 @@ def unlink(path: Path, missing_ok: bool = False) -> None:
     _note("unlink", path)
 
 
-def touch(path: Path) -> None:
+def touch(path: "Path | str") -> None:
     """Refresh mtime: a dedup hit on an old object must not be collected by a gc in flight."""
     os.utime(path, None)
 

@@ -12,10 +12,11 @@ have no `kind` and read as `full`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -51,6 +52,11 @@ class TensorEntry:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def to_dict(self) -> dict[str, Any]:
+        """What `asdict` gives, without its recursive deep copy (a manifest holds hundreds
+        of these: asdict was most of a re-import's CPU time)."""
+        return {"object": self.object, "dtype": self.dtype, "shape": list(self.shape)}
+
 
 @dataclass
 class Manifest:
@@ -76,8 +82,9 @@ class Manifest:
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The fields its format has: a format-1 manifest read back gives its own bytes (and id)."""
-        d = asdict(self)
-        d["tensors"] = {k: asdict(v) for k, v in self.tensors.items()}
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+             if f.name != "tensors"}
+        d["tensors"] = {k: v.to_dict() for k, v in self.tensors.items()}
         if self.format == 1:
             for key in ("kind", "adapter", "quantization"):
                 del d[key]
@@ -137,7 +144,7 @@ class Manifest:
         files is the same content)."""
         key = {
             "architecture": self.architecture, "config": self.config, "files": self.files,
-            "tensors": {k: asdict(v) for k, v in self.tensors.items()},
+            "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
             "tied_weights": self.tied_weights,
         }
         if self.kind != "full":

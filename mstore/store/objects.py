@@ -300,7 +300,8 @@ class ObjectStore:
     def _hit(self, oid: str) -> bool:
         """True if the object is present (either encoding); refreshes its mtime for gc's
         grace period."""
-        for path in (self.path(oid), self.pack_path(oid)):
+        loose = self.path_str(oid)  # strings: a re-import touches every tensor's object
+        for path in (loose, loose + PACK_SUFFIX):
             try:
                 fsio.touch(path)
                 return True

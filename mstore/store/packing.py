@@ -69,7 +69,8 @@ def _targets(store: Store, names: list[str], every: bool, verb: str = "pack") ->
 
 def pack(store: Store, names: Iterable[str] = (), every: bool = False, *,
          reporter: Reporter = SILENT) -> PackResult:
-    """Pack the tensor objects of the commits `names` (or of every ref's, `every`)."""
+    """Pack the tensor objects of the commits `names` (or of every ref's, `every`); the ones
+    a commit shares with its parent are the parent's, packed when the parent is named."""
     names = list(names)
     store.require()
     _targets(store, names, every)  # bad input refused before a lock file is made
@@ -145,8 +146,11 @@ class _Packer:
         for commit in self.result.commits:
             m = self.store.read_manifest(commit)
             parent = self._parent(m)
+            # a tensor the child shares with its parent is the parent's object: packed
+            # when the parent is (parents come first), never re-encoded behind its loads
+            inherited = {pt.object for pt in parent.tensors.values()} if parent else set()
             for name, t in sorted(m.tensors.items()):
-                if t.object in seen:
+                if t.object in seen or t.object in inherited:
                     continue
                 seen.add(t.object)
                 p = parent.tensors.get(name) if parent else None
