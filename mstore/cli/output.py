@@ -105,11 +105,13 @@ TABLE_CHUNK = 256  # rows per write: well under a pipe's 64 KiB buffer
 
 def print_table(rows: list[tuple]) -> None:
     """Aligned columns; every cell escaped first, so widths are those of what is shown."""
-    cells = [tuple(map(str, r)) for r in rows]
-    if "".join(map("".join, cells)).isprintable():  # the common case: one check
-        rows = cells
-    else:
-        rows = [tuple(map(safe_text, r)) for r in cells]
+    try:  # the common case, all strings already: no copy of the table
+        shown = "".join(map("".join, rows))
+    except TypeError:  # a number or None among the cells
+        rows = [tuple(map(str, r)) for r in rows]
+        shown = "".join(map("".join, rows))
+    if not shown.isprintable():  # one check for the whole table
+        rows = [tuple(map(safe_text, r)) for r in rows]
     # one format call per row, not a ljust per cell: at 10,000 refs these loops were a
     # third of `mstore list`
     line = "  ".join(f"{{:<{max(map(len, column))}}}" for column in zip(*rows))
