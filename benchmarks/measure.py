@@ -53,6 +53,7 @@ class ProcResult:
     returncode: int
     stdout: str
     stderr: str
+    cpu: float = 0.0  # seconds: the child's user + sys time, from the same wait4
 
 
 class CommandFailed(RuntimeError):
@@ -99,7 +100,8 @@ def run_process(argv: Sequence[str], *, cwd: Path | None = None, timeout: float 
         except (OSError, ValueError):
             pass
         os.unlink(rss_file)
-    res = ProcResult(wall, maxrss, proc.returncode, stdout, stderr)
+    res = ProcResult(wall, maxrss, proc.returncode, stdout, stderr,
+                     usage.ru_utime + usage.ru_stime)
     if check and res.returncode != 0:
         raise CommandFailed(f"exit {res.returncode}: {' '.join(map(str, argv))}\n"
                             f"{stderr[-3000:]}")

@@ -16,12 +16,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from . import growth, inputs, packs
+from . import growth, inputs, packs, startup
 from .inputs import SHAPES, Shape
 from .measure import (
     PY, RSS_HOW, CommandFailed, Pair, alternate, child_env, drop_dirty_pages, mstore_argv,
     run_process, summarize,
 )
+from .startup import TYPER
 
 MB = 1024 * 1024
 BASE_REF = "bench"
@@ -484,9 +485,6 @@ def pair_train_model(b: Bench) -> Pair:
 
 
 # -- metadata commands ----------------------------------------------------------------------
-TYPER = [PY, "-c", "import typer"]
-
-
 def _import_tiny(b: Bench, store: Path) -> str:
     return inputs.import_folder(store, b.tiny_dir, TINY_REF)
 
@@ -654,6 +652,10 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "packs-load": packs.pair_packs_load,
     "packs-load-resident": packs.pair_packs_load_resident,
     "packs-first-token": packs.pair_packs_first_token,
+    "startup-import": startup.pair_startup_import,
+    "startup-list": startup.pair_startup_list,
+    "startup-show": startup.pair_startup_show,
+    "startup-log": startup.pair_startup_log,
     "list-growth": growth.pair_list_growth,
     "list-10k": growth.pair_list_10k,
     "gc-growth": growth.pair_gc_growth,

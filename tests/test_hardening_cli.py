@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mstore.cli.app import app
-from mstore.cli.output import json_text, safe_lines, safe_text
+from mstore.cli.output import json_text, print_table, safe_lines, safe_text
 from tests.conftest import REPO_ROOT, Cli, run_mstore, snapshot
 from tests.hub_server import clean_environ
 
@@ -46,6 +46,16 @@ def assert_one_error_line(res, code: int, *needles: str) -> None:
 
 
 # -- item 9: the escape itself -------------------------------------------------------------
+def test_a_table_escapes_controls_before_it_measures_and_takes_any_cell(capsys):
+    """Widths are those of what is shown (the escaped text); numbers and None are cells too."""
+    print_table([("NAME", "N", "NOTE"), ("a" + EVIL, 7, None), ("bb", 12345, "ok")])
+    lines = capsys.readouterr().out.splitlines()
+    assert not raw_controls("".join(lines)) and len(lines) == 3
+    shown = safe_text("a" + EVIL)
+    assert lines[1] == f"{shown}  {7:<5}  None" and lines[2] == f"{'bb':<{len(shown)}}  12345  ok"
+    assert lines[0] == f"{'NAME':<{len(shown)}}  N      NOTE"
+
+
 def test_safe_text_makes_every_control_visible_and_is_idempotent():
     s = safe_text(EVIL)
     assert raw_controls(s) == [] and "\n" not in s

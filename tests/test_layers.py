@@ -147,6 +147,27 @@ def test_metadata_commands_load_no_importer_adapter_or_hub(imported_store, args)
     assert not loaded & set(NOT_AT_START + HEAVY), sorted(loaded & set(NOT_AT_START + HEAVY))
 
 
+# what list, show and log do not need: a thread pool (which pulls in logging) and syncfs
+# through ctypes are for writers; LoRA names for diff and export; attachment lists only
+# where the store has some; OpenSSL (hashlib) for nothing (the store hashes with blake3)
+NOT_FOR_READING = ("concurrent.futures", "logging", "ctypes", "hashlib",
+                   "mstore.store.lora_names", "mstore.store.attachments")
+
+
+@pytest.mark.parametrize("args", [["list"], ["show", "tiny"], ["log", "tiny"]],
+                         ids=lambda a: a[0])
+def test_reading_commands_load_only_what_they_read(imported_store, args):
+    root, _ = imported_store
+    loaded = loaded_by_command(root, *args)
+    assert not loaded & set(NOT_FOR_READING), sorted(loaded & set(NOT_FOR_READING))
+
+
+def test_import_of_a_folder_loads_no_openssl(imported_store):
+    """The per-source import lock is named by blake3, which the store has loaded anyway."""
+    _root, loaded = imported_store
+    assert "hashlib" not in loaded and "_hashlib" not in loaded
+
+
 def test_the_builtin_adapter_table_is_what_pyproject_registers():
     """BUILTIN_ADAPTERS lets the built-in names skip the entry-point scan; it must say what
     the package's own entry points say."""

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -238,3 +239,57 @@ def test_metadata_commands_import_no_torch(two_models, command):
                 if line.startswith("import time:")}
     assert "torch" not in imported and "transformers" not in imported
     assert "huggingface_hub" not in imported
+
+
+def _reference_list_table(rows: list[dict]) -> str:
+    """`mstore list`'s table as the straightforward per-cell code printed it before it
+    was made fast at 10,000 refs (format per commit, one format call per line)."""
+    from mstore.cli.output import license_text, safe_text
+    from mstore.units import fmt_bytes, fmt_count
+
+    table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "RUN MEM", "PARENT", "KIND",
+              "LICENSE")]
+    for r in rows:
+        run = r.get("run_bytes")
+        table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
+                      fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
+                      "-" if run is None else fmt_bytes(run), r.get("fine_tuned_from") or "-",
+                      r.get("variant") or r.get("kind") or "-",
+                      license_text(r.get("license"), r.get("license_note") and "inherited, "
+                                   "not permissive")))
+    table = [tuple(safe_text(str(c)) for c in r) for r in table]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n"
+                   for r in table)
+
+
+def test_list_of_many_refs_children_and_adapters_prints_the_reference_table(cli, two_models):
+    store = two_models
+    make_child(store, "q2", "q2-ft", change="model.norm.weight")
+    base = store.read_manifest(store.resolve("q2").commit)
+    some = dict(list(base.tensors.items())[:2])
+    kids = {  # (parent, manifest fields): the last two are siblings under a llama3 parent
+        "q2-llama": ("q2", dict(tensors=base.tensors, license="llama3")),
+        "q2-lora": ("q2-llama", dict(tensors=some, kind="adapter", license="llama3",
+                                     adapter={"method": "lora", "r": 8, "alpha": 16})),
+        "q2-int4": ("q2-llama", dict(tensors=some, kind="quantized",
+                                     quantization={"scheme": "int4", "group_size": 32},
+                                     license="odd\x1blicense")),  # a control character
+    }
+    for name, (parent, extra) in kids.items():
+        child = Manifest(architecture=base.architecture, model_id=base.model_id,
+                         source={"type": "finetune"}, config=base.config, files=base.files,
+                         parent=store.resolve(parent).commit, message=f"child {name}",
+                         **extra)
+        commit = store.put_manifest(child)
+        store.registry.set_ref(store.registry_entry(name, commit, child, parent), expected=None)
+    targets = ["q2", "q3", "q2-ft", "q2-lora", "q2-int4", "q2-llama"]
+    store.registry.update(lambda models: models.update(
+        {f"tag-{i:03d}": models[targets[i % 6]].renamed(f"tag-{i:03d}") for i in range(300)},
+        # the same commit as q2, another license in its entry: rows differ by that alone
+        **{"tag-mit": replace(models["q2"], model_name="tag-mit", license="mit", _raw=None)}))
+
+    rows = json.loads(cli("list", "--json").stdout)
+    assert len(rows) == 307 and {r["kind"] for r in rows} == {"full", "adapter", "quantized"}
+    assert any(r["license_note"] for r in rows)
+    assert cli("list").stdout == _reference_list_table(rows)

@@ -108,15 +108,31 @@ def _list(ctx: typer.Context, as_json: bool):
         return
     table = [("NAME", "COMMIT", "ARCH", "PARAMS", "SIZE", "RUN MEM", "PARENT", "KIND",
               "LICENSE")]
+    shown: dict[tuple, tuple] = {}  # the refs of one commit show the same columns: format once
     for r in rows:
-        run = r.get("run_bytes")
-        table.append((r["model_name"], r["short_commit"], r.get("architecture_type") or "-",
-                      fmt_count(r.get("parameters") or 0), fmt_bytes(r.get("size_bytes") or 0),
-                      "-" if run is None else fmt_bytes(run),
-                      r.get("fine_tuned_from") or "-", r.get("variant") or r.get("kind") or "-",
-                      license_text(r.get("license"), r.get("license_note") and "inherited, "
-                                   "not permissive")))
+        key = tuple(map(r.get, _LIST_COLUMNS_FROM))
+        try:
+            cells = shown[key]
+        except KeyError:
+            cells = shown[key] = _list_cells(r)
+        except TypeError:  # an unhashable value in a hand-edited registry entry
+            cells = _list_cells(r)
+        table.append((r["model_name"], r["short_commit"], *cells))
     print_table(table)
+
+
+_LIST_COLUMNS_FROM = ("architecture_type", "parameters", "size_bytes", "run_bytes",
+                      "fine_tuned_from", "variant", "kind", "license", "license_note")
+
+
+def _list_cells(r: dict) -> tuple[str, ...]:
+    """The columns of a `list` row after NAME and COMMIT (from the keys _LIST_COLUMNS_FROM)."""
+    run = r.get("run_bytes")
+    return (r.get("architecture_type") or "-", fmt_count(r.get("parameters") or 0),
+            fmt_bytes(r.get("size_bytes") or 0), "-" if run is None else fmt_bytes(run),
+            r.get("fine_tuned_from") or "-", r.get("variant") or r.get("kind") or "-",
+            license_text(r.get("license"), r.get("license_note") and "inherited, "
+                         "not permissive"))
 
 
 def list_(ctx: typer.Context, as_json: JsonOpt = False):

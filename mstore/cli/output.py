@@ -105,13 +105,17 @@ TABLE_CHUNK = 256  # rows per write: well under a pipe's 64 KiB buffer
 
 def print_table(rows: list[tuple]) -> None:
     """Aligned columns; every cell escaped first, so widths are those of what is shown."""
-    cells = [tuple(c if isinstance(c, str) else str(c) for c in r) for r in rows]
-    if "".join(c for r in cells for c in r).isprintable():  # the common case: one check
-        rows = cells
-    else:
-        rows = [tuple(safe_text(c) for c in r) for r in cells]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    try:  # the common case, all strings already: no copy of the table
+        shown = "".join(map("".join, rows))
+    except TypeError:  # a number or None among the cells
+        rows = [tuple(map(str, r)) for r in rows]
+        shown = "".join(map("".join, rows))
+    if not shown.isprintable():  # one check for the whole table
+        rows = [tuple(map(safe_text, r)) for r in rows]
+    # one format call per row, not a ljust per cell: at 10,000 refs these loops were a
+    # third of `mstore list`
+    line = "  ".join(f"{{:<{max(map(len, column))}}}" for column in zip(*rows))
+    lines = [line.format(*r).rstrip() for r in rows]
     # a write per TABLE_CHUNK rows, not per row: stdout may be unbuffered
     # (PYTHONUNBUFFERED), and a write per row of a 10,000-ref list cost more than everything
     # else the command does; not one write for all either, so that a reader who closes the

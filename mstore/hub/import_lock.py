@@ -13,17 +13,18 @@ the removed file notices (its inode is no longer the one at the path) and tries 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable
 
 from ..store import fsio
+from ..store.objects import hash_bytes
 
 
 class ImportLock:
     def __init__(self, tmp_dir: Path, key: str, on_wait: Callable[[], None] = lambda: None):
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        # blake3, the store's own hash (already loaded): hashlib would load OpenSSL for it
+        digest = hash_bytes(key.encode("utf-8", "surrogateescape"))[:24]
         self.tmp_dir = Path(tmp_dir)
         self.path = self.tmp_dir / f"import-{digest}.lock"
         self.on_wait = on_wait

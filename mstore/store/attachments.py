@@ -88,7 +88,7 @@ class Attachments:
 
     def __init__(self, store: "Store"):
         self.store = store
-        self.dir = store.root / "attachments"
+        self.dir = store.attachments_dir
         self.lock_path = store.root / "attachments.lock"
 
     def index_path(self, commit: str) -> Path:

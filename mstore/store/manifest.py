@@ -42,6 +42,8 @@ def utc_now() -> str:
 
 @dataclass
 class TensorEntry:
+    """One tensor of a manifest: the object holding it, its dtype and shape."""
+
     object: str
     dtype: str
     shape: list[int]
@@ -58,6 +60,8 @@ class TensorEntry:
 
 @dataclass
 class Manifest:
+    """A commit: the model's tensors, files, config and lineage (docs/format.md)."""
+
     architecture: str
     model_id: str
     source: dict[str, Any]

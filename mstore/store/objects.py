@@ -25,16 +25,18 @@ import mmap
 import os
 import re
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import blake3
 
 from . import failpoints, fsio
 from ..errors import BadObjectId, InvalidSafetensors, ObjectCorrupt, ObjectMissing
 from .safetensors_io import Header, header_length, object_header, parse_header
+
+if TYPE_CHECKING:  # concurrent.futures pulls in logging: loaded only by a batch that copies
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 OID_RE = re.compile(r"[0-9a-f]{64}")
 OBJECT_MODE = 0o444  # immutable once written
@@ -71,6 +73,8 @@ def hash_file(path: Path) -> str:
 
 @dataclass
 class PutResult:
+    """What a put did: the object's id and size, and whether it was new."""
+
     oid: str
     size: int
     new: bool  # False: the object was already present (dedup hit)
@@ -78,6 +82,8 @@ class PutResult:
 
 @dataclass
 class _Pending:
+    """A batch's object written to tmp/, waiting for the sync that publishes it."""
+
     tmp: Path
     final: Path
     size: int
@@ -428,7 +434,7 @@ class ObjectBatch:
         """
         header = object_header(dtype, shape, end - start)
         size = len(header) + end - start
-        if isinstance(oid, Future) and oid.done():
+        if not isinstance(oid, str) and oid.done():
             oid = oid.result()
         if isinstance(oid, str):
             hit = self._record(oid, size)
@@ -457,6 +463,8 @@ class ObjectBatch:
         """Start the object's writeback on a helper thread: submitting it can block on a
         busy disk, and the next copy should not wait for that."""
         if self._writeback is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._writeback = ThreadPoolExecutor(1, thread_name_prefix="mstore-writeback")
         self._writeback.submit(fsio.start_writeback, path)
 

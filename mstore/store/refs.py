@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RefEntry:
+    """One ref of registry.json: a name, its commit and the listing fields (SPEC)."""
+
     model_name: str
     commit: str
     model_id: Any = None
@@ -57,7 +59,7 @@ class RefEntry:
         object.__setattr__ per field): every command builds one per ref, and at 10,000
         refs that __init__ was a third of `mstore list`."""
         entry = object.__new__(cls)
-        entry.__dict__.update({k: d.get(k) for k in ENTRY_FIELDS}, _raw=d)
+        entry.__dict__.update(zip(ENTRY_FIELDS, map(d.get, ENTRY_FIELDS)), _raw=d)
         return entry
 
 

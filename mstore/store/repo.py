@@ -40,6 +40,8 @@ def default_store_path() -> Path:
 
 @dataclass
 class Resolved:
+    """What a name or commit id given on the command line resolved to."""
+
     commit: str
     name: str | None  # the ref used, or None when given a commit id
     entry: RefEntry | None
@@ -59,6 +61,11 @@ class Store:
         from .attachments import Attachments
 
         return Attachments(self)
+
+    @property
+    def attachments_dir(self) -> Path:
+        """Where the attachment lists live; absent until the first attachment is added."""
+        return self.root / "attachments"
 
     # -- set-up -------------------------------------------------------------------------
     def exists(self) -> bool:

@@ -16,7 +16,6 @@ from typing import Any
 
 from ..errors import MStoreError, ObjectCorrupt, ObjectMissing
 from .licenses import inherited_note
-from .lora_names import adapted_modules
 from .manifest import LightManifest, Manifest, TensorEntry
 from .refs import RefEntry
 from .repo import Store
@@ -30,6 +29,8 @@ def list_rows(store: Store, refs: "dict[str, RefEntry] | None" = None) -> list[d
     heads: dict[str, LightManifest | None] = {}
     notes: dict[str, str | None] = {}
     run: dict[str, int | None] = {}
+    variants: dict[str, str] = {}
+    parent_notes: dict[str | None, str | None] = {}
     refs = store.refs() if refs is None else refs
     names = store.names_by_commit(refs)
     rows = []
@@ -37,17 +38,21 @@ def list_rows(store: Store, refs: "dict[str, RefEntry] | None" = None) -> list[d
         commit = e.commit
         if commit not in heads:
             heads[commit] = _head_of(store, commit)
-            notes[commit] = license_note(store, heads[commit].parent if heads[commit] else None)
+            parent = heads[commit].parent if heads[commit] else None
+            if parent not in parent_notes:  # siblings share their parent's manifest read
+                parent_notes[parent] = license_note(store, parent)
+            notes[commit] = parent_notes[parent]
             full = heads[commit] is None or heads[commit].kind == "full"
             # a full model runs on about its stored bytes: no second read of its manifest
             run[commit] = e.size_bytes if full else _run_bytes(store, commit)
+            variants[commit] = variant(heads[commit], names) if heads[commit] else ""
         m = heads[commit]
-        rows.append({**e.to_json(), "name": name,
-                     "short_commit": commit[:12], "architecture": e.architecture_type,
-                     "parent": m.parent if m else None, "license": e.license or None,
-                     "license_note": notes[commit],
-                     "kind": m.kind if m else None,
-                     "variant": variant(m, names) if m else "", "run_bytes": run[commit]})
+        row = e.to_json()  # a fresh dict: filled in place rather than copied again
+        row.update(name=name, short_commit=commit[:12], architecture=e.architecture_type,
+                   parent=m.parent if m else None, license=e.license or None,
+                   license_note=notes[commit], kind=m.kind if m else None,
+                   variant=variants[commit], run_bytes=run[commit])
+        rows.append(row)
     return rows
 
 
@@ -118,6 +123,8 @@ def eval_notes(store: Store, commit: str) -> list[dict[str, Any]]:
     """The commit's "eval" attachments (`mstore eval`), oldest first: each payload with
     its `created_at` and attachment id. An unreadable attachment list shows none here
     (fsck names it)."""
+    if not store.attachments_dir.is_dir():  # none in this store: not worth loading the module
+        return []
     try:
         notes = store.attachments.list(commit, kind="eval")
     except MStoreError:
@@ -276,6 +283,8 @@ class EffectiveTensors:
     adapter: Manifest | None = None
 
     def summary(self, store: Store) -> dict[str, Any]:
+        from .lora_names import adapted_modules  # diff and export only (a dataclass, a regex)
+
         m = self.adapter
         modules, _ = adapted_modules(m.tensors)
         return {**(m.adapter or {}), "base": m.parent, "tensors": sorted(m.tensors),
@@ -287,6 +296,8 @@ class EffectiveTensors:
 def effective_tensors(store: Store, m: Manifest) -> EffectiveTensors:
     if m.kind != "adapter":
         return EffectiveTensors(m.tensors, {})
+    from .lora_names import adapted_modules
+
     base = store.read_manifest(m.parent)
     scaling = _lora_scaling(store, m)
     lora = {}

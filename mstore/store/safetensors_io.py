@@ -28,6 +28,8 @@ MAX_HEADER = 100 * 1024 * 1024  # safetensors' own reader refuses larger headers
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a safetensors header, its offsets made absolute."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -45,6 +47,8 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Header:
+    """A validated safetensors header: tensors, metadata, where the data starts."""
+
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
