@@ -187,6 +187,23 @@ class ObjectStore:
             for oid, (loose, packed) in found.items():
                 yield Stored(oid, loose, packed)
 
+    def packed_ids(self) -> set[str]:
+        """The ids that have a packed file, from one listing of names (no stat): what a walk
+        over every kept object asks before it reads a packed header (gc at 200,000 objects
+        spent 7 s building a path and a stat for each)."""
+        out: set[str] = set()
+        if not self.objects_dir.is_dir():
+            return out
+        with os.scandir(self.objects_dir) as fans:
+            for fan in fans:
+                if len(fan.name) != 2 or not fan.is_dir():
+                    continue
+                with os.scandir(fan.path) as entries:
+                    out.update(oid for oid in (fan.name + e.name[:-len(PACK_SUFFIX)]
+                                               for e in entries if e.name.endswith(PACK_SUFFIX))
+                               if is_oid(oid))
+        return out
+
     def iter_objects(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every object on disk with the stat of its file (the loose one when both are)."""
         for s in self.iter_stored():
@@ -261,7 +278,7 @@ class ObjectStore:
 
     def delta_base(self, oid: str) -> str | None:
         """The object a packed `oid` is XOR-ed against (None: loose, or packed alone)."""
-        if not self.pack_path(oid).is_file():
+        if not os.path.isfile(self.path_str(oid) + PACK_SUFFIX):
             return None
         try:
             return self.pack_header(oid).base

@@ -158,7 +158,11 @@ def store_loader(store) -> Callable[[str], LightManifest | None]:
 
 def ref_closure(store, explain: bool = False) -> Closure:
     """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
+    packed = store.objects.packed_ids()  # one listing; only these can have a base
+
+    def base_of(oid: str) -> str | None:
+        return store.objects.delta_base(oid) if oid in packed else None
+
     return closure({name: e.commit for name, e in store.refs().items()}, store_loader(store),
                    lenient={c: c for c in sorted(store.registry.invalid_commits())},
-                   attachments=store_attachments(store), explain=explain,
-                   base_of=store.objects.delta_base)
+                   attachments=store_attachments(store), explain=explain, base_of=base_of)
