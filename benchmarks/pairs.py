@@ -195,6 +195,29 @@ def pair_reimport(b: Bench) -> Pair:
                 ("ratio_le", 0.5))
 
 
+def pair_import_layout(b: Bench) -> Pair:
+    """The object layout's own cost: a bare copy into one file per tensor
+    (benchmarks/layout.py) vs `cp -r`, for reading the import pair beside it."""
+    src = b.model_dir
+
+    def bare(i):
+        dst = b.fresh_dir("runs", f"layout-{i}")
+        drop_dirty_pages()
+        r = run_process([PY, "-m", "benchmarks.layout", str(src), str(dst)],
+                        cwd=inputs.REPO_ROOT)
+        shutil.rmtree(dst)
+        return r.wall
+
+    _warm_page_cache(src)
+    res = alternate(b.opts.medium_repeats, {"mstore": bare, "baseline": _cp_baseline(b, src)})
+    return Pair("import-layout", f"every tensor of a {_gb(b.facts['total_bytes'])} folder "
+                "copied "
+                "into a file of its own, then one syncfs (no hashing, renames or manifest): "
+                "what one file per tensor costs on this filesystem", "python -m benchmarks.layout",
+                "cp -r DIR X && sync", "s", summarize(res["mstore"]), summarize(res["baseline"]),
+                "(report: what the layout costs, beside target 1's 1.3x)", ("report", 0))
+
+
 def pair_import_rss(b: Bench) -> Pair:
     notes = []
     if not b.import_rss:
@@ -630,6 +653,7 @@ def _gb(n: int) -> str:
 
 PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "import": pair_import,
+    "import-layout": pair_import_layout,
     "reimport": pair_reimport,
     "import-rss": pair_import_rss,
     "hub-import": pair_hub_import,
@@ -664,8 +688,8 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
 
 
 # what the 7g shape runs (the others would need a 3B model loaded, trained, generated from)
-STORAGE_PAIRS = ("import", "reimport", "import-rss", "hub-import", "export", "fsck-warm",
-                 "fsck-cold")
+STORAGE_PAIRS = ("import", "import-layout", "reimport", "import-rss", "hub-import", "export",
+                 "fsck-warm", "fsck-cold")
 
 
 def pair_names(opts: Options) -> list[str]:
