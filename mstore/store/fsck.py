@@ -47,7 +47,8 @@ class DanglingCommit(Finding):
 def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
     """All findings. `subset=(n, t)` re-hashes only slice n of t (restic's read-data-subset)."""
     findings: list[Finding] = []
-    on_disk = {oid: st.st_size for oid, st in store.objects.iter_objects()}
+    stored = list(store.objects.iter_stored())
+    on_disk = {s.oid: s.stat.st_size for s in stored}
     bad_hash: dict[str, str] = {}
     chosen = [oid for oid in on_disk
               if not subset or int(oid[:8], 16) % subset[1] == subset[0] - 1]
@@ -88,7 +89,7 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
                 label = f"the base of {name}"
     reachable: set[str] = set()
     if registry_read:
-        kept = ref_closure(store)
+        kept = ref_closure(store, packed={s.oid for s in stored if s.packed is not None})
         reachable = kept.keep() | {oid for oid, _label in kept.unreadable}
     findings += _check_attachments(store, on_disk, bad_hash)
 

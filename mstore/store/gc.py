@@ -61,10 +61,10 @@ class GcPlan:
         }
 
 
-def reachable(store: Store, explain: bool = False) -> Closure:
+def reachable(store: Store, explain: bool = False, packed: set[str] | None = None) -> Closure:
     """What the refs keep; raises GcRefused when unsure. The rule itself is
     `reachability.closure`, shared with push, pull and clone."""
-    c = ref_closure(store, explain=explain)
+    c = ref_closure(store, explain=explain, packed=packed)
     if c.unreadable:
         oid, name = c.unreadable[0]
         raise GcRefused(f"manifest {oid} (history of {name!r}) cannot be read; "
@@ -75,13 +75,16 @@ def reachable(store: Store, explain: bool = False) -> Closure:
 def plan(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None,
          explain: bool = False) -> GcPlan:
     now = time.time() if now is None else now
+    # listed first, so the keep rule learns which objects are packed without a second walk
+    # (under gc's exclusive lock nothing is written meanwhile; a dry run may miss what a
+    # concurrent import adds, which it would not delete anyway)
+    stored = list(store.objects.iter_stored())
     try:
-        c = reachable(store, explain)
+        c = reachable(store, explain, packed={s.oid for s in stored if s.packed is not None})
     except (ObjectMissing, ObjectCorrupt) as e:
         raise GcRefused(str(e)) from None
     keep = c.keep()
     p = GcPlan(why={} if explain else None, kept_as_base=dict(c.delta_bases))
-    stored = list(store.objects.iter_stored())
     young = {s.oid for s in stored if s.oid not in keep
              and now - max(st.st_mtime for st in (s.loose, s.packed) if st) < grace}
     for cur in sorted(young):  # a young delta keeps its base as a reachable one does

@@ -156,9 +156,12 @@ def store_loader(store) -> Callable[[str], LightManifest | None]:
     return load
 
 
-def ref_closure(store, explain: bool = False) -> Closure:
-    """What the store's refs keep (gc's keep set), the commits of invalid entries included."""
-    packed = store.objects.packed_ids()  # one listing; only these can have a base
+def ref_closure(store, explain: bool = False, packed: set[str] | None = None) -> Closure:
+    """What the store's refs keep (gc's keep set), the commits of invalid entries included.
+    `packed`: the ids stored packed, from the caller's own listing of objects (gc and fsck
+    have one); None lists them here. Only those can have a delta base to keep."""
+    if packed is None:
+        packed = store.objects.packed_ids()
 
     def base_of(oid: str) -> str | None:
         return store.objects.delta_base(oid) if oid in packed else None
