@@ -11,6 +11,7 @@ here, and until they do they are refused in one line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -99,17 +100,11 @@ def _object_tensor(store: Store, oid: str, dtype: str, shape: tuple[int, ...],
                           "only float tensors (BF16, F16, F32, F64) export")
 
     def load() -> np.ndarray:
-        import numpy as np
+        from ..store.tensor_numpy import load_native  # numpy: only when converting
 
-        (info,) = store.objects.tensor_header(oid).tensors.values()
-        raw = store.objects.tensor_bytes(oid)[info.start:info.end].tobytes()
-        if len(raw) != info.nbytes:
+        values = load_native(store, oid)
+        if values is None or values.size != math.prod(shape):
             raise ExportError(f"object {oid} ({name}) is truncated; nothing exported")
-        if dtype == "BF16":
-            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-            return bits.view(np.float32).reshape(shape)
-        native = {"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype]
-        return np.frombuffer(raw, dtype=np.dtype(native).newbyteorder("<")) \
-            .astype(native).reshape(shape)
+        return values.reshape(shape)
 
     return LazyTensor(shape, dtype, load)

@@ -16,15 +16,23 @@ _NUMPY = {
 }
 
 
-def load_as_float(store: Store, oid: str) -> np.ndarray | None:
-    """The tensor as float64 (None for dtypes numpy cannot widen, e.g. float8)."""
+def load_native(store: Store, oid: str) -> np.ndarray | None:
+    """The tensor in its own dtype, bf16 widened to float32 exactly (None for dtypes numpy
+    cannot read, e.g. float8)."""
     header = store.objects.tensor_header(oid)
     (info,) = header.tensors.values()
     raw = store.objects.tensor_bytes(oid)[info.start:info.end].tobytes()
     if info.dtype == "BF16":
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64).reshape(info.shape)
+        return bits.view(np.float32).reshape(info.shape)
     if info.dtype not in _NUMPY:
         return None
-    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[info.dtype]).newbyteorder("<")) \
-        .astype(np.float64).reshape(info.shape)
+    native = _NUMPY[info.dtype]
+    return np.frombuffer(raw, dtype=np.dtype(native).newbyteorder("<")).astype(native) \
+        .reshape(info.shape)
+
+
+def load_as_float(store: Store, oid: str) -> np.ndarray | None:
+    """The tensor as float64 (None for dtypes numpy cannot widen, e.g. float8)."""
+    native = load_native(store, oid)
+    return None if native is None else native.astype(np.float64)
