@@ -8,6 +8,8 @@ fp32 master weights committed back in the model's bf16, as any user's fine-tune 
     mstore side   load of the packed child            baseline   the same child loose
                   (load_checkpoint; also with every weight's pages resident, and the first
                   token of `mstore generate` as a whole process)
+    floor         the loose child loaded and every weight copied into fresh memory: the
+                  least any rebuild into memory does (no decoding), beside the mmap load
     also          packed/loose child bytes, pack GB/s, the base packed alone, push bytes,
                   zstd levels 1/3/9 on one MLP tensor's delta
 """
@@ -52,6 +54,18 @@ def _touch_every_page(model) -> None:
             flat[::4096].sum()
 
 
+def _copy_into_fresh_memory(model) -> None:
+    """Give every weight a copy of itself in newly allocated memory: what rebuilding the
+    model's tensors costs before any decoding (allocation, page faults, one write of each
+    byte), the floor under a packed load."""
+    import torch
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.numel() and t.device.type == "cpu":
+                t.data = t.data.clone()
+
+
 def tensor_bytes(store, ref: str, stored: bool) -> int:
     m = store.read_manifest(store.resolve(ref).commit)
     size = store.objects.stored_size if stored else store.objects.size
@@ -93,12 +107,14 @@ def task_packs(a: dict[str, Any]) -> dict[str, Any]:
     commits = {s: s_store.resolve("child").commit
                for s, s_store in (("mstore", packed), ("baseline", loose))}
 
-    def load(side: str, resident: bool = False):
+    def load(side: str, resident: bool = False, fresh: bool = False):
         s = packed if side == "mstore" else loose
         t = time.perf_counter()
         m = adapter_for(s, commits[side]).load_checkpoint()
         if resident:
             _touch_every_page(m)
+        if fresh:
+            _copy_into_fresh_memory(m)
         wall = time.perf_counter() - t
         del m
         return wall
@@ -115,11 +131,13 @@ def task_packs(a: dict[str, Any]) -> dict[str, Any]:
                           "baseline": lambda _i: load("baseline")})
     resident = alternate(n, {"mstore": lambda _i: load("mstore", True),
                              "baseline": lambda _i: load("baseline", True)})
+    floor = alternate(n, {"mstore": lambda _i: load("baseline", fresh=True),
+                          "baseline": lambda _i: load("baseline")})
     ttft = alternate(n, {"mstore": lambda _i: first_token("mstore"),
                          "baseline": lambda _i: first_token("baseline")})
     out: dict[str, Any] = {
         "lr": lr, "steps": int(a.get("steps", STEPS)), "made_s": round(made_s, 1),
-        "load": times, "load_resident": resident, "first_token": ttft,
+        "load": times, "load_resident": resident, "load_floor": floor, "first_token": ttft,
         "child_loose_bytes": child_loose, "child_packed_bytes": child_packed,
         "packed_over_loose": round(child_packed / child_loose, 4),
         "pack_s": round(pack_s, 2), "pack_gb_per_s": round(res.loose_bytes / pack_s / 1e9, 3),
@@ -204,7 +222,7 @@ def _bytes_pair(b, lr: float):
                 notes=[f"pack {r['pack_gb_per_s']:.3f} GB/s of loose bytes",
                        f"{r['deltas']} deltas, {r['kept_loose']} kept loose"],
                 extra={k: v for k, v in r.items() if k not in ("load", "load_resident",
-                                                               "first_token")})
+                                                               "load_floor", "first_token")})
 
 
 def pair_packs_low(b):
@@ -235,6 +253,14 @@ def pair_packs_load_resident(b):
                       "weight is in memory: loose pages faulted in (as the first forward "
                       "pass does), packed ones rebuilt", "load_checkpoint(), packed",
                       "load_checkpoint() + one byte of every page, loose", True)
+
+
+def pair_packs_load_floor(b):
+    return _load_pair(b, "load_floor", "packs-load-floor", "the floor under packs-load: the "
+                      "loose child loaded, then every weight copied into fresh memory (what "
+                      "any rebuild into memory does before decoding)",
+                      "load_checkpoint() + a fresh copy of every weight, loose",
+                      "load_checkpoint(), loose (mmap)", False)
 
 
 def pair_packs_first_token(b):

@@ -675,6 +675,7 @@ PAIRS: dict[str, Callable[[Bench], Pair]] = {
     "packs-push": packs.pair_packs_push,
     "packs-load": packs.pair_packs_load,
     "packs-load-resident": packs.pair_packs_load_resident,
+    "packs-load-floor": packs.pair_packs_load_floor,
     "packs-first-token": packs.pair_packs_first_token,
     "startup-import": startup.pair_startup_import,
     "startup-list": startup.pair_startup_list,
