@@ -1,30 +1,60 @@
 """The benchmark suite runs end to end on tiny inputs (`python -m benchmarks --quick`).
 
 Only that the code works: every pair produced numbers and the JSON report was written.
-Benchmarks are never timed tests, so there are no timing assertions here.
+Benchmarks are never timed tests, so there are no timing assertions here. The pairs run
+in three groups (each its own `--only` process) so the suite's workers share them; a
+separate check keeps the groups covering every pair `--list` names.
 """
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.hub_server import clean_environ
 
+PACKS = ["packs-1e-5", "packs-1e-4", "packs-base", "packs-push", "packs-load",
+         "packs-load-resident", "packs-load-floor", "packs-first-token"]
+MODEL = ["load", "ttft", "decode", "train-tiny"]
+GROUPS = {"packs": PACKS, "model": MODEL, "storage": None}  # None: every other pair
 
-def test_quick_benchmark_runs_every_pair(tmp_path):
+
+def _listed(env) -> list[str]:
+    return subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--list"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env,
+                          check=True).stdout.split()
+
+
+def _group(name: str, listed: list[str]) -> list[str]:
+    if GROUPS[name] is not None:
+        return GROUPS[name]
+    named = {p for g in GROUPS.values() if g for p in g}
+    return [p for p in listed if p not in named]
+
+
+def test_groups_cover_every_pair():
+    listed = _listed(clean_environ())
+    named = [p for g in GROUPS.values() if g for p in g]
+    assert set(named) <= set(listed), set(named) - set(listed)
+    assert sorted(p for g in GROUPS for p in _group(g, listed)) == sorted(listed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_quick_benchmark_runs_every_pair(tmp_path, group):
     work = tmp_path / "bench"
     env = clean_environ()  # no Hub settings of the test session: the benchmark is offline
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--workdir", str(work)],
+    wanted = _group(group, _listed(env))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--workdir", str(work),
+                           "--only", ",".join(wanted)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    listed = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--list"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env,
-                            check=True).stdout.split()
     doc = json.loads((work / "results.json").read_text())
     pairs = {p["name"]: p for p in doc["pairs"]}
-    assert sorted(pairs) == sorted(listed) and len(pairs) >= 11
+    assert sorted(pairs) == sorted(wanted) and len(pairs) >= 4
     for name, p in pairs.items():
         assert p["error"] is None, (name, p["error"])
         assert p["mstore"]["n"] >= 1 and isinstance(p["mstore"]["median"], float), name
