@@ -112,16 +112,24 @@ def check(store: Store, subset: tuple[int, int] | None = None) -> list[Finding]:
 
 
 def _verify_all(store: Store, oids: list[str], sizes: dict[str, int]) -> list[str | None]:
-    """`objects.verify` of each, in that order, on a few threads (blake3 releases the GIL):
-    with a cold page cache one object's reads overlap another's hashing, and a store of
-    many small objects is not hashed one file at a time. Largest first, so one big object
-    does not run alone at the end."""
+    """`objects.verify` of each, in that order, one object per core at a time, largest
+    first: with a cold page cache one object's reads overlap another's hashing. Each
+    object is hashed on one thread (warm 6.8 GB store, in process: 1.19 s, against 1.43 s
+    with every object split across all cores under cores + 1 workers), except one bigger
+    than a core's fair share of the bytes, which would otherwise run alone at the end."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .objects import ALL_CORES
+
+    cores = max(2, os.cpu_count() or 1)
+    share = sum(sizes.get(oid, 0) for oid in oids) / cores
+
+    def verify(oid: str) -> str | None:
+        return store.objects.verify(oid, ALL_CORES if sizes.get(oid, 0) > share else 1)
+
     order = sorted(range(len(oids)), key=lambda i: -sizes.get(oids[i], 0))
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1),
-                            thread_name_prefix="mstore-fsck") as pool:
-        results = dict(zip(order, pool.map(store.objects.verify, [oids[i] for i in order])))
+    with ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="mstore-fsck") as pool:
+        results = dict(zip(order, pool.map(verify, [oids[i] for i in order])))
     return [results[i] for i in range(len(oids))]
 
 

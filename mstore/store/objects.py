@@ -49,8 +49,11 @@ def is_oid(text: str) -> bool:
     return bool(OID_RE.fullmatch(text))
 
 
-def hasher():
-    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+ALL_CORES = blake3.blake3.AUTO
+
+
+def hasher(threads: int = ALL_CORES):
+    return blake3.blake3(max_threads=threads)
 
 
 def hash_bytes(data) -> str:
@@ -63,9 +66,10 @@ def tensor_oid(dtype: str, shape, data) -> str:
     return hasher().update(object_header(dtype, shape, view.nbytes)).update(view).hexdigest()
 
 
-def hash_file(path: Path) -> str:
-    """blake3 of a file, streamed through mmap (never the whole file in memory at once)."""
-    h = hasher()
+def hash_file(path: Path, threads: int = ALL_CORES) -> str:
+    """blake3 of a file, streamed through mmap (never the whole file in memory at once).
+    `threads=1` for a caller that hashes several files at once, one per core."""
+    h = hasher(threads)
     if os.path.getsize(path):
         h.update_mmap(str(path))
     return h.hexdigest()
@@ -240,11 +244,12 @@ class ObjectStore:
             raise ObjectCorrupt(oid, "content does not match its name")
         return data
 
-    def verify(self, oid: str) -> str | None:
-        """Re-hash one object (each encoding present); returns a problem or None."""
+    def verify(self, oid: str, threads: int = ALL_CORES) -> str | None:
+        """Re-hash one object (each encoding present); returns a problem or None.
+        `threads`: for the loose encoding's hash (see hash_file)."""
         problem = None
         try:
-            got = hash_file(self.path(oid))
+            got = hash_file(self.path(oid), threads)
             if got != oid:
                 return f"content hashes to {got[:12]}"
         except FileNotFoundError:
