@@ -312,8 +312,9 @@ def _write_shard(store: Store, tensors: dict[str, TensorEntry], infos, names: li
 def _check_copy(head: bytes, fd: int, offset: int, count: int) -> str:
     """The id of the object whose header is `head` and whose data is what was just written
     at [offset, offset + count) of `fd`; then that range's writeback is started, so the
-    disk works while the next tensors are copied (the final fsync still makes it durable)."""
-    h = hasher().update(head)
+    disk works while the next tensors are copied (the final fsync still makes it durable).
+    One hashing thread: the other core is the copy's (1 GB export 1.13 -> 1.06 s)."""
+    h = hasher(1).update(head)
     _hash_range(h, fd, offset, count)
     try:
         os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
