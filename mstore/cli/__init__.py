@@ -5,6 +5,6 @@ The only layer that touches the terminal; everything below it reports through th
 lives in output.CLI_WORDING.
 """
 
-from .app import app, main
+from .app import app, main, run
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run"]
