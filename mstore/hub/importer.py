@@ -13,13 +13,13 @@ the ref.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -351,9 +351,9 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
                 raise BadSource(str(e)) from None
             infos = sorted(header.tensors.values(), key=lambda t: t.start)
             targets = quantizer.targets if quantizer is not None else set()
-            with ThreadPoolExecutor(1, thread_name_prefix="mstore-hash") as pool:
+            with _hashing_ahead(st.st_size) as submit:
                 oids = [None if i.name in targets else
-                        pool.submit(hash_tensor_range, i.dtype, i.shape, mm, i.start, i.end)
+                        submit(hash_tensor_range, i.dtype, i.shape, mm, i.start, i.end)
                         for i in infos]
                 for info, oid in zip(infos, oids):
                     if info.name in tensors:
@@ -370,6 +370,24 @@ def _convert_shard(batch: ObjectBatch, path: Path, tensors: dict, bar,
         if quantizer is None:
             cache.record(path, st, [[i.name, tensors[i.name].object, i.dtype, list(i.shape)]
                                     for i in infos])
+
+
+LOOKAHEAD_MIN = 16 * 1024 * 1024  # a smaller shard is hashed where it is copied
+
+
+@contextlib.contextmanager
+def _hashing_ahead(shard_bytes: int):
+    """`submit(fn, *args)` for the tensors' hashes: on one helper thread for a shard large
+    enough that hashing beside the copy pays, else a call made at once (a thread and
+    concurrent.futures cost more start-up than a small shard's hashing: 13 M instructions
+    of a tiny import's 445 M)."""
+    if shard_bytes < LOOKAHEAD_MIN:
+        yield lambda fn, *args: fn(*args)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mstore-hash") as pool:
+        yield pool.submit
 
 
 def _reuse(batch: ObjectBatch, known: list[list], tensors: dict, bar) -> bool:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # concurrent.futures pulls in logging: loaded only by a batch
 OID_RE = re.compile(r"[0-9a-f]{64}")
 OBJECT_MODE = 0o444  # immutable once written
 CHUNK = 8 * 1024 * 1024
+WRITEBACK_MIN = 1024 * 1024  # a smaller new tensor object is written back by the batch's sync
 PACK_SUFFIX = ".pack"  # = packcodec.SUFFIX (not imported here: it pulls in numpy)
 MAX_CHAIN = 64  # a longer chain of bases than any pack writes is a damaged (cyclic) one
 
@@ -479,12 +480,14 @@ class ObjectBatch:
             if hit:
                 fsio.unlink(tmp, missing_ok=True)
                 return hit
-        self._start_writeback(tmp)
+        if size >= WRITEBACK_MIN:
+            self._start_writeback(tmp)
         return self._stage(oid, tmp, size)
 
     def _start_writeback(self, path: Path) -> None:
         """Start the object's writeback on a helper thread: submitting it can block on a
-        busy disk, and the next copy should not wait for that."""
+        busy disk, and the next copy should not wait for that. A small object is left to
+        the batch's sync, which writes it as soon: its own thread would cost more."""
         if self._writeback is None:
             from concurrent.futures import ThreadPoolExecutor
 
