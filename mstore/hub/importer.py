@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..adapters.base import adapter_class
 from ..store import failpoints
@@ -33,7 +33,6 @@ from ..errors import (
 )
 from .import_cache import ImportCache
 from .import_checks import check_source, source_tensors
-from .import_quantize import ImportQuantizer
 from ..adapters.quantizable import check_request, run_bytes as quant_run_bytes
 from ..store.quant_layout import DEFAULT_GROUP_SIZE, SCHEMES
 from ..store.quant_layout import describe as describe_quantization
@@ -48,6 +47,9 @@ from ..store.safetensors_io import DTYPE_SIZES, object_data_start, parse_header
 from ..reporting import SILENT, Reporter
 from ..store.repo import Store
 from ..units import fmt_bytes, fmt_count
+
+if TYPE_CHECKING:
+    from .import_quantize import ImportQuantizer
 
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
 HF_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -162,6 +164,8 @@ def _quantizer(plan: SourcePlan, folder: Path, scheme: str | None, group_size: i
                headers: dict | None = None) -> ImportQuantizer | None:
     if scheme is None:
         return None
+    from .import_quantize import ImportQuantizer  # here: a plain import never quantizes
+
     try:
         return ImportQuantizer.plan(plan.architecture, plan.config,
                                     source_tensors(plan, folder, headers), scheme, group_size,
