@@ -255,8 +255,13 @@ def test_shell_completion_completes_commands_and_options(tmp_path):
                               cwd=REPO_ROOT, timeout=60,
                               env={**env, "COMP_WORDS": words, "COMP_CWORD": cword})
         assert proc.returncode == 0 and want in proc.stdout.split(), (words, proc.stdout)
-    proc = run_mstore("--show-completion", "bash", store=tmp_path)
-    assert proc.returncode == 0 and "_mstore_completion" in proc.stdout
+    # typer takes the shell from the process tree (shellingham), not from the word after
+    # the flag: run it under a bash, as a user's terminal does (a detached test run has none)
+    proc = subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", sys.executable, "-m", "mstore",
+                           "--store", str(tmp_path), "--show-completion"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+                          env=clean_environ())
+    assert proc.returncode == 0 and "_mstore_completion" in proc.stdout, proc.stderr
 
 
 def test_help_shows_each_alias_beside_its_command(cli):
