@@ -382,9 +382,9 @@ LOOKAHEAD_MIN = 16 * 1024 * 1024  # a smaller shard is hashed where it is copied
 @contextlib.contextmanager
 def _hashing_ahead(shard_bytes: int):
     """`submit(fn, *args)` for the tensors' hashes: on one helper thread for a shard large
-    enough that hashing beside the copy pays, else a call made at once (a thread and
-    concurrent.futures cost more start-up than a small shard's hashing: 13 M instructions
-    of a tiny import's 445 M)."""
+    enough that hashing beside the copy pays, else a call made at once: for a small shard
+    the thread and concurrent.futures (which loads logging) cost more than its hashing
+    (with ObjectBatch's writeback thread, 20 M of a tiny import's 445 M instructions)."""
     if shard_bytes < LOOKAHEAD_MIN:
         yield lambda fn, *args: fn(*args)
         return
