@@ -10,8 +10,9 @@ huggingface_hub's downloader does with its chunks) and reports the CPU time the 
 - write, pages just freed: the page cache is dropped right before, so the kernel hands the
   writes pages it freed a moment ago;
 - write, after idle: dropped, then `--idle` seconds of nothing first, as between two
-  commands (a VM that returns free memory to its host gets those pages back only by
-  faulting them in again);
+  commands (time for a VM to hand freed memory back to its host, which it then gets back
+  only by faulting it in again; on this project's machine the cost moved 10x between runs
+  either way);
 - write + copy: after idle, a second thread copies each range into a second file with
   copy_file_range as soon as it is written: the streamed Hub import's `.part` plus its
   objects;
@@ -35,7 +36,6 @@ from pathlib import Path
 
 from .report import machine_info, now_utc, write_json
 
-CHUNK = 10 * 1024 * 1024
 CASES = {  # name: (idle before, copy, punch)
     "write, pages just freed": (False, False, False),
     "write, after idle": (True, False, False),
