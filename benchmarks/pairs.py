@@ -319,9 +319,14 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def _cat_every_object(store: Path) -> list[str]:
+    """The fsck pairs' baseline: read every object file once, as fast as `cat` can."""
+    return ["sh", "-c", f'find "{store / "objects"}" -type f -print0 | xargs -0 cat > /dev/null']
+
+
 def _fsck_pair(b: Bench, cold: bool) -> Pair:
     store = b.main_store
-    cat = ["sh", "-c", f'find "{store / "objects"}" -type f -print0 | xargs -0 cat > /dev/null']
+    cat = _cat_every_object(store)
     fsck = mstore_argv(store, "fsck")
 
     drop = cold and not b.opts.quick  # the smoke test never empties the machine's cache
@@ -368,7 +373,7 @@ def pair_fsck_floor(b: Bench) -> Pair:
     files, page cache warm. Where this is above 1.2x, no fsck that re-hashes can meet the
     warm target on this CPU."""
     store = b.main_store
-    cat = ["sh", "-c", f'find "{store / "objects"}" -type f -print0 | xargs -0 cat > /dev/null']
+    cat = _cat_every_object(store)
     hash_all = [PY, "-c", HASH_EVERY_OBJECT, str(store / "objects")]
 
     def side(argv):
