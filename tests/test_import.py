@@ -278,6 +278,61 @@ def test_reimport_of_an_unchanged_folder_skips_hashing(store, model_dirs, tmp_pa
     assert calls
 
 
+def test_reimport_of_a_held_unchanged_folder_runs_no_check_and_writes_nothing(store, model_dirs,
+                                                                            tmp_path):
+    """The stat cache names the content; a ref holds it: no header or tokenizer is read
+    (tokenizers is never loaded), nothing is written, and the output is the full path's."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, clean_environ
+
+    folder = tmp_path / "src"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    first = run_mstore("import", str(folder), "--accept-license", "--name", "a", "--json",
+                       store=store.root)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(store.root)
+    probe = ("import json, sys; from mstore.hub.importer import import_model; "
+             "from mstore.store import Store; "
+             f"r = import_model(Store({str(store.root)!r}), {str(folder)!r}, "
+             "accept_license=True); "
+             "print(json.dumps([r.to_json(), 'tokenizers' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=clean_environ(), cwd=REPO_ROOT, check=True)
+    doc, tokenizer_loaded = json.loads(res.stdout)
+    assert not tokenizer_loaded
+    assert snapshot(store.root) == before
+    # the same result the conversion path gives: every object counted as present
+    first_doc = json.loads(first.stdout)
+    assert doc == {**first_doc, "bytes_written": 0, "bytes_present": doc["bytes_present"],
+                   "already": True, "held_by": "a"}
+    assert doc["bytes_present"] == first_doc["bytes_written"] + first_doc["bytes_present"]
+    (folder / "model.safetensors").touch()  # a new mtime: the shard is read and hashed again
+    slow = run_mstore("import", str(folder), "--accept-license", "--json", store=store.root)
+    assert json.loads(slow.stdout) == doc
+
+
+def test_reimport_of_an_unchanged_folder_restores_a_lost_object(cli, store, model_dirs,
+                                                                tmp_path):
+    import shutil
+
+    folder = tmp_path / "src"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    cli("import", str(folder), "--accept-license", "--name", "a")
+    m = store.read_manifest(store.resolve("a").commit)
+    lost = sorted(t.object for t in m.tensors.values())[0]
+    store.objects.path(lost).unlink()
+    res = cli("import", str(folder), "--accept-license", "--json")
+    doc = json.loads(res.stdout)
+    assert doc["already"] and doc["bytes_written"] == store.objects.size(lost)
+    assert json.loads(cli("fsck", "--json").stdout)["ok"]
+    res = cli("import", str(folder), "--accept-license", "--name", "b")
+    assert "identical content is held by a" in res.stdout and "added the name b" in res.stdout
+    assert store.resolve("b").commit == store.resolve("a").commit
+
+
 def test_stat_cache_pointing_at_collected_objects_is_not_trusted(store, model_dirs, tmp_path):
     import shutil
 

@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..adapters.base import adapter_class
 from ..store import failpoints
@@ -97,20 +97,27 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                                reporter)
     if quantize is not None:
         plan.held = None  # a revision held in full precision is no quantized copy of it
+    unchanged = None
     if plan.held is None:
         check_architecture(plan.config)
+        if plan.folder is not None and quantize is None:
+            unchanged = _unchanged_content(store, plan)
     elif name is not None:
         plan.held = held_by_source(store, plan.source, name) or plan.held
     if name is not None:
-        _check_name(store, plan, name)
+        _check_name(store, plan, name, unchanged)
     _describe(plan, reporter, quantize, group_size)
-    _check_space(store, plan, max_size)
+    _check_space(store, plan, max_size, unchanged)
     license = plan.license or "unknown"
     reporter.message(f"  license: {license}")
     if not accept_license and not (confirm and confirm(f"Accept the license {license!r}?")):
         raise LicenseNotAccepted(license)
     if plan.held is not None:
         return _already(store, plan, plan.held, name)
+    if unchanged is not None:
+        result = _already_unchanged(store, plan, unchanged, name)
+        if result is not None:
+            return result
     quantizer = None
     if plan.folder is not None:  # local or HF cache: refused before the store is touched
         check_source(plan, plan.folder)
@@ -247,10 +254,11 @@ def _lock_key(plan: SourcePlan) -> str:
     return json.dumps(plan.source, sort_keys=True)
 
 
-def _check_space(store: Store, plan: SourcePlan, max_size: int | None) -> None:
+def _check_space(store: Store, plan: SourcePlan, max_size: int | None,
+                 unchanged: _Unchanged | None = None) -> None:
     if max_size is not None and plan.total_bytes > max_size:
         raise SizeLimitExceeded(plan.model_id, plan.total_bytes, max_size)
-    if plan.held is not None:
+    if plan.held is not None or (unchanged is not None and unchanged.holders):
         return  # nothing will be written
     need = plan.total_bytes if plan.folder else 2 * plan.total_bytes
     probe = store.root
@@ -466,7 +474,8 @@ def _same_source(store: Store, entry: RefEntry, plan: SourcePlan) -> bool:
         return False
 
 
-def _check_name(store: Store, plan: SourcePlan, name: str) -> None:
+def _check_name(store: Store, plan: SourcePlan, name: str,
+                unchanged: _Unchanged | None = None) -> None:
     """A taken --name refuses now, before anything is written. It is not taken when it
     already holds this very content (a retry, or a re-import of an unchanged folder)."""
     refs = store.refs()
@@ -480,7 +489,7 @@ def _check_name(store: Store, plan: SourcePlan, name: str) -> None:
         if plan.source.get("type") == "huggingface":
             return  # a Hub revision names its content
         if plan.folder is not None and _content_key(store, entry.commit) == \
-                _dry_content_key(store, plan):
+                (unchanged.key if unchanged is not None else _dry_content_key(store, plan)):
             return
     raise NameTaken(name, store.next_free_name(name))
 
@@ -491,6 +500,62 @@ def _dry_content_key(store: Store, plan: SourcePlan) -> bytes:
     manifest, _ = _convert(store, plan, plan.folder, SILENT, ImportCache(store.root),
                            batch=_HashOnly())
     return manifest.content_key()
+
+
+class _Unchanged(NamedTuple):
+    """A local folder the stat cache knows unchanged: its manifest's content key, the refs
+    that hold that content (name -> commit), and the bytes of its objects (all present, if
+    any ref holds it)."""
+
+    key: bytes
+    holders: dict[str, str]
+    parameters: int
+    present: int
+
+
+def _unchanged_content(store: Store, plan: SourcePlan) -> _Unchanged | None:
+    """What an unchanged folder holds, named without reading a weight byte: None unless the
+    stat cache knows every shard. `holders` is empty unless every object is in the store.
+
+    A folder whose content a ref holds needs none of check_source's checks (the headers, and
+    the tokenizer loaded by tokenizers): they are a function of that content, which passed
+    them when it was imported. So a re-import writes nothing and reads only the small files."""
+    assert plan.folder is not None
+    cache = ImportCache(store.root)
+    for shard in plan.weight_files:
+        try:
+            if cache.lookup(plan.folder / shard, os.stat(plan.folder / shard)) is None:
+                return None
+        except OSError:
+            return None  # the full path says what is wrong with it
+    presence = _PresenceOnly(store)
+    try:
+        manifest, _ = _convert(store, plan, plan.folder, SILENT, cache, batch=presence)
+    except OSError:
+        return None  # a file gone meanwhile: the full path says so, after the description
+    refs = store.refs()
+    holders = {} if presence.missing else {n: refs[n].commit
+                                           for n in _holders(store, refs, manifest)}
+    return _Unchanged(manifest.content_key(), holders, manifest.parameters, presence.reused)
+
+
+def _already_unchanged(store: Store, plan: SourcePlan, unchanged: _Unchanged,
+                       name: str | None) -> ImportResult | None:
+    """The result _commit gives for held content, without converting; None when the ref
+    holding it moved meanwhile (the full import then runs)."""
+    if not unchanged.holders:
+        return None
+    held = name if name in unchanged.holders else next(iter(unchanged.holders))
+    entry = store.refs().get(held)
+    if name is not None and name != held:
+        with store.writer_lock("import"):
+            entry = store.refs().get(held)
+            if entry is not None and entry.commit == unchanged.holders[held]:
+                _add_name(store, entry, name)
+    if entry is None or entry.commit != unchanged.holders[held]:
+        return None
+    return ImportResult(name or held, entry.commit, unchanged.parameters, 0, unchanged.present,
+                        plan.source, plan.license, already=True, held_by=held)
 
 
 class _HashOnly:
@@ -511,6 +576,36 @@ class _HashOnly:
         return PutResult(hash_file(path), os.path.getsize(path), False)
 
     def reuse(self, oid: str, size: int) -> bool:
+        return True
+
+
+class _PresenceOnly(_HashOnly):
+    """Names objects, stores none, and counts those present as ObjectBatch does (touching
+    them for gc's grace period); `missing` once one is not."""
+
+    def __init__(self, store: Store):
+        self.objects = store.objects
+        self.reused = 0
+        self.missing = False
+
+    def _count(self, put: PutResult) -> PutResult:
+        if self.objects._hit(put.oid):
+            self.reused += put.size
+        else:
+            self.missing = True
+        return put
+
+    def put_tensor(self, oid, dtype, shape, src_fd, start, end) -> PutResult:
+        put = super().put_tensor(oid, dtype, shape, src_fd, start, end)
+        return self._count(PutResult(put.oid, object_data_start(dtype, tuple(shape),
+                                                                end - start) + end - start,
+                                     False))
+
+    def put_file(self, path: Path) -> PutResult:
+        return self._count(super().put_file(path))
+
+    def reuse(self, oid: str, size: int) -> bool:
+        self._count(PutResult(oid, size, False))
         return True
 
 
