@@ -1,4 +1,4 @@
-from .cli.app import run
+from .cli import run
 
 if __name__ == "__main__":
     run()

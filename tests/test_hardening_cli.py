@@ -250,14 +250,17 @@ def test_version_is_the_installed_one_and_imports_no_torch():
 def test_the_executable_skips_teardown_but_runs_atexit_and_flushes(tmp_path):
     """`mstore` (`cli.run`) leaves with os._exit even without torch: what it printed and
     the atexit handlers (temp folders, logging) must still happen, with its exit status."""
-    code = ("import atexit, sys\nfrom mstore.cli import run\n"
+    code = ("import atexit, gc, sys\nfrom mstore.cli import run\n"
             "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+            "atexit.register(lambda: print('collector on', gc.isenabled(), file=sys.stderr))\n"
             f"sys.argv = ['mstore', '--store', {str(tmp_path)!r}, 'show', 'nope']\n"
             "try:\n    run()\nexcept SystemExit:\n    print('after run', file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.splitlines()[-1] == "atexit ran" and "after run" not in proc.stderr
+    # the collector, off while the modules loaded, is back on for the command
+    assert proc.stderr.splitlines()[-2:] == ["collector on True", "atexit ran"]
+    assert "after run" not in proc.stderr
     assert proc.stderr.count("error:") == 1
 
 

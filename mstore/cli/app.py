@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 from .. import env
 from ..errors import MStoreError
-from . import maintenance, models, packs, plot, provenance, quantized, remote, run
+from . import maintenance, models, packs, plot, provenance, quantized, remote, weights
 from .output import echo, echo_line, error_message
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `git log | head -1`
@@ -240,7 +240,7 @@ def _register_commands(app: typer.Typer) -> None:
     maintenance.register(app)
     packs.register(app)
     provenance.register(app)
-    run.register(app)
+    weights.register(app)
     plot.register(app)
     quantized.register(app)
     remote.register(app)
@@ -250,18 +250,14 @@ DECLARED = typer.Typer(add_completion=False)  # the commands' declarations (see 
 _register_commands(DECLARED)
 
 
-def run() -> None:
-    """The `mstore` executable (its console script and `python -m mstore`): `main`, leaving
-    without the interpreter's teardown whether or not torch was loaded."""
-    main(fast_exit=True)
-
-
 def main(fast_exit: bool = False) -> None:
     """The CLI on sys.argv. Called from Python it raises SystemExit as a typer app does
     (unless torch was loaded: see `_exit`); `fast_exit` is the executable's."""
     # what is loaded by now lives as long as the process: full collections (the one at exit,
-    # and those 10,000 refs' rows set off) need not walk its ~15,000 objects again
+    # and those 10,000 refs' rows set off) need not walk its ~15,000 objects again; the
+    # executable loaded it with the collector off (mstore.cli.run)
     gc.freeze()
+    gc.enable()
     code = None
     try:
         app(prog_name="mstore")
