@@ -21,9 +21,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from ..errors import ConfigError, ObjectCorrupt, ObjectMissing, UnknownAdapter
 from ..store.quant_layout import logical_tensors
@@ -79,18 +78,17 @@ class Tokenizer(abc.ABC):
         return prompt
 
 
-@dataclass
-class Checkpoint:
-    """A module turned back into what a manifest holds (see `Adapter.save_checkpoint`)."""
+class Checkpoint(NamedTuple):
+    """A module turned back into what a manifest holds (see `Adapter.save_checkpoint`);
+    read, never changed (so the empty defaults can be shared)."""
 
     tensors: dict[str, "torch.Tensor"]  # checkpoint layout names -> tensors (ties omitted)
     config: bytes  # config.json
-    files: dict[str, bytes] = field(default_factory=dict)  # new or changed files only
-    tied_weights: dict[str, str] = field(default_factory=dict)
+    files: dict[str, bytes] = {}  # new or changed files only
+    tied_weights: dict[str, str] = {}
 
 
-@dataclass
-class ScratchModel:
+class ScratchModel(NamedTuple):
     """A new model with no parent, as `Adapter.from_scratch` builds it for `train`."""
 
     adapter: "Adapter"  # bound to no manifest (manifest None)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from ..errors import BadTokenizer, ConfigMismatch
 
@@ -23,8 +22,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_SIZE = 2**31 - 1  # no dimension of a real model comes near; keeps products sane
 
 
-@dataclass(frozen=True)
-class Expected:
+class Expected(NamedTuple):
     """One tensor an architecture expects: its name, its shape, and the config keys that
     imply that shape (named in the refusal)."""
 

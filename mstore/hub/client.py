@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from ..store import fsio
 from ..errors import (
@@ -32,8 +31,7 @@ KEEP_PATTERNS = ["*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "README.
 WEIGHT_PATTERNS = ["*.safetensors"]
 
 
-@dataclass
-class HubSpec:
+class HubSpec(NamedTuple):
     repo_id: str
     revision: str | None
 
@@ -48,8 +46,7 @@ def parse_hub_source(source: str, revision: str | None) -> HubSpec | None:
     return None
 
 
-@dataclass
-class RemoteInfo:
+class RemoteInfo(NamedTuple):
     repo_id: str
     sha: str
     files: dict[str, int]  # rfilename -> size (bytes)
@@ -57,8 +54,7 @@ class RemoteInfo:
     license: str | None
     gated: bool
     offline: bool = False
-    blob_ids: dict[str, str] = field(default_factory=dict)  # git blob id of each file
-    extra: dict = field(default_factory=dict)
+    blob_ids: dict[str, str] = {}  # git blob id of each file (never shared: see remote_info)
 
 
 def _hub():

@@ -20,7 +20,6 @@ import mmap
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
@@ -55,8 +54,7 @@ TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + grads + AdamW's two moments
 HF_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
-@dataclass
-class ImportResult:
+class ImportResult(NamedTuple):
     name: str
     commit: str
     parameters: int
@@ -68,7 +66,7 @@ class ImportResult:
     held_by: str | None = None  # the ref that held it
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return self._asdict()
 
 
 def import_model(store: Store, source: str, *, name: str | None = None,

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..errors import ObjectCorrupt
 from .objects import is_oid
@@ -40,8 +40,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor of a manifest: the object holding it, its dtype and shape."""
 
     object: str
@@ -109,7 +108,7 @@ class Manifest:
         if not _HEX.fullmatch("".join(t.object for t in tensors.values())):
             raise bad("a tensor's object id is malformed")
         _check_rest(d, bad)
-        return cls(**_known(d, cls, "tensors"), tensors=tensors)
+        return cls(**_known(d, cls.__dataclass_fields__, "tensors"), tensors=tensors)
 
     # -- what it references -------------------------------------------------------------
     def object_ids(self) -> set[str]:
@@ -152,8 +151,7 @@ class Manifest:
         return canonical_json(key)
 
 
-@dataclass(frozen=True)
-class LightManifest:
+class LightManifest(NamedTuple):
     """A manifest read without its tensor table: what walks over long lineages need (the
     commit fields, `parent`, and every object id), checked as `Manifest.from_bytes` checks
     them. It has no `tensors` and no `parameters`: asking is an AttributeError, never 0."""
@@ -168,7 +166,7 @@ class LightManifest:
     parent: str | None = None
     created_at: str = ""
     message: str = ""
-    tied_weights: dict[str, str] = field(default_factory=dict)
+    tied_weights: dict[str, str] = {}  # never shared: from_bytes passes its own
     training: dict[str, Any] | None = None
     kind: str = "full"
     adapter: dict[str, Any] | None = None
@@ -186,7 +184,8 @@ class LightManifest:
                 or not _HEX.fullmatch("".join(objects)):
             raise bad("a tensor's object id is malformed")
         _check_rest(d, bad)
-        return cls(**_known(d, cls, "tensor_objects"), tensor_objects=objects)
+        return cls(**{"tied_weights": {}, **_known(d, cls._fields, "tensor_objects")},
+                   tensor_objects=objects)
 
     def object_ids(self) -> set[str]:
         """Tensor and file objects this manifest needs (not its parent)."""
@@ -275,6 +274,7 @@ def _check_kind(d: dict[str, Any], bad: Callable[[str], ObjectCorrupt]) -> None:
         raise bad("an adapter manifest has no parent to be read on")
 
 
-def _known(d: dict[str, Any], cls: type, table: str) -> dict[str, Any]:
-    """The manifest's fields that `cls` has, but its tensor table (built by the caller)."""
-    return {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != table}
+def _known(d: dict[str, Any], names, table: str) -> dict[str, Any]:
+    """The manifest's fields among `names` (the class's), but its tensor table (built by
+    the caller)."""
+    return {k: v for k, v in d.items() if k in names and k != table}

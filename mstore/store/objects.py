@@ -25,9 +25,8 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import blake3
 
@@ -77,8 +76,7 @@ def hash_file(path: Path, threads: int = ALL_CORES) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class PutResult:
+class PutResult(NamedTuple):
     """What a put did: the object's id and size, and whether it was new."""
 
     oid: str
@@ -86,8 +84,7 @@ class PutResult:
     new: bool  # False: the object was already present (dedup hit)
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
     """A batch's object written to tmp/, waiting for the sync that publishes it."""
 
     tmp: Path
@@ -95,8 +92,7 @@ class _Pending:
     size: int
 
 
-@dataclass(frozen=True)
-class Stored:
+class Stored(NamedTuple):
     """One object as it lies on disk: the stat of each encoding present (at least one)."""
     oid: str
     loose: os.stat_result | None
@@ -393,7 +389,6 @@ class ObjectStore:
         return ObjectBatch(self)
 
 
-@dataclass
 class ObjectBatch:
     """Many objects made durable together: write all, sync once, rename all, sync once.
 
@@ -401,11 +396,12 @@ class ObjectBatch:
     exit). On an exception every temp file is removed and nothing is published.
     """
 
-    store: ObjectStore
-    pending: dict[str, _Pending] = field(default_factory=dict)
-    written: int = 0  # bytes newly written
-    reused: int = 0  # bytes already present
-    _writeback: ThreadPoolExecutor | None = None
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self.pending: dict[str, _Pending] = {}
+        self.written = 0  # bytes newly written
+        self.reused = 0  # bytes already present
+        self._writeback: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "ObjectBatch":
         self.store.ensure_dirs()

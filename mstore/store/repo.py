@@ -8,10 +8,9 @@ all present; whatever a crash leaves behind is unreferenced and gc's to collect.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from . import format as store_format, fsio
 from .. import env
@@ -38,8 +37,7 @@ def default_store_path() -> Path:
     return Path(env.store_home() or DEFAULT_STORE)
 
 
-@dataclass
-class Resolved:
+class Resolved(NamedTuple):
     """What a name or commit id given on the command line resolved to."""
 
     commit: str

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import InvalidSafetensors
 
@@ -26,8 +26,7 @@ OBJECT_KEY = "tensor"  # the one fixed key of every tensor object: names never c
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own reader refuses larger headers too
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """One tensor of a safetensors header, its offsets made absolute."""
 
     name: str
@@ -45,8 +44,7 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """A validated safetensors header: tensors, metadata, where the data starts."""
 
     tensors: dict[str, TensorInfo]
