@@ -6,9 +6,9 @@ torch-free: only `generate`, `train`, `export` and `merge` import torch, inside 
 functions.
 Errors become one `error: ...` line on stderr and a non-zero exit, in one place
 (`MStoreGroup.invoke`), so CliRunner tests see exactly what a user sees.
+Its annotations are evaluated at definition, as in cli/models.py: typer reads the global
+options' on every run.
 """
-
-from __future__ import annotations
 
 import errno
 import gc
