@@ -112,10 +112,11 @@ def import_model(store: Store, source: str, *, name: str | None = None,
         raise LicenseNotAccepted(license)
     if plan.held is not None:
         return _already(store, plan, plan.held, name)
-    if unchanged is not None:
+    if unchanged is not None and unchanged.holders:
         result = _already_unchanged(store, plan, unchanged, name)
         if result is not None:
             return result
+        _check_space(store, plan, max_size)  # the ref moved meanwhile: bytes may be written
     quantizer = None
     if plan.folder is not None:  # local or HF cache: refused before the store is touched
         check_source(plan, plan.folder)
@@ -541,8 +542,6 @@ def _already_unchanged(store: Store, plan: SourcePlan, unchanged: _Unchanged,
                        name: str | None) -> ImportResult | None:
     """The result _commit gives for held content, without converting; None when the ref
     holding it moved meanwhile (the full import then runs)."""
-    if not unchanged.holders:
-        return None
     held = name if name in unchanged.holders else next(iter(unchanged.holders))
     entry = store.refs().get(held)
     if name is not None and name != held:
