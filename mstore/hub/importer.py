@@ -95,11 +95,12 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                                reporter)
     if quantize is not None:
         plan.held = None  # a revision held in full precision is no quantized copy of it
-    unchanged = None
+    unchanged = cache = None
     if plan.held is None:
         check_architecture(plan.config)
         if plan.folder is not None and quantize is None:
-            unchanged = _unchanged_content(store, plan)
+            cache = ImportCache(store.root)  # read once: it may hold 1,000 shards' tensors
+            unchanged = _unchanged_content(store, plan, cache)
     elif name is not None:
         plan.held = held_by_source(store, plan.source, name) or plan.held
     if name is not None:
@@ -131,7 +132,8 @@ def import_model(store: Store, source: str, *, name: str | None = None,
                 return _already(store, plan, held, name, locked=True)
             if plan.folder is None:
                 return _import_streamed(store, plan, name, reporter, quantize, group_size)
-            cache = ImportCache(store.root)
+            if cache is None:
+                cache = ImportCache(store.root)
             manifest, batch = _convert(store, plan, plan.folder, reporter, cache,
                                        quantizer=quantizer)
             result = _commit(store, plan, manifest, batch, name)
@@ -512,7 +514,7 @@ class _Unchanged(NamedTuple):
     present: int
 
 
-def _unchanged_content(store: Store, plan: SourcePlan) -> _Unchanged | None:
+def _unchanged_content(store: Store, plan: SourcePlan, cache: ImportCache) -> _Unchanged | None:
     """What an unchanged folder holds, named without reading a weight byte: None unless the
     stat cache knows every shard. `holders` is empty unless every object is in the store.
 
@@ -520,7 +522,6 @@ def _unchanged_content(store: Store, plan: SourcePlan) -> _Unchanged | None:
     the tokenizer loaded by tokenizers): they are a function of that content, which passed
     them when it was imported. So a re-import writes nothing and reads only the small files."""
     assert plan.folder is not None
-    cache = ImportCache(store.root)
     for shard in plan.weight_files:
         try:
             if cache.lookup(plan.folder / shard, os.stat(plan.folder / shard)) is None:
@@ -543,14 +544,13 @@ def _already_unchanged(store: Store, plan: SourcePlan, unchanged: _Unchanged,
     """The result _commit gives for held content, without converting; None when the ref
     holding it moved meanwhile (the full import then runs)."""
     held = name if name in unchanged.holders else next(iter(unchanged.holders))
-    entry = store.refs().get(held)
-    if name is not None and name != held:
-        with store.writer_lock("import"):
-            entry = store.refs().get(held)
-            if entry is not None and entry.commit == unchanged.holders[held]:
-                _add_name(store, entry, name)
-    if entry is None or entry.commit != unchanged.holders[held]:
-        return None
+    adding = name is not None and name != held
+    with store.writer_lock("import") if adding else contextlib.nullcontext():
+        entry = store.refs().get(held)
+        if entry is None or entry.commit != unchanged.holders[held]:
+            return None
+        if adding:
+            _add_name(store, entry, name)
     return ImportResult(name or held, entry.commit, unchanged.parameters, 0, unchanged.present,
                         plan.source, plan.license, already=True, held_by=held)
 
