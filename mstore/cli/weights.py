@@ -17,7 +17,7 @@ from .output import TerminalReporter, echo, print_json, safe_lines, safe_text, s
 
 
 def register(app: typer.Typer) -> None:
-    """Add generate, export and train to `app`."""
+    """Add generate, export, merge and train to `app`."""
     app.command()(generate)
     app.command()(export)
     app.command()(merge)
